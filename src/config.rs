@@ -1,0 +1,513 @@
+//! The config file: raw TOML (serde, `deny_unknown_fields`) parsed into a validated
+//! [`Config`] that cannot hold an invalid value. Everything after this module trusts it.
+//!
+//! Every error names the file, line and column and says what was expected.
+//! `config/sluice.toml` documents each key; the defaults below are the same values.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// Admin (metrics and status) address: loopback, so nothing is exposed by accident.
+pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9555";
+/// How long in-flight connections may finish after SIGTERM before they are cut.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per-listener cap on open client connections (each proxied one costs two descriptors).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Kernel accept queue length for each listening socket.
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// How long one connect attempt to a backend may take.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection with no bytes moving either way for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Further backends tried after a failed connect.
+pub const DEFAULT_RETRIES: u32 = 2;
+pub const DEFAULT_WEIGHT: u32 = 1;
+pub const MAX_WEIGHT: u32 = 1000;
+pub const MAX_RETRIES: u32 = 16;
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this was read from, for logs and `/config`.
+    pub source: PathBuf,
+    pub drain_timeout: Duration,
+    pub admin: Admin,
+    pub listeners: Vec<Listener>,
+    pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub name: String,
+    pub bind: Vec<SocketAddr>,
+    /// Name of an upstream that exists in the same config.
+    pub upstream: String,
+    pub max_connections: usize,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub name: String,
+    pub balance: Balance,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    /// Never empty; addresses are unique within the upstream.
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub address: SocketAddr,
+    /// 0 means the backend takes no new connections.
+    pub weight: u32,
+}
+
+/// How an upstream picks a backend for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+}
+
+/// A config that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read config: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(Box<Located>),
+}
+
+/// An error at a place in the file, shown as `file:line:col: message` and the line itself.
+#[derive(Debug)]
+pub struct Located {
+    pub path: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    /// The offending line of the file, shown under the message.
+    pub text: String,
+}
+
+impl fmt::Display for Located {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gutter = self.line.to_string().len();
+        write!(
+            f,
+            "{}:{}:{}: {}\n{:gutter$} |\n{} | {}\n{:gutter$} | {:>col$}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message,
+            "",
+            self.line,
+            self.text,
+            "",
+            "^",
+            col = self.column,
+        )
+    }
+}
+
+impl Config {
+    /// Read and validate a config file. Blocking: call it off the event loop.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validate config text; `path` is used only in error messages and [`Config::source`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let at = |span: Range<usize>, message: String| locate(text, path, span, message);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            at(span, e.message().trim_end().to_string())
+        })?;
+        raw.validate(path)
+            .map_err(|(span, message)| at(span, message))
+    }
+}
+
+fn locate(text: &str, path: &Path, span: Range<usize>, message: String) -> ConfigError {
+    let start = span.start.min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..start].chars().count() + 1;
+    let text = text[line_start..].lines().next().unwrap_or("").to_string();
+    ConfigError::Invalid(Box::new(Located {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+        text,
+    }))
+}
+
+type Invalid = (Range<usize>, String);
+
+// ---- the file as written -------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    drain_timeout: Option<Spanned<DurationValue>>,
+    admin: Option<RawAdmin>,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
+    #[serde(default, rename = "upstream")]
+    upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    bind: Option<Address>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    bind: Spanned<Vec<Spanned<Address>>>,
+    upstream: Spanned<String>,
+    max_connections: Option<Spanned<u64>>,
+    backlog: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Spanned<String>,
+    #[serde(default)]
+    balance: Balance,
+    connect_timeout: Option<Spanned<DurationValue>>,
+    idle_timeout: Option<Spanned<DurationValue>>,
+    retries: Option<Spanned<u32>>,
+    #[serde(default, rename = "backend")]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<Address>,
+    weight: Option<Spanned<u32>>,
+}
+
+/// A socket address written as a string: `"127.0.0.1:5432"` or `"[::1]:5432"`.
+#[derive(Clone, Copy)]
+struct Address(SocketAddr);
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Address).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "invalid address {s:?}: expected an IP address and port, like \"127.0.0.1:5432\" or \"[::1]:5432\""
+            ))
+        })
+    }
+}
+
+/// A duration written as a string with a unit.
+#[derive(Clone, Copy)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(DurationValue)
+            .ok_or_else(|| serde::de::Error::custom(format!(
+                "invalid duration {s:?}: expected a whole number with a unit (ms, s, m, h, d), like \"250ms\", \"5s\" or \"1h\""
+            )))
+    }
+}
+
+/// Parses `"250ms"`, `"5s"`, `"10m"`, `"1h"`, `"2d"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let digits = s.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = s.split_at(digits);
+    let n: u64 = number.parse().ok()?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(unit_ms).map(Duration::from_millis)
+}
+
+// ---- validation ----------------------------------------------------------------------
+
+impl RawConfig {
+    fn validate(self, path: &Path) -> Result<Config, Invalid> {
+        let drain_timeout = positive(self.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?;
+        let admin_default = DEFAULT_ADMIN_BIND
+            .parse()
+            .map_err(|_| (0..0, "internal: bad default admin address".to_string()))?;
+        let admin = Admin {
+            bind: self
+                .admin
+                .and_then(|a| a.bind)
+                .map_or(admin_default, |a| a.0),
+        };
+
+        let mut upstreams: Vec<Upstream> = Vec::with_capacity(self.upstreams.len());
+        for raw in self.upstreams {
+            let name = check_name(&raw.name, "upstream")?;
+            if upstreams.iter().any(|u| u.name == name) {
+                return Err((
+                    raw.name.span(),
+                    format!("duplicate upstream name {name:?}: each upstream needs its own name"),
+                ));
+            }
+            upstreams.push(raw.validate(name)?);
+        }
+
+        let mut listeners: Vec<Listener> = Vec::with_capacity(self.listeners.len());
+        for raw in self.listeners {
+            let name = check_name(&raw.name, "listener")?;
+            if listeners.iter().any(|l| l.name == name) {
+                return Err((
+                    raw.name.span(),
+                    format!("duplicate listener name {name:?}: each listener needs its own name"),
+                ));
+            }
+            let upstream = raw.upstream.get_ref();
+            if !upstreams.iter().any(|u| &u.name == upstream) {
+                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                return Err((
+                    raw.upstream.span(),
+                    format!(
+                        "listener {name:?} names upstream {upstream:?}, which is not defined; expected one of {known:?}"
+                    ),
+                ));
+            }
+            if raw.bind.get_ref().is_empty() {
+                return Err((
+                    raw.bind.span(),
+                    "empty `bind`: expected at least one address, like [\"0.0.0.0:6432\"]"
+                        .to_string(),
+                ));
+            }
+            let mut bind = Vec::new();
+            for address in raw.bind.get_ref() {
+                let taken = listeners
+                    .iter()
+                    .flat_map(|l| l.bind.iter())
+                    .chain(bind.iter())
+                    .any(|a| *a == address.get_ref().0);
+                if taken {
+                    return Err((
+                        address.span(),
+                        format!("address {} is bound twice", address.get_ref().0),
+                    ));
+                }
+                bind.push(address.get_ref().0);
+            }
+            let max_connections = match raw.max_connections {
+                None => DEFAULT_MAX_CONNECTIONS,
+                Some(m) if *m.get_ref() == 0 => {
+                    return Err((m.span(), "`max_connections` must be at least 1".to_string()));
+                }
+                Some(m) => usize::try_from(*m.get_ref())
+                    .map_err(|_| (m.span(), "`max_connections` is too large".to_string()))?,
+            };
+            let backlog = match raw.backlog {
+                None => DEFAULT_BACKLOG,
+                Some(b) if *b.get_ref() == 0 => {
+                    return Err((b.span(), "`backlog` must be at least 1".to_string()));
+                }
+                Some(b) => *b.get_ref(),
+            };
+            listeners.push(Listener {
+                name,
+                bind,
+                upstream: upstream.clone(),
+                max_connections,
+                backlog,
+            });
+        }
+
+        Ok(Config {
+            source: path.to_path_buf(),
+            drain_timeout,
+            admin,
+            listeners,
+            upstreams,
+        })
+    }
+}
+
+impl RawUpstream {
+    fn validate(self, name: String) -> Result<Upstream, Invalid> {
+        if self.backends.is_empty() {
+            return Err((
+                self.name.span(),
+                format!(
+                    "upstream {name:?} has no backends: expected at least one [[upstream.backend]] with an `address`"
+                ),
+            ));
+        }
+        let mut backends: Vec<Backend> = Vec::with_capacity(self.backends.len());
+        for raw in self.backends {
+            let address = raw.address.get_ref().0;
+            if backends.iter().any(|b| b.address == address) {
+                return Err((
+                    raw.address.span(),
+                    format!("backend {address} appears twice in upstream {name:?}"),
+                ));
+            }
+            let weight = match raw.weight {
+                None => DEFAULT_WEIGHT,
+                Some(w) if *w.get_ref() > MAX_WEIGHT => {
+                    return Err((
+                        w.span(),
+                        format!("`weight` must be between 0 and {MAX_WEIGHT}"),
+                    ));
+                }
+                Some(w) => *w.get_ref(),
+            };
+            backends.push(Backend { address, weight });
+        }
+        let retries = match self.retries {
+            None => DEFAULT_RETRIES,
+            Some(r) if *r.get_ref() > MAX_RETRIES => {
+                return Err((
+                    r.span(),
+                    format!("`retries` must be between 0 and {MAX_RETRIES}"),
+                ));
+            }
+            Some(r) => *r.get_ref(),
+        };
+        Ok(Upstream {
+            name,
+            balance: self.balance,
+            connect_timeout: positive(
+                self.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+                "connect_timeout",
+            )?,
+            idle_timeout: positive(self.idle_timeout, DEFAULT_IDLE_TIMEOUT, "idle_timeout")?,
+            retries,
+            backends,
+        })
+    }
+}
+
+/// Names become metric labels and log fields: keep them short and plain.
+fn check_name(name: &Spanned<String>, what: &str) -> Result<String, Invalid> {
+    let s = name.get_ref();
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if s.is_empty() || s.len() > 64 || !s.chars().all(plain) {
+        return Err((
+            name.span(),
+            format!(
+                "invalid {what} name {s:?}: expected 1 to 64 characters of letters, digits, '_', '-' or '.'"
+            ),
+        ));
+    }
+    Ok(s.clone())
+}
+
+/// Timeouts are always on: zero is refused rather than read as "never".
+fn positive(
+    value: Option<Spanned<DurationValue>>,
+    default: Duration,
+    key: &str,
+) -> Result<Duration, Invalid> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.get_ref().0.is_zero() => Err((
+            v.span(),
+            format!("`{key}` must be greater than zero: timeouts cannot be turned off"),
+        )),
+        Some(v) => Ok(v.get_ref().0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1d"), Some(Duration::from_secs(86_400)));
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5 s",
+            "1.5s",
+            "-1s",
+            "5sec",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let text = r#"
+[[listener]]
+name = "front"
+bind = ["127.0.0.1:0"]
+upstream = "app"
+
+[[upstream]]
+name = "app"
+[[upstream.backend]]
+address = "127.0.0.1:1"
+"#;
+        let c = Config::parse(text, Path::new("t.toml")).expect("valid");
+        assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(c.admin.bind.to_string(), DEFAULT_ADMIN_BIND);
+        assert_eq!(c.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
+        let u = &c.upstreams[0];
+        assert_eq!(u.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(u.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(u.retries, DEFAULT_RETRIES);
+        assert_eq!(u.backends[0].weight, DEFAULT_WEIGHT);
+    }
+
+    #[test]
+    fn error_points_at_line_and_column() {
+        let text = "[admin]\nbind = \"127.0.0.1:9555\"\n\n[[upstream]]\nname = \"a\"\nconnect_timeout = \"3 s\"\n";
+        let err = Config::parse(text, Path::new("x.toml")).expect_err("invalid");
+        let ConfigError::Invalid(located) = err else {
+            panic!("expected a located error")
+        };
+        assert_eq!((located.line, located.column), (6, 19));
+        assert!(located.message.contains("invalid duration"), "{located}");
+    }
+}

@@ -1,0 +1,100 @@
+//! One client connection, from accept to close: pick a backend, connect, relay, record.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::RejectReason;
+use crate::relay::{self, Counters};
+use crate::snapshot::Snapshot;
+use crate::upstream::{ConnectError, KEEPALIVE};
+
+/// Serves one accepted client connection to its end. `_permit` is the listener's
+/// `max_connections` slot, released when this returns.
+pub async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    snapshot: Arc<Snapshot>,
+    listener: Arc<str>,
+    stop: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Some(route) = snapshot.route(&listener) else {
+        // The listener was removed from the config between accept and here.
+        return;
+    };
+    let m = &route.metrics;
+    let started = Instant::now();
+    m.accepted.inc();
+    m.active.inc();
+    let _active = scopeguard(|| m.active.dec());
+
+    let sock = socket2::SockRef::from(&client);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&KEEPALIVE)
+        .and_then(|()| client.set_nodelay(true))
+    {
+        tracing::debug!(listener = %listener, client = %peer, error = %e, "cannot set socket options");
+    }
+
+    let upstream = &route.upstream;
+    let connected = tokio::select! {
+        c = upstream.connect(peer) => c,
+        () = stop.cancelled() => return,
+    };
+    let (backend, lease) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            let reason = match e {
+                ConnectError::NoBackend => RejectReason::NoBackend,
+                ConnectError::Unavailable { .. } => RejectReason::UpstreamUnavailable,
+            };
+            m.rejected(reason).inc();
+            m.duration.observe(started.elapsed().as_secs_f64());
+            tracing::warn!(listener = %listener, client = %peer, upstream = %upstream.name, reason = reason.as_str(), error = %e, "connection rejected");
+            return;
+        }
+    };
+
+    let outcome = relay::relay(
+        &client,
+        &backend,
+        upstream.idle_timeout,
+        &stop,
+        Counters {
+            client_to_backend: &m.client_to_backend,
+            backend_to_client: &m.backend_to_client,
+        },
+    )
+    .await;
+    let duration = started.elapsed();
+    m.duration.observe(duration.as_secs_f64());
+    tracing::info!(
+        listener = %listener,
+        client = %peer,
+        upstream = %upstream.name,
+        backend = %lease.backend().address,
+        bytes_in = outcome.client_to_backend,
+        bytes_out = outcome.backend_to_client,
+        duration_ms = duration.as_millis() as u64,
+        reason = outcome.end.as_str(),
+        "connection closed"
+    );
+}
+
+/// Runs `f` when dropped, so a gauge is restored on every return path.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

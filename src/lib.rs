@@ -1,0 +1,152 @@
+//! sluice: a TCP reverse proxy and load balancer for connection-heavy services.
+//!
+//! # Layout
+//!
+//! | module | stage |
+//! |---|---|
+//! | [`config`] | the TOML file parsed into a validated [`config::Config`]; errors carry file:line:col |
+//! | [`snapshot`] | [`snapshot::Snapshot`]: everything a connection needs, built from a config, shared through `ArcSwap` |
+//! | [`listener`] | bind (socket2), accept with a `max_connections` permit and EMFILE backoff |
+//! | [`conn`] | one connection: pick, connect, relay, record |
+//! | [`upstream`] | backends, connect with timeout and retry, per-backend active counts |
+//! | [`balance`] | balancing algorithms behind one trait |
+//! | [`relay`] | bidirectional byte relay with half-close, idle timeout, reset propagation |
+//! | [`metrics`] | every metric name; handles resolved once per snapshot |
+//! | [`admin`] | hyper on its own address: `/metrics`, `/healthz`, `/readyz` |
+//! | [`shutdown`] | signals, stop accepting, drain with a deadline |
+//!
+//! # The life of a connection
+//!
+//! 1. A listener's accept loop takes a `max_connections` permit, accepts, loads the current
+//!    snapshot once and spawns [`conn::handle`] with it; the connection keeps that `Arc`
+//!    for its whole life.
+//! 2. The listener's route names an upstream; the upstream's balancer picks a backend not
+//!    yet tried; sluice connects under `connect_timeout` and on failure tries another
+//!    backend, up to `retries` more times. If none answers, the client is closed and
+//!    counted in `sluice_connections_rejected_total`.
+//! 3. [`relay::relay`] moves bytes both ways until both sides have closed (a FIN is passed
+//!    on as a FIN), either side resets, nothing moves for `idle_timeout`, or the shutdown
+//!    drain reaches its deadline.
+//! 4. Counters and histograms are recorded through handles resolved when the snapshot was
+//!    built, and one log line records the connection.
+
+// Tests may panic on a broken expectation; the data path may not.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod conn;
+pub mod listener;
+pub mod metrics;
+pub mod relay;
+pub mod shutdown;
+pub mod snapshot;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::Status;
+use crate::config::Config;
+use crate::listener::Acceptor;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::snapshot::Snapshot;
+
+/// Why sluice could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot bind {what} to {address}: {source}")]
+    Bind {
+        what: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("cannot listen for signals: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs sluice with `config` until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::new()?);
+    let config = Arc::new(config);
+    let snapshots = Arc::new(ArcSwap::from_pointee(Snapshot::build(
+        Arc::clone(&config),
+        1,
+        &metrics,
+    )));
+
+    let bind = |what: &str, address: SocketAddr, backlog: u32| {
+        listener::bind(address, backlog)
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| Error::Bind {
+                what: what.to_string(),
+                address,
+                source,
+            })
+    };
+    let admin_socket = bind("the admin endpoint", config.admin.bind, 128)?;
+    tracing::info!(address = %local_addr(&admin_socket), "admin listening");
+    let mut acceptors = Vec::new();
+    for l in &config.listeners {
+        let name: Arc<str> = Arc::from(l.name.as_str());
+        let limit = Arc::new(Semaphore::new(l.max_connections));
+        for &address in &l.bind {
+            let socket = bind(&format!("listener {:?}", l.name), address, l.backlog)?;
+            tracing::info!(listener = %name, address = %local_addr(&socket), "listening");
+            acceptors.push(Acceptor {
+                name: Arc::clone(&name),
+                socket,
+                limit: Arc::clone(&limit),
+            });
+        }
+    }
+
+    let status = Arc::new(Status {
+        metrics: Arc::clone(&metrics),
+        ready: false.into(),
+    });
+    let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
+    let shutdown = Shutdown::default();
+    let tracker = TaskTracker::new();
+    let accept_loops: Vec<_> = acceptors
+        .into_iter()
+        .map(|a| tokio::spawn(a.serve(Arc::clone(&snapshots), shutdown.clone(), tracker.clone())))
+        .collect();
+    status.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        config = %config.source.display(),
+        listeners = config.listeners.len(),
+        upstreams = config.upstreams.len(),
+        "sluice ready"
+    );
+
+    let signal = shutdown::signalled().await.map_err(Error::Signals)?;
+    tracing::info!(signal, drain_timeout = ?config.drain_timeout, connections = tracker.len(), "shutting down: no longer accepting, draining");
+    status.ready.store(false, Ordering::Relaxed);
+    metrics.draining.set(1);
+    shutdown::exit_on_second_signal();
+    shutdown.stop_accepting.cancel();
+    for l in accept_loops {
+        // An accept loop only ends by returning; a panic there is already logged.
+        let _ = l.await;
+    }
+    let cut = shutdown::drain(&tracker, &shutdown, config.drain_timeout).await;
+    tracing::info!(cut, "shutdown complete");
+    admin.abort();
+    Ok(())
+}
+
+fn local_addr(socket: &tokio::net::TcpListener) -> String {
+    socket
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string())
+}

@@ -1,0 +1,114 @@
+//! The `sluice` command: `run` the proxy, or `check` config files.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice::config::Config;
+
+/// Exit status for an invalid config (EX_DATAERR-adjacent EX_USAGE, as sysexits.h).
+const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit status when sluice could not start (a port already taken, say).
+const EXIT_START_FAILED: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A TCP reverse proxy and load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy until SIGTERM or SIGINT.
+    Run {
+        /// The config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate config files: exit 0 if all are valid, 64 with the errors on stderr if not.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check { files } => check(&files),
+        Command::Run { config } => run(config),
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut ok = true;
+    for file in files {
+        match Config::load(file) {
+            Ok(c) => println!(
+                "{}: ok ({} listener(s), {} upstream(s))",
+                file.display(),
+                c.listeners.len(),
+                c.upstreams.len()
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_BAD_CONFIG)
+    }
+}
+
+fn run(path: PathBuf) -> ExitCode {
+    // Read before the runtime exists: nothing else is running yet to be blocked.
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    // Log lines go through a bounded queue to a writer thread, so a slow stdout never
+    // blocks the event loop; when the queue is full, lines are dropped.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .finish(std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(writer)
+        .with_ansi(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let result = runtime.block_on(sluice::run(config));
+    drop(runtime);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "sluice could not start");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Every metric sluice exports, named in one place so the dashboard and alert rules stay
+//! valid. Labels come from config names only (listener, upstream, backend address, reason),
+//! never from a client.
+//!
+//! Label lookups happen when a snapshot is built ([`Metrics::listener`],
+//! [`Metrics::upstream`], [`Metrics::backend`]); connections touch only the resolved
+//! handles, which are atomics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub const BUILD_INFO: &str = "sluice_build_info";
+pub const CONNECTIONS_ACCEPTED: &str = "sluice_connections_accepted_total";
+pub const CONNECTIONS_ACTIVE: &str = "sluice_connections_active";
+pub const CONNECTIONS_REJECTED: &str = "sluice_connections_rejected_total";
+pub const CONNECTION_DURATION: &str = "sluice_connection_duration_seconds";
+pub const BYTES: &str = "sluice_bytes_total";
+pub const LISTENER_MAX_CONNECTIONS: &str = "sluice_listener_max_connections";
+pub const ACCEPT_ERRORS: &str = "sluice_accept_errors_total";
+pub const BACKEND_CONNECTIONS_ACTIVE: &str = "sluice_backend_connections_active";
+pub const UPSTREAM_CONNECT_DURATION: &str = "sluice_upstream_connect_duration_seconds";
+pub const UPSTREAM_CONNECT_ERRORS: &str = "sluice_upstream_connect_errors_total";
+pub const CONFIG_GENERATION: &str = "sluice_config_generation";
+pub const DRAINING: &str = "sluice_draining";
+
+/// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Connection lifetimes: a single request up to a day-long database session.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// Why a client connection was closed without reaching a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Every backend tried refused, reset or timed out.
+    UpstreamUnavailable,
+    /// No backend could be picked (every weight is 0).
+    NoBackend,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 2] = [RejectReason::UpstreamUnavailable, RejectReason::NoBackend];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::UpstreamUnavailable => "upstream_unavailable",
+            RejectReason::NoBackend => "no_backend",
+        }
+    }
+}
+
+/// Why one connect attempt to a backend failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused,
+    Timeout,
+    Reset,
+    Unreachable,
+    Other,
+}
+
+impl ConnectFailure {
+    pub const ALL: [ConnectFailure; 5] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Timeout,
+        ConnectFailure::Reset,
+        ConnectFailure::Unreachable,
+        ConnectFailure::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Reset => "reset",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Other => "other",
+        }
+    }
+
+    pub fn of(e: &std::io::Error) -> ConnectFailure {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            ConnectionRefused => ConnectFailure::Refused,
+            TimedOut => ConnectFailure::Timeout,
+            ConnectionReset | ConnectionAborted => ConnectFailure::Reset,
+            HostUnreachable | NetworkUnreachable | AddrNotAvailable => ConnectFailure::Unreachable,
+            _ => ConnectFailure::Other,
+        }
+    }
+}
+
+/// Why `accept` failed on a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptFailure {
+    /// EMFILE / ENFILE: out of file descriptors.
+    FileLimit,
+    /// ENOBUFS / ENOMEM.
+    Memory,
+    /// ECONNABORTED and friends: the client gave up before we accepted.
+    Aborted,
+    Other,
+}
+
+impl AcceptFailure {
+    pub const ALL: [AcceptFailure; 4] = [
+        AcceptFailure::FileLimit,
+        AcceptFailure::Memory,
+        AcceptFailure::Aborted,
+        AcceptFailure::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcceptFailure::FileLimit => "file_limit",
+            AcceptFailure::Memory => "memory",
+            AcceptFailure::Aborted => "aborted",
+            AcceptFailure::Other => "other",
+        }
+    }
+}
+
+/// The registry and every metric family, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    connections_accepted: IntCounterVec,
+    connections_active: IntGaugeVec,
+    connections_rejected: IntCounterVec,
+    connection_duration: HistogramVec,
+    bytes: IntCounterVec,
+    listener_max_connections: IntGaugeVec,
+    accept_errors: IntCounterVec,
+    backend_connections_active: IntGaugeVec,
+    upstream_connect_duration: HistogramVec,
+    upstream_connect_errors: IntCounterVec,
+    pub config_generation: IntGauge,
+    pub draining: IntGauge,
+}
+
+/// Handles for one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub accepted: IntCounter,
+    pub active: IntGauge,
+    rejected: [IntCounter; RejectReason::ALL.len()],
+    pub duration: Histogram,
+    pub client_to_backend: IntCounter,
+    pub backend_to_client: IntCounter,
+    accept_errors: [IntCounter; AcceptFailure::ALL.len()],
+}
+
+impl ListenerMetrics {
+    pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
+        &self.rejected[reason as usize]
+    }
+
+    pub fn accept_error(&self, failure: AcceptFailure) -> &IntCounter {
+        &self.accept_errors[failure as usize]
+    }
+}
+
+/// Handles for one upstream.
+#[derive(Clone)]
+pub struct UpstreamMetrics {
+    pub connect_duration: Histogram,
+}
+
+/// Handles for one backend of one upstream.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    pub active: IntGauge,
+    connect_errors: [IntCounter; ConnectFailure::ALL.len()],
+}
+
+impl BackendMetrics {
+    pub fn connect_error(&self, failure: ConnectFailure) -> &IntCounter {
+        &self.connect_errors[failure as usize]
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let build_info = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "sluice's version; the value is always 1"),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(build_info))?;
+
+        let m = Metrics {
+            connections_accepted: counter_vec(
+                &registry,
+                CONNECTIONS_ACCEPTED,
+                "Client connections accepted",
+                &["listener"],
+            )?,
+            connections_active: gauge_vec(
+                &registry,
+                CONNECTIONS_ACTIVE,
+                "Client connections open now",
+                &["listener"],
+            )?,
+            connections_rejected: counter_vec(
+                &registry,
+                CONNECTIONS_REJECTED,
+                "Client connections closed without reaching a backend, by reason",
+                &["listener", "reason"],
+            )?,
+            connection_duration: histogram_vec(
+                &registry,
+                CONNECTION_DURATION,
+                "Lifetime of client connections, from accept to close",
+                &["listener"],
+                DURATION_BUCKETS,
+            )?,
+            bytes: counter_vec(
+                &registry,
+                BYTES,
+                "Bytes relayed, by direction (client_to_backend, backend_to_client)",
+                &["listener", "direction"],
+            )?,
+            listener_max_connections: gauge_vec(
+                &registry,
+                LISTENER_MAX_CONNECTIONS,
+                "The listener's configured max_connections",
+                &["listener"],
+            )?,
+            accept_errors: counter_vec(
+                &registry,
+                ACCEPT_ERRORS,
+                "Failed accept calls, by reason (file_limit, memory, aborted, other)",
+                &["listener", "reason"],
+            )?,
+            backend_connections_active: gauge_vec(
+                &registry,
+                BACKEND_CONNECTIONS_ACTIVE,
+                "Connections open (or being opened) to a backend now",
+                &["upstream", "backend"],
+            )?,
+            upstream_connect_duration: histogram_vec(
+                &registry,
+                UPSTREAM_CONNECT_DURATION,
+                "Time to establish a TCP connection to a backend (successful attempts)",
+                &["upstream"],
+                CONNECT_BUCKETS,
+            )?,
+            upstream_connect_errors: counter_vec(
+                &registry,
+                UPSTREAM_CONNECT_ERRORS,
+                "Failed connect attempts to a backend, by reason",
+                &["upstream", "backend", "reason"],
+            )?,
+            config_generation: gauge(
+                &registry,
+                CONFIG_GENERATION,
+                "Generation of the config snapshot in use (1 at start)",
+            )?,
+            draining: gauge(
+                &registry,
+                DRAINING,
+                "1 while sluice is shutting down and draining connections",
+            )?,
+            registry,
+        };
+        Ok(m)
+    }
+
+    pub fn listener(&self, name: &str, max_connections: usize) -> ListenerMetrics {
+        let l = &[name];
+        self.listener_max_connections
+            .with_label_values(l)
+            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
+        ListenerMetrics {
+            accepted: self.connections_accepted.with_label_values(l),
+            active: self.connections_active.with_label_values(l),
+            rejected: RejectReason::ALL.map(|r| {
+                self.connections_rejected
+                    .with_label_values(&[name, r.as_str()])
+            }),
+            duration: self.connection_duration.with_label_values(l),
+            client_to_backend: self.bytes.with_label_values(&[name, "client_to_backend"]),
+            backend_to_client: self.bytes.with_label_values(&[name, "backend_to_client"]),
+            accept_errors: AcceptFailure::ALL
+                .map(|f| self.accept_errors.with_label_values(&[name, f.as_str()])),
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            connect_duration: self.upstream_connect_duration.with_label_values(&[name]),
+        }
+    }
+
+    pub fn backend(&self, upstream: &str, address: &str) -> BackendMetrics {
+        BackendMetrics {
+            active: self
+                .backend_connections_active
+                .with_label_values(&[upstream, address]),
+            connect_errors: ConnectFailure::ALL.map(|f| {
+                self.upstream_connect_errors
+                    .with_label_values(&[upstream, address, f.as_str()])
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec fails only on invalid metric names, which are constants here.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let v = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(v.clone()))?;
+    Ok(v)
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntGaugeVec> {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(v.clone()))?;
+    Ok(v)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> prometheus::Result<HistogramVec> {
+    let v = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )?;
+    r.register(Box::new(v.clone()))?;
+    Ok(v)
+}

@@ -1,0 +1,262 @@
+//! The bidirectional byte relay between a client and a backend.
+//!
+//! - Each direction waits for readiness *before* borrowing a buffer, so an idle
+//!   connection holds no buffer at all; a buffer is held only while its bytes are being
+//!   written to a peer that is slow to read.
+//! - Half-close: when one side sends FIN, the relay passes it on with `shutdown(Write)`
+//!   and keeps the other direction flowing. The relay ends when both directions have
+//!   ended.
+//! - An abortive close (RST) or error on one side ends the relay at once, and the other
+//!   side is reset too (SO_LINGER 0), so neither peer waits on a dead connection.
+//! - The idle timeout counts from the last byte moved in either direction.
+
+use std::cell::RefCell;
+use std::io::{self, ErrorKind};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+/// Size of one relay buffer.
+const BUFFER_SIZE: usize = 16 * 1024;
+/// Buffers kept per worker thread for reuse; the rest are freed.
+const POOL_PER_THREAD: usize = 64;
+
+/// How the relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions finished with a FIN.
+    Closed,
+    ClientReset,
+    BackendReset,
+    IdleTimeout,
+    /// Cut at the end of the shutdown drain.
+    Shutdown,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::ClientReset => "client_reset",
+            End::BackendReset => "backend_reset",
+            End::IdleTimeout => "idle_timeout",
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What the relay did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub end: End,
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+}
+
+/// Where each direction adds what it moves.
+pub struct Counters<'a> {
+    pub client_to_backend: &'a IntCounter,
+    pub backend_to_client: &'a IntCounter,
+}
+
+/// Relays until both directions have closed, one side resets, the connection is idle
+/// for `idle_timeout`, or `stop` is cancelled.
+pub async fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle_timeout: Duration,
+    stop: &CancellationToken,
+    counters: Counters<'_>,
+) -> Outcome {
+    let clock = IdleClock::new();
+    let up = Direction::default();
+    let down = Direction::default();
+    let c2b = pump(client, backend, &up, &clock, counters.client_to_backend);
+    let b2c = pump(backend, client, &down, &clock, counters.backend_to_client);
+    let idle = clock.expired(idle_timeout);
+    let stopped = stop.cancelled();
+    tokio::pin!(c2b, b2c, idle, stopped);
+
+    let (mut c2b_done, mut b2c_done) = (false, false);
+    let end = loop {
+        tokio::select! {
+            r = &mut c2b, if !c2b_done => match r {
+                Ok(()) => c2b_done = true,
+                Err(side) => break side.reset_end(),
+            },
+            r = &mut b2c, if !b2c_done => match r {
+                // The backend was the source of this direction, the client the sink.
+                Ok(()) => b2c_done = true,
+                Err(side) => break side.flip().reset_end(),
+            },
+            () = &mut idle => break End::IdleTimeout,
+            () = &mut stopped => break End::Shutdown,
+        }
+        if c2b_done && b2c_done {
+            break End::Closed;
+        }
+    };
+    if end != End::Closed {
+        // Whatever the cause, neither peer should wait for a polite close now.
+        reset(client);
+        reset(backend);
+    }
+    Outcome {
+        end,
+        client_to_backend: up.moved.load(Ordering::Relaxed),
+        backend_to_client: down.moved.load(Ordering::Relaxed),
+    }
+}
+
+/// Bytes moved in one direction, readable even if the relay ends mid-write.
+#[derive(Default)]
+struct Direction {
+    moved: AtomicU64,
+}
+
+/// Which socket of a direction failed.
+#[derive(Debug, Clone, Copy)]
+enum Failed {
+    Source,
+    Sink,
+}
+
+impl Failed {
+    /// Seen from the client-to-backend direction: the source is the client.
+    fn reset_end(self) -> End {
+        match self {
+            Failed::Source => End::ClientReset,
+            Failed::Sink => End::BackendReset,
+        }
+    }
+
+    fn flip(self) -> Failed {
+        match self {
+            Failed::Source => Failed::Sink,
+            Failed::Sink => Failed::Source,
+        }
+    }
+}
+
+/// Moves bytes from `src` to `dst` until `src` sends FIN, then passes the FIN on.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: &Direction,
+    clock: &IdleClock,
+    counter: &IntCounter,
+) -> Result<(), Failed> {
+    loop {
+        src.readable().await.map_err(|_| Failed::Source)?;
+        let mut buf = Buffer::take();
+        let n = match src.try_read(buf.as_mut()) {
+            Ok(0) => {
+                // ENOTCONN here means the sink already went away; the other direction
+                // will see that itself.
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(Failed::Source),
+        };
+        clock.touch();
+        write_all(dst, &buf.as_mut()[..n])
+            .await
+            .map_err(|_| Failed::Sink)?;
+        clock.touch();
+        let n = n as u64;
+        dir.moved.fetch_add(n, Ordering::Relaxed);
+        counter.inc_by(n);
+    }
+}
+
+async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match dst.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == ErrorKind::WouldBlock => dst.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Make the coming close an RST rather than a FIN.
+fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+/// The time of the last byte moved, shared by both directions.
+struct IdleClock {
+    origin: Instant,
+    /// Milliseconds after `origin`.
+    last: AtomicU64,
+}
+
+impl IdleClock {
+    fn new() -> IdleClock {
+        IdleClock {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.origin + Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once nothing has moved for `limit`.
+    async fn expired(&self, limit: Duration) {
+        loop {
+            let deadline = self.last() + limit;
+            sleep_until(deadline).await;
+            if self.last() + limit <= Instant::now() {
+                return;
+            }
+        }
+    }
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A relay buffer borrowed from the worker thread's pool and returned on drop.
+struct Buffer(Option<Box<[u8]>>);
+
+impl Buffer {
+    fn take() -> Buffer {
+        let reused = POOL.with(|p| p.borrow_mut().pop());
+        Buffer(Some(
+            reused.unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice()),
+        ))
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_PER_THREAD {
+                    p.push(b);
+                }
+            });
+        }
+    }
+}

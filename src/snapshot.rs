@@ -1,0 +1,64 @@
+//! The snapshot: everything a connection needs, built once from a validated [`Config`]
+//! and shared immutably. A connection loads it once and holds the `Arc` for its whole
+//! life, so a later config change never alters a connection already in flight.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::upstream::Upstream;
+
+/// The handle every task reads the current snapshot through.
+pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
+
+pub struct Snapshot {
+    /// 1 for the config sluice started with; each applied reload adds one.
+    pub generation: u64,
+    pub config: Arc<Config>,
+    /// In config order; few enough that a linear search by name beats hashing.
+    pub listeners: Vec<Route>,
+    pub upstreams: Vec<Arc<Upstream>>,
+}
+
+/// What a listener does with a connection it accepts.
+pub struct Route {
+    pub listener: String,
+    pub upstream: Arc<Upstream>,
+    pub metrics: ListenerMetrics,
+}
+
+impl Snapshot {
+    pub fn build(config: Arc<Config>, generation: u64, metrics: &Metrics) -> Snapshot {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| Arc::new(Upstream::new(u, metrics)))
+            .collect();
+        let listeners = config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                // The config guarantees the upstream exists.
+                let upstream = upstreams.iter().find(|u| u.name == l.upstream)?;
+                Some(Route {
+                    listener: l.name.clone(),
+                    upstream: Arc::clone(upstream),
+                    metrics: metrics.listener(&l.name, l.max_connections),
+                })
+            })
+            .collect();
+        metrics.config_generation.set(generation as i64);
+        Snapshot {
+            generation,
+            config,
+            listeners,
+            upstreams,
+        }
+    }
+
+    pub fn route(&self, listener: &str) -> Option<&Route> {
+        self.listeners.iter().find(|r| r.listener == listener)
+    }
+}
