@@ -14,10 +14,15 @@ use crate::upstream::Backend;
 pub trait Balance: Send + Sync {
     /// Index into `backends` of the backend to try next, among those `eligible` accepts;
     /// `None` when no eligible backend is left.
+    ///
+    /// `cursor` belongs to one client connection and starts as `None`; a balancer may keep
+    /// its position there, so that the retries of one connection do not shift the order
+    /// seen by every other connection.
     fn pick(
         &self,
         backends: &[Arc<Backend>],
         client: SocketAddr,
+        cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
     ) -> Option<usize>;
 }
@@ -79,13 +84,16 @@ impl Balance for RoundRobin {
         &self,
         _backends: &[Arc<Backend>],
         _client: SocketAddr,
+        cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
         let len = self.cycle.len();
         if len == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // A retry scans on from where this connection started; ineligible (tried)
+        // backends are skipped by the scan.
+        let start = *cursor.get_or_insert_with(|| self.next.fetch_add(1, Ordering::Relaxed));
         (0..len)
             .map(|k| self.cycle[(start + k) % len] as usize)
             .find(|&i| eligible(i))
@@ -119,7 +127,10 @@ mod tests {
     fn smooth_order_spreads_the_heavy_backend() {
         let rr = RoundRobin::new(&backends(&[5, 1, 1]));
         let picks: Vec<usize> = (0..7)
-            .map(|_| rr.pick(&[], client(), &|_| true).expect("a backend"))
+            .map(|_| {
+                rr.pick(&[], client(), &mut None, &|_| true)
+                    .expect("a backend")
+            })
             .collect();
         assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
     }
@@ -129,7 +140,9 @@ mod tests {
         let rr = RoundRobin::new(&backends(&[3, 0, 1, 6]));
         let mut counts = [0usize; 4];
         for _ in 0..10_000 {
-            counts[rr.pick(&[], client(), &|_| true).expect("a backend")] += 1;
+            counts[rr
+                .pick(&[], client(), &mut None, &|_| true)
+                .expect("a backend")] += 1;
         }
         assert_eq!(counts, [3000, 0, 1000, 6000]);
     }
@@ -138,11 +151,21 @@ mod tests {
     fn ineligible_backends_are_skipped_and_all_zero_picks_none() {
         let rr = RoundRobin::new(&backends(&[1, 1, 1]));
         for _ in 0..10 {
-            assert_eq!(rr.pick(&[], client(), &|i| i == 2), Some(2));
+            assert_eq!(rr.pick(&[], client(), &mut None, &|i| i == 2), Some(2));
         }
-        assert_eq!(rr.pick(&[], client(), &|_| false), None);
+        assert_eq!(rr.pick(&[], client(), &mut None, &|_| false), None);
         let zero = RoundRobin::new(&backends(&[0, 0]));
-        assert_eq!(zero.pick(&[], client(), &|_| true), None);
+        assert_eq!(zero.pick(&[], client(), &mut None, &|_| true), None);
+    }
+
+    #[test]
+    fn retries_of_one_connection_do_not_move_the_shared_order() {
+        let rr = RoundRobin::new(&backends(&[1, 1, 1]));
+        let mut cursor = None;
+        assert_eq!(rr.pick(&[], client(), &mut cursor, &|_| true), Some(0));
+        assert_eq!(rr.pick(&[], client(), &mut cursor, &|i| i != 0), Some(1));
+        assert_eq!(rr.pick(&[], client(), &mut cursor, &|i| i > 1), Some(2));
+        assert_eq!(rr.pick(&[], client(), &mut None, &|_| true), Some(1));
     }
 
     #[test]

@@ -88,9 +88,13 @@ impl Upstream {
         // Backends tried for this client; configs are small, so a linear scan is cheapest.
         let mut tried: Vec<usize> = Vec::new();
         let mut last: Option<(SocketAddr, String)> = None;
+        let mut cursor = None;
         for _ in 0..=self.retries {
             let eligible = |i: usize| self.backends[i].weight > 0 && !tried.contains(&i);
-            let Some(i) = self.balancer.pick(&self.backends, client, &eligible) else {
+            let Some(i) = self
+                .balancer
+                .pick(&self.backends, client, &mut cursor, &eligible)
+            else {
                 break;
             };
             tried.push(i);

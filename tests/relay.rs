@@ -1,0 +1,280 @@
+//! Bytes through sluice: integrity, concurrency, half-close, resets, idle timeout.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_mib_each_way_is_byte_exact() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sent = data(16 * MIB, 1);
+
+    let got = exchange(sluice.addr("front"), &sent).await;
+
+    assert_eq!(got.len(), sent.len());
+    assert_eq!(sha256(&got), sha256(&sent));
+    let m = sluice
+        .wait_metrics("the connection closed", |m| {
+            m.value("sluice_connections_active", &[("listener", "front")]) == 0.0
+        })
+        .await;
+    let bytes = |d| {
+        m.value(
+            "sluice_bytes_total",
+            &[("listener", "front"), ("direction", d)],
+        )
+    };
+    assert_eq!(bytes("client_to_backend"), (16 * MIB) as f64);
+    assert_eq!(bytes("backend_to_client"), (16 * MIB) as f64);
+    let line = sluice.wait_log(|l| l.contains("connection closed")).await;
+    assert!(line.contains(&format!("bytes_in={}", 16 * MIB)), "{line}");
+    assert!(line.contains(&format!("bytes_out={}", 16 * MIB)), "{line}");
+    assert!(line.contains("reason=\"closed\""), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connections_are_byte_exact_and_weighted() {
+    const N: usize = 1000;
+    let a = Backend::echo().await;
+    let b = Backend::echo().await;
+    let text = format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\n\
+         [[upstream.backend]]\naddress = \"{}\"\nweight = 3\n\
+         [[upstream.backend]]\naddress = \"{}\"\nweight = 1\n",
+        a.addr, b.addr
+    );
+    let sluice = Sluice::start(&text);
+    let addr = sluice.addr("front");
+
+    // Open all connections first, so that all N are proxied at the same time.
+    let mut streams = Vec::with_capacity(N);
+    for _ in 0..N {
+        streams.push(TcpStream::connect(addr).await.unwrap());
+    }
+    sluice
+        .wait_metrics("all connections open at once", |m| {
+            m.value("sluice_connections_active", &[("listener", "front")]) == N as f64
+        })
+        .await;
+    let tasks: Vec<_> = streams
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            tokio::spawn(async move {
+                let sent = data(64 * 1024 + i, i as u64);
+                let got = exchange_on(&mut s, &sent).await;
+                (sha256(&sent), sha256(&got), got.len() == sent.len())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (sent, got, same_len) = t.await.unwrap();
+        assert!(same_len);
+        assert_eq!(sent, got);
+    }
+
+    assert_eq!(a.accepted() + b.accepted(), N);
+    assert_eq!(a.accepted(), N * 3 / 4, "weight 3 of 4");
+    let m = sluice
+        .wait_metrics("every connection closed", |m| {
+            m.value("sluice_connections_active", &[("listener", "front")]) == 0.0
+        })
+        .await;
+    assert_eq!(
+        m.value(
+            "sluice_connections_accepted_total",
+            &[("listener", "front")]
+        ),
+        N as f64
+    );
+    assert_eq!(m.value("sluice_backend_connections_active", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_half_close_still_gets_the_whole_answer() {
+    // The backend answers only after it has read the client's EOF.
+    let answer = data(3 * MIB, 7);
+    let expected = answer.clone();
+    let backend = Backend::start(move |mut s: TcpStream| {
+        let answer = answer.clone();
+        async move {
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(&sha256(&got)).await.unwrap();
+            s.write_all(&answer).await.unwrap();
+            s.shutdown().await.unwrap();
+        }
+    })
+    .await;
+    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let request = data(MIB + 3, 8);
+
+    let got = exchange(sluice.addr("front"), &request).await;
+
+    assert_eq!(got.len(), 32 + expected.len());
+    assert_eq!(
+        got[..32],
+        sha256(&request),
+        "the backend saw every byte before EOF"
+    );
+    assert_eq!(sha256(&got[32..]), sha256(&expected));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_half_close_still_gets_the_whole_request() {
+    // The backend speaks first and half-closes; the client then sends and half-closes.
+    let greeting = data(2 * MIB, 9);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let g = greeting.clone();
+    let backend = Backend::start(move |mut s: TcpStream| {
+        let g = g.clone();
+        let seen = seen_tx.clone();
+        async move {
+            s.write_all(&g).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            seen.send(sha256(&got)).unwrap();
+        }
+    })
+    .await;
+    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(sha256(&got), sha256(&greeting), "greeting then EOF");
+    let request = data(5 * MIB, 10);
+    s.write_all(&request).await.unwrap();
+    s.shutdown().await.unwrap();
+
+    assert_eq!(seen_rx.recv().await.unwrap(), sha256(&request));
+    assert_eq!(
+        until_closed(&mut s).await.unwrap(),
+        0,
+        "closed after both FINs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_reset_resets_the_client_promptly() {
+    let backend = Backend::start(|mut s: TcpStream| async move {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    })
+    .await;
+    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+
+    let closed = until_closed(&mut s).await;
+
+    assert!(
+        closed.is_err(),
+        "the client sees a reset, not a clean close: {closed:?}"
+    );
+    let line = sluice.wait_log(|l| l.contains("connection closed")).await;
+    assert!(line.contains("reason=\"backend_reset\""), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_closes_the_backend_promptly() {
+    let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::start(move |mut s: TcpStream| {
+        let ended = ended_tx.clone();
+        async move {
+            let mut buf = [0u8; 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+                }
+            }
+            ended.send(()).unwrap();
+        }
+    })
+    .await;
+    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    assert_eq!(read_n(&mut s, 4).await, b"ping");
+
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+
+    tokio::time::timeout(PROMPTLY, ended_rx.recv())
+        .await
+        .expect("the backend's connection ends")
+        .unwrap();
+    let line = sluice.wait_log(|l| l.contains("connection closed")).await;
+    assert!(line.contains("reason=\"client_reset\""), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_an_idle_connection_but_not_a_busy_one() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&config("idle_timeout = \"600ms\"", &[backend.addr]));
+
+    // Busy: a byte every 100 ms, for longer than the idle timeout, keeps it open.
+    let mut busy = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    let busy_task = tokio::spawn(async move {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(2000) {
+            busy.write_all(b"b").await.unwrap();
+            assert_eq!(read_n(&mut busy, 1).await, b"b");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+
+    // Idle: after one exchange, nothing; sluice closes it.
+    let mut idle = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    idle.write_all(b"hello").await.unwrap();
+    assert_eq!(read_n(&mut idle, 5).await, b"hello");
+    let last_activity = Instant::now();
+    let closed = until_closed(&mut idle).await;
+    let waited = last_activity.elapsed();
+
+    assert!(closed.is_err() || closed.unwrap() == 0);
+    assert!(
+        waited >= Duration::from_millis(600),
+        "closed after {waited:?}"
+    );
+    busy_task
+        .await
+        .expect("the busy connection stayed open throughout");
+    let line = sluice
+        .wait_log(|l| l.contains("reason=\"idle_timeout\""))
+        .await;
+    assert!(line.contains("bytes_in=5"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listener_and_backend() {
+    let backend = Backend::start_on("[::1]:0", echo).await;
+    let text = format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\", \"[::1]:0\"]\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\n",
+        backend.addr
+    );
+    let sluice = Sluice::start(&text);
+    let addrs = &sluice.listeners["front"];
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs[1].is_ipv6());
+
+    for (i, addr) in addrs.iter().enumerate() {
+        let sent = data(100_000, 20 + i as u64);
+        assert_eq!(sha256(&exchange(*addr, &sent).await), sha256(&sent));
+    }
+    assert_eq!(backend.accepted(), 2);
+}

@@ -1,0 +1,204 @@
+//! Reaching backends: refusals, timeouts, retries, and the listener's connection cap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn errors(m: &Metrics, backend: &str, reason: &str) -> f64 {
+    m.value(
+        "sluice_upstream_connect_errors_total",
+        &[
+            ("upstream", "app"),
+            ("backend", backend),
+            ("reason", reason),
+        ],
+    )
+}
+
+fn rejected(m: &Metrics, reason: &str) -> f64 {
+    m.value(
+        "sluice_connections_rejected_total",
+        &[("listener", "front"), ("reason", reason)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_backend_falls_through_to_the_next() {
+    let dead = refusing();
+    let live = Backend::echo().await;
+    let sluice = Sluice::start(&config("retries = 1", &[dead.addr, live.addr]));
+
+    for i in 0..10 {
+        let sent = data(10_000, i);
+        let got = exchange(sluice.addr("front"), &sent).await;
+        assert_eq!(sha256(&got), sha256(&sent), "connection {i}");
+    }
+
+    assert_eq!(live.accepted(), 10);
+    let m = sluice.metrics().await;
+    // Round robin over two backends: every other connection tries the dead one first.
+    assert_eq!(errors(&m, &dead.addr.to_string(), "refused"), 5.0);
+    assert_eq!(rejected(&m, "upstream_unavailable"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_backend_refuses_the_client_is_closed_and_counted() {
+    let a = refusing();
+    let b = refusing();
+    let sluice = Sluice::start(&config("retries = 5", &[a.addr, b.addr]));
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+
+    let closed = until_closed(&mut s).await;
+
+    assert_eq!(closed.unwrap(), 0, "closed without a byte");
+    let m = sluice
+        .wait_metrics("the rejection", |m| {
+            rejected(m, "upstream_unavailable") == 1.0
+        })
+        .await;
+    // Each backend is tried once, however many retries are allowed.
+    assert_eq!(errors(&m, &a.addr.to_string(), "refused"), 1.0);
+    assert_eq!(errors(&m, &b.addr.to_string(), "refused"), 1.0);
+    assert_eq!(m.value("sluice_connections_active", &[]), 0.0);
+    assert_eq!(m.value("sluice_backend_connections_active", &[]), 0.0);
+    let line = sluice.wait_log(|l| l.contains("connection rejected")).await;
+    assert!(
+        line.contains("reason=\"upstream_unavailable\"")
+            || line.contains("reason=upstream_unavailable"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_times_out_at_connect_timeout() {
+    let hole = blackhole();
+    let sluice = Sluice::start(&config(
+        "connect_timeout = \"500ms\"\nretries = 0",
+        &[hole.addr],
+    ));
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    let started = Instant::now();
+
+    let closed = until_closed(&mut s).await;
+    let waited = started.elapsed();
+
+    assert_eq!(closed.unwrap(), 0);
+    assert!(
+        waited >= Duration::from_millis(500),
+        "closed after {waited:?}"
+    );
+    // Without the timeout the kernel would retry the SYN for about two minutes.
+    assert!(
+        waited < Duration::from_millis(500) + PROMPTLY,
+        "closed after {waited:?}"
+    );
+    let m = sluice
+        .wait_metrics("the rejection", |m| {
+            rejected(m, "upstream_unavailable") == 1.0
+        })
+        .await;
+    assert_eq!(errors(&m, &hole.addr.to_string(), "timeout"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_connect_timeout_the_next_backend_is_tried() {
+    let hole = blackhole();
+    let live = Backend::echo().await;
+    let sluice = Sluice::start(&config(
+        "connect_timeout = \"300ms\"\nretries = 1",
+        &[hole.addr, live.addr],
+    ));
+
+    for i in 0..2 {
+        let sent = data(1000, i);
+        assert_eq!(exchange(sluice.addr("front"), &sent).await, sent);
+    }
+
+    assert_eq!(live.accepted(), 2);
+    let m = sluice.metrics().await;
+    assert_eq!(errors(&m, &hole.addr.to_string(), "timeout"), 1.0);
+    assert_eq!(
+        m.value(
+            "sluice_upstream_connect_duration_seconds_count",
+            &[("upstream", "app")]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_zero_takes_no_connections() {
+    let idle = Backend::echo().await;
+    let text = format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\nweight = 0\n",
+        idle.addr
+    );
+    let sluice = Sluice::start(&text);
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+
+    assert_eq!(until_closed(&mut s).await.unwrap(), 0);
+    sluice
+        .wait_metrics("the rejection", |m| rejected(m, "no_backend") == 1.0)
+        .await;
+    assert_eq!(idle.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_and_a_waiting_client_is_served_when_a_slot_frees() {
+    let backend = Backend::echo().await;
+    let text = format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\nmax_connections = 2\n\
+         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\n",
+        backend.addr
+    );
+    let sluice = Sluice::start(&text);
+    let addr = sluice.addr("front");
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    for s in [&mut first, &mut second] {
+        s.write_all(b"1").await.unwrap();
+        assert_eq!(read_n(s, 1).await, b"1");
+    }
+
+    // The third completes its handshake in the kernel's backlog but is not served.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(b"3").await.unwrap();
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut b)).await;
+    assert!(
+        early.is_err(),
+        "the third client was served over the cap: {early:?}"
+    );
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value(
+            "sluice_connections_accepted_total",
+            &[("listener", "front")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m.value("sluice_connections_active", &[("listener", "front")]),
+        2.0
+    );
+    assert_eq!(
+        m.value("sluice_listener_max_connections", &[("listener", "front")]),
+        2.0
+    );
+    assert_eq!(backend.accepted(), 2);
+
+    drop(first);
+    assert_eq!(
+        read_n(&mut third, 1).await,
+        b"3",
+        "served once a slot freed"
+    );
+    assert_eq!(backend.accepted(), 3);
+    drop(second);
+}
