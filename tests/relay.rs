@@ -170,7 +170,7 @@ async fn backend_reset_resets_the_client_promptly() {
     let backend = Backend::start(|mut s: TcpStream| async move {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await.unwrap();
-        s.set_linger(Some(Duration::ZERO)).unwrap();
+        s.set_zero_linger().unwrap();
         drop(s);
     })
     .await;
@@ -210,7 +210,7 @@ async fn client_reset_closes_the_backend_promptly() {
     s.write_all(b"ping").await.unwrap();
     assert_eq!(read_n(&mut s, 4).await, b"ping");
 
-    s.set_linger(Some(Duration::ZERO)).unwrap();
+    s.set_zero_linger().unwrap();
     drop(s);
 
     tokio::time::timeout(PROMPTLY, ended_rx.recv())
