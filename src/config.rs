@@ -183,14 +183,14 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    bind: Option<Address>,
+    bind: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
     name: Spanned<String>,
-    bind: Spanned<Vec<Spanned<Address>>>,
+    bind: Spanned<Vec<Spanned<String>>>,
     upstream: Spanned<String>,
     max_connections: Option<Spanned<u64>>,
     backlog: Option<Spanned<u32>>,
@@ -212,23 +212,23 @@ struct RawUpstream {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBackend {
-    address: Spanned<Address>,
+    address: Spanned<String>,
     weight: Option<Spanned<u32>>,
 }
 
-/// A socket address written as a string: `"127.0.0.1:5432"` or `"[::1]:5432"`.
-#[derive(Clone, Copy)]
-struct Address(SocketAddr);
-
-impl<'de> Deserialize<'de> for Address {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map(Address).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "invalid address {s:?}: expected an IP address and port, like \"127.0.0.1:5432\" or \"[::1]:5432\""
-            ))
-        })
-    }
+/// A socket address written as a string: `"127.0.0.1:5432"` or `"[::1]:5432"`. Parsed
+/// here rather than during deserialization so that an error inside a list points at
+/// the element, not the list.
+fn address(value: &Spanned<String>) -> Result<SocketAddr, Invalid> {
+    value.get_ref().parse().map_err(|_| {
+        (
+            value.span(),
+            format!(
+                "invalid address {:?}: expected an IP address and port, like \"127.0.0.1:5432\" or \"[::1]:5432\"",
+                value.get_ref()
+            ),
+        )
+    })
 }
 
 /// A duration written as a string with a unit.
@@ -271,10 +271,10 @@ impl RawConfig {
             .parse()
             .map_err(|_| (0..0, "internal: bad default admin address".to_string()))?;
         let admin = Admin {
-            bind: self
-                .admin
-                .and_then(|a| a.bind)
-                .map_or(admin_default, |a| a.0),
+            bind: match self.admin.and_then(|a| a.bind) {
+                Some(b) => address(&b)?,
+                None => admin_default,
+            },
         };
 
         let mut upstreams: Vec<Upstream> = Vec::with_capacity(self.upstreams.len());
@@ -316,19 +316,17 @@ impl RawConfig {
                 ));
             }
             let mut bind = Vec::new();
-            for address in raw.bind.get_ref() {
+            for value in raw.bind.get_ref() {
+                let a = address(value)?;
                 let taken = listeners
                     .iter()
                     .flat_map(|l| l.bind.iter())
                     .chain(bind.iter())
-                    .any(|a| *a == address.get_ref().0);
+                    .any(|b| *b == a);
                 if taken {
-                    return Err((
-                        address.span(),
-                        format!("address {} is bound twice", address.get_ref().0),
-                    ));
+                    return Err((value.span(), format!("address {a} is bound twice")));
                 }
-                bind.push(address.get_ref().0);
+                bind.push(a);
             }
             let max_connections = match raw.max_connections {
                 None => DEFAULT_MAX_CONNECTIONS,
@@ -376,7 +374,7 @@ impl RawUpstream {
         }
         let mut backends: Vec<Backend> = Vec::with_capacity(self.backends.len());
         for raw in self.backends {
-            let address = raw.address.get_ref().0;
+            let address = address(&raw.address)?;
             if backends.iter().any(|b| b.address == address) {
                 return Err((
                     raw.address.span(),

@@ -1,0 +1,250 @@
+//! `sluice check` and `sluice run` on good and bad config files.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const LISTENER: &str =
+    "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:7000\"]\nupstream = \"app\"\n";
+const UPSTREAM: &str =
+    "[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"127.0.0.1:8000\"\n";
+
+fn sluice(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .output()
+        .expect("run sluice")
+}
+
+/// Writes `text` to a file named `name` and runs `sluice check` on it.
+fn check(name: &str, text: &str) -> (Option<i32>, String, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    let out = sluice(&["check", path.to_str().unwrap()]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    (out.status.code(), stderr, path, dir)
+}
+
+/// Asserts that `text` is refused with exit 64 and an error at `line:col` saying `what`.
+fn assert_invalid(text: &str, line: usize, col: usize, what: &str) {
+    let (code, stderr, path, _dir) = check("sluice.toml", text);
+    assert_eq!(code, Some(64), "stderr: {stderr}");
+    let at = format!("{}:{line}:{col}: ", path.display());
+    assert!(
+        stderr.starts_with(&format!("error: {at}")),
+        "expected {at} in:\n{stderr}"
+    );
+    assert!(stderr.contains(what), "expected {what:?} in:\n{stderr}");
+    // The offending line is shown with a caret under the column.
+    let shown = text.lines().nth(line - 1).unwrap();
+    assert!(stderr.contains(&format!("{line} | {shown}")), "{stderr}");
+}
+
+#[test]
+fn a_valid_config_passes() {
+    let (code, stderr, _, _dir) = check("ok.toml", &format!("{LISTENER}{UPSTREAM}"));
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn every_config_in_the_repository_passes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut files = vec![root.join("sluice.toml")];
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        files.push(entry.unwrap().path());
+    }
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "toml"))
+    {
+        let out = sluice(&["check", f.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn unknown_key() {
+    let text = "[[listener]]\nname = \"front\"\nbnd = [\"127.0.0.1:7000\"]\nupstream = \"app\"\n";
+    assert_invalid(
+        text,
+        3,
+        1,
+        "unknown field `bnd`, expected one of `name`, `bind`",
+    );
+}
+
+#[test]
+fn unknown_top_level_table() {
+    let text = format!("{LISTENER}{UPSTREAM}\n[metrics]\nbind = \"127.0.0.1:1\"\n");
+    assert_invalid(&text, 10, 2, "unknown field `metrics`");
+}
+
+#[test]
+fn duplicate_listener_name() {
+    let text = format!(
+        "{LISTENER}\n[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:7001\"]\nupstream = \"app\"\n{UPSTREAM}"
+    );
+    assert_invalid(&text, 7, 8, "duplicate listener name \"front\"");
+}
+
+#[test]
+fn duplicate_upstream_name() {
+    let text = format!("{LISTENER}{UPSTREAM}{UPSTREAM}");
+    assert_invalid(&text, 10, 8, "duplicate upstream name \"app\"");
+}
+
+#[test]
+fn listener_naming_a_missing_upstream() {
+    let text = format!("{}{UPSTREAM}", LISTENER.replace("\"app\"", "\"ap\""));
+    assert_invalid(
+        &text,
+        4,
+        12,
+        "names upstream \"ap\", which is not defined; expected one of [\"app\"]",
+    );
+}
+
+#[test]
+fn upstream_without_backends() {
+    let text = format!("{LISTENER}\n[[upstream]]\nname = \"app\"\nretries = 1\n");
+    assert_invalid(&text, 7, 8, "upstream \"app\" has no backends");
+}
+
+#[test]
+fn unparsable_listener_address_points_at_the_element() {
+    let text = format!(
+        "{}{UPSTREAM}",
+        LISTENER.replace(
+            "[\"127.0.0.1:7000\"]",
+            "[\"127.0.0.1:7000\", \"localhost:7001\"]"
+        )
+    );
+    assert_invalid(
+        &text,
+        3,
+        27,
+        "invalid address \"localhost:7001\": expected an IP address and port",
+    );
+}
+
+#[test]
+fn unparsable_backend_address() {
+    let text = format!(
+        "{LISTENER}{}",
+        UPSTREAM.replace("127.0.0.1:8000", "127.0.0.1")
+    );
+    assert_invalid(&text, 8, 11, "invalid address \"127.0.0.1\"");
+}
+
+#[test]
+fn address_bound_twice() {
+    let text = format!(
+        "{}{UPSTREAM}",
+        LISTENER.replace(
+            "[\"127.0.0.1:7000\"]",
+            "[\"127.0.0.1:7000\", \"127.0.0.1:7000\"]"
+        )
+    );
+    assert_invalid(&text, 3, 27, "address 127.0.0.1:7000 is bound twice");
+}
+
+#[test]
+fn unparsable_duration() {
+    let text = format!("drain_timeout = \"10 seconds\"\n{LISTENER}{UPSTREAM}");
+    assert_invalid(
+        &text,
+        1,
+        17,
+        "invalid duration \"10 seconds\": expected a whole number with a unit",
+    );
+}
+
+#[test]
+fn unparsable_upstream_duration() {
+    let text = format!("{LISTENER}{UPSTREAM}").replace(
+        "name = \"app\"\n[[",
+        "name = \"app\"\nconnect_timeout = 3\n[[",
+    );
+    assert_invalid(&text, 7, 19, "invalid type: integer `3`, expected a string");
+}
+
+#[test]
+fn zero_timeout_is_refused() {
+    let text = format!("{LISTENER}{UPSTREAM}").replace(
+        "name = \"app\"\n[[",
+        "name = \"app\"\nidle_timeout = \"0s\"\n[[",
+    );
+    assert_invalid(&text, 7, 16, "`idle_timeout` must be greater than zero");
+}
+
+#[test]
+fn weight_out_of_range() {
+    let text = format!("{LISTENER}{UPSTREAM}weight = 1001\n");
+    assert_invalid(&text, 9, 10, "`weight` must be between 0 and 1000");
+}
+
+#[test]
+fn missing_required_key() {
+    let text = "[[listener]]\nname = \"front\"\nupstream = \"app\"\n";
+    assert_invalid(text, 1, 1, "missing field `bind`");
+}
+
+#[test]
+fn toml_syntax_error() {
+    assert_invalid("[[listener]\nname = \"front\"\n", 1, 12, "expected `]`");
+}
+
+#[test]
+fn missing_file() {
+    let out = sluice(&["check", "/nonexistent/sluice.toml"]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("/nonexistent/sluice.toml: cannot read config"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_config_with_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "drain_timeout = \"soon\"\n").unwrap();
+    let out = sluice(&["run", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("bad.toml:1:17: invalid duration")
+    );
+}
+
+#[test]
+fn run_exits_1_when_a_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let text = format!(
+        "{}{UPSTREAM}[admin]\nbind = \"127.0.0.1:0\"\n",
+        LISTENER.replace("7000", &port.to_string())
+    );
+    std::fs::write(&path, text).unwrap();
+
+    let out = sluice(&["run", "--config", path.to_str().unwrap()]);
+
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!(
+            "cannot bind listener \"front\" to 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+}
