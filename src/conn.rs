@@ -13,15 +13,18 @@ use crate::relay::{self, Counters};
 use crate::snapshot::Snapshot;
 use crate::upstream::{ConnectError, KEEPALIVE};
 
-/// Serves one accepted client connection to its end. `_permit` is the listener's
-/// `max_connections` slot, released when this returns.
+/// A connection's slots: the listener's `max_connections` and the process-wide cap.
+pub type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Serves one accepted client connection to its end. `_permits` are released when this
+/// returns.
 pub async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     snapshot: Arc<Snapshot>,
     listener: Arc<str>,
     stop: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    _permits: Permits,
 ) {
     let Some(route) = snapshot.route(&listener) else {
         // The listener was removed from the config between accept and here.

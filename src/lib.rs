@@ -93,6 +93,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 source,
             })
     };
+    let process_cap = listener::fit_file_limit();
+    let wanted: usize = config.listeners.iter().map(|l| l.max_connections).sum();
+    if wanted > process_cap {
+        tracing::warn!(
+            sum_of_max_connections = wanted,
+            process_cap,
+            "the open-file limit allows fewer connections than the listeners' max_connections; raise it (LimitNOFILE=, ulimit -n)"
+        );
+    }
+    metrics
+        .process_max_connections
+        .set(i64::try_from(process_cap).unwrap_or(i64::MAX));
+    let process_limit = Arc::new(Semaphore::new(process_cap));
     let admin_socket = bind("the admin endpoint", config.admin.bind, 128)?;
     tracing::info!(address = %local_addr(&admin_socket), "admin listening");
     let mut acceptors = Vec::new();
@@ -106,6 +119,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 name: Arc::clone(&name),
                 socket,
                 limit: Arc::clone(&limit),
+                process_limit: Arc::clone(&process_limit),
             });
         }
     }
@@ -126,6 +140,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         config = %config.source.display(),
         listeners = config.listeners.len(),
         upstreams = config.upstreams.len(),
+        process_cap,
         "sluice ready"
     );
 

@@ -26,6 +26,31 @@ const MIN_BACKOFF: Duration = Duration::from_millis(5);
 /// Longest pause: accepting resumes within this once descriptors are free again.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Descriptors kept free of proxied connections: stdio, the event loop, listening sockets,
+/// admin connections, config and log files.
+pub const RESERVED_FDS: u64 = 32;
+
+/// Raises the soft open-file limit to the hard limit, and returns how many proxied
+/// connections (two descriptors each) the process can hold with [`RESERVED_FDS`] to spare.
+pub fn fit_file_limit() -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let mut soft = limit.current.unwrap_or(u64::MAX);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = limit.maximum.unwrap_or(u64::MAX),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    usize::try_from(soft.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .min(Semaphore::MAX_PERMITS)
+}
+
 /// Binds a listening socket: SO_REUSEADDR so a restart does not wait out TIME_WAIT, and
 /// IPV6_V6ONLY so `0.0.0.0:p` and `[::]:p` can be bound side by side.
 pub fn bind(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
@@ -50,6 +75,9 @@ pub struct Acceptor {
     pub socket: TcpListener,
     /// The listener's `max_connections`, shared by all of its addresses.
     pub limit: Arc<Semaphore>,
+    /// The process-wide cap that keeps descriptors for the admin endpoint, shared by all
+    /// listeners: see [`fit_file_limit`].
+    pub process_limit: Arc<Semaphore>,
 }
 
 impl Acceptor {
@@ -57,13 +85,19 @@ impl Acceptor {
     pub async fn serve(self, snapshots: SnapshotHandle, shutdown: Shutdown, tracker: TaskTracker) {
         let mut backoff = MIN_BACKOFF;
         loop {
-            let permit = tokio::select! {
-                p = Arc::clone(&self.limit).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return, // the semaphore is never closed; nothing to serve
-                },
+            let permits = tokio::select! {
+                p = Arc::clone(&self.limit).acquire_owned() => p,
                 () = shutdown.stop_accepting.cancelled() => return,
             };
+            let process_permit = tokio::select! {
+                p = Arc::clone(&self.process_limit).acquire_owned() => p,
+                () = shutdown.stop_accepting.cancelled() => return,
+            };
+            // The semaphores are never closed, so both permits are always granted.
+            let (Ok(permit), Ok(process_permit)) = (permits, process_permit) else {
+                return;
+            };
+            let permit = (permit, process_permit);
             let accepted = tokio::select! {
                 a = self.socket.accept() => a,
                 () = shutdown.stop_accepting.cancelled() => return,

@@ -24,6 +24,7 @@ pub const UPSTREAM_CONNECT_DURATION: &str = "sluice_upstream_connect_duration_se
 pub const UPSTREAM_CONNECT_ERRORS: &str = "sluice_upstream_connect_errors_total";
 pub const CONFIG_GENERATION: &str = "sluice_config_generation";
 pub const DRAINING: &str = "sluice_draining";
+pub const PROCESS_MAX_CONNECTIONS: &str = "sluice_process_max_connections";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -140,6 +141,7 @@ pub struct Metrics {
     upstream_connect_errors: IntCounterVec,
     pub config_generation: IntGauge,
     pub draining: IntGauge,
+    pub process_max_connections: IntGauge,
 }
 
 /// Handles for one listener.
@@ -267,6 +269,11 @@ impl Metrics {
                 &registry,
                 DRAINING,
                 "1 while sluice is shutting down and draining connections",
+            )?,
+            process_max_connections: gauge(
+                &registry,
+                PROCESS_MAX_CONNECTIONS,
+                "Proxied connections the open-file limit allows in all, keeping descriptors spare for the admin endpoint",
             )?,
             registry,
         };

@@ -202,3 +202,69 @@ async fn max_connections_holds_and_a_waiting_client_is_served_when_a_slot_frees(
     assert_eq!(backend.accepted(), 3);
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_caps_connections_to_keep_the_admin_endpoint_reachable() {
+    // 64 descriptors, 32 reserved: 16 proxied connections at two descriptors each.
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start_limited(&config("", &[backend.addr]), Some(64));
+    let addr = sluice.addr("front");
+
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let m = sluice
+        .wait_metrics("16 connections open", |m| {
+            m.value("sluice_connections_active", &[]) == 16.0
+        })
+        .await;
+    assert_eq!(m.value("sluice_process_max_connections", &[]), 16.0);
+    assert_eq!(m.value("sluice_accept_errors_total", &[]), 0.0, "no EMFILE");
+    assert!(
+        sluice
+            .log()
+            .iter()
+            .any(|l| l.contains("the open-file limit allows fewer connections"))
+    );
+
+    // Closing four lets the four waiting in the backlog in.
+    drop(clients.drain(..4));
+    for (i, c) in clients.iter_mut().enumerate() {
+        let msg = format!("client {i}");
+        c.write_all(msg.as_bytes()).await.unwrap();
+        assert_eq!(read_n(c, msg.len()).await, msg.as_bytes());
+    }
+    assert_eq!(backend.accepted(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accept_loop_survives_running_out_of_file_descriptors() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start_limited(&config("", &[backend.addr]), Some(64));
+    let addr = sluice.addr("front");
+
+    // Idle admin connections take sluice's spare descriptors until none is left.
+    let mut hogs = Vec::new();
+    for _ in 0..80 {
+        hogs.push(TcpStream::connect(sluice.admin).await.unwrap());
+    }
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    let line = sluice
+        .wait_log(|l| l.contains("accept failed") && l.contains("listener=front"))
+        .await;
+    assert!(line.contains("os error 24"), "EMFILE: {line}");
+
+    // Free the descriptors: the waiting client is served, and so are new ones.
+    drop(hogs);
+    client.write_all(b"after").await.unwrap();
+    assert_eq!(read_n(&mut client, 5).await, b"after");
+    let sent = data(10_000, 99);
+    assert_eq!(exchange(addr, &sent).await, sent);
+    let m = sluice.metrics().await;
+    let emfile = m.value(
+        "sluice_accept_errors_total",
+        &[("listener", "front"), ("reason", "file_limit")],
+    );
+    assert!(emfile >= 1.0, "EMFILE counted: {emfile}");
+}

@@ -37,6 +37,11 @@ pub struct Sluice {
 impl Sluice {
     /// Starts sluice on `config`; an `[admin]` table on port 0 is added when absent.
     pub fn start(config: &str) -> Sluice {
+        Sluice::start_limited(config, None)
+    }
+
+    /// Like [`Sluice::start`], with the process's open-file limit set to `nofile`.
+    pub fn start_limited(config: &str, nofile: Option<u32>) -> Sluice {
         let mut config = config.to_string();
         if !config.contains("[admin]") {
             config.push_str("\n[admin]\nbind = \"127.0.0.1:0\"\n");
@@ -44,7 +49,17 @@ impl Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        let mut command = match nofile {
+            None => Command::new(env!("CARGO_BIN_EXE_sluice")),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_sluice"));
+                c
+            }
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
@@ -225,6 +240,12 @@ impl Metrics {
 }
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    tokio::time::timeout(PROMPTLY, http_get_unbounded(addr, path))
+        .await
+        .expect("the admin endpoint answered")
+}
+
+async fn http_get_unbounded(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: sluice\r\n\r\n").as_bytes())
         .await
