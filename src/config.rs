@@ -318,11 +318,13 @@ impl RawConfig {
             let mut bind = Vec::new();
             for value in raw.bind.get_ref() {
                 let a = address(value)?;
-                let taken = listeners
-                    .iter()
-                    .flat_map(|l| l.bind.iter())
-                    .chain(bind.iter())
-                    .any(|b| *b == a);
+                // Port 0 asks the kernel for a fresh port each time: never a clash.
+                let taken = a.port() != 0
+                    && listeners
+                        .iter()
+                        .flat_map(|l| l.bind.iter())
+                        .chain(bind.iter())
+                        .any(|b| *b == a);
                 if taken {
                     return Err((value.span(), format!("address {a} is bound twice")));
                 }
@@ -496,6 +498,26 @@ address = "127.0.0.1:1"
         assert_eq!(u.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         assert_eq!(u.retries, DEFAULT_RETRIES);
         assert_eq!(u.backends[0].weight, DEFAULT_WEIGHT);
+    }
+
+    #[test]
+    fn port_zero_may_be_bound_by_several_listeners() {
+        let text = r#"
+[[listener]]
+name = "a"
+bind = ["127.0.0.1:0"]
+upstream = "app"
+[[listener]]
+name = "b"
+bind = ["127.0.0.1:0"]
+upstream = "app"
+[[upstream]]
+name = "app"
+[[upstream.backend]]
+address = "127.0.0.1:1"
+"#;
+        let c = Config::parse(text, Path::new("t.toml")).expect("valid");
+        assert_eq!(c.listeners.len(), 2);
     }
 
     #[test]

@@ -37,11 +37,20 @@ pub struct Sluice {
 impl Sluice {
     /// Starts sluice on `config`; an `[admin]` table on port 0 is added when absent.
     pub fn start(config: &str) -> Sluice {
-        Sluice::start_limited(config, None)
+        Sluice::spawn(config, None, true)
     }
 
     /// Like [`Sluice::start`], with the process's open-file limit set to `nofile`.
     pub fn start_limited(config: &str, nofile: Option<u32>) -> Sluice {
+        Sluice::spawn(config, nofile, true)
+    }
+
+    /// Like [`Sluice::start`], without echoing sluice's log (for benchmarks).
+    pub fn start_quiet(config: &str) -> Sluice {
+        Sluice::spawn(config, None, false)
+    }
+
+    fn spawn(config: &str, nofile: Option<u32>, echo: bool) -> Sluice {
         let mut config = config.to_string();
         if !config.contains("[admin]") {
             config.push_str("\n[admin]\nbind = \"127.0.0.1:0\"\n");
@@ -78,7 +87,9 @@ impl Sluice {
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
-                    eprintln!("[sluice] {line}");
+                    if echo {
+                        eprintln!("[sluice] {line}");
+                    }
                     log.lock().unwrap().push(line.clone());
                     let _ = tx.send(line);
                 }
@@ -93,7 +104,11 @@ impl Sluice {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(line) => line,
-                Err(_) => panic!("sluice did not become ready; status {:?}", child.try_wait()),
+                Err(_) => panic!(
+                    "sluice did not become ready; status {:?}; output:\n{}",
+                    child.try_wait(),
+                    log.lock().unwrap().join("\n")
+                ),
             };
             if line.contains("admin listening") {
                 admin = field(&line, "address").and_then(|a| a.parse().ok());

@@ -1,0 +1,77 @@
+# sluice: the commands a developer and CI run. `make help` lists them.
+#
+# Every target installs what it needs (Debian packages through apt-get), so a fresh
+# machine with a Rust toolchain needs nothing typed by hand.
+
+CARGO     ?= cargo
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+RELEASE   := target/release/sluice
+DEMO      := target/demo
+CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml)
+
+.PHONY: help build run test check bench bench-quick deps-run deps-test clean
+
+help:
+	@echo "make run          build, start two demo backends and sluice on config/sluice.toml"
+	@echo "make test         the whole test suite (installs promtool first)"
+	@echo "make check        rustfmt, clippy -D warnings, sluice check on every config"
+	@echo "make bench        the benchmarks; results in target/bench/results.md"
+	@echo "make bench-quick  a shorter benchmark run, for iteration"
+	@echo "make build        the release binary, $(RELEASE)"
+
+build:
+	$(CARGO) build --release --locked
+
+# apt-get runs only for what is missing.
+define need
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  echo "installing $(2) (for $(1))"; \
+	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(2) >/dev/null; }
+endef
+
+deps-run:
+	$(call need,python3,python3)
+	$(call need,curl,curl)
+
+deps-test:
+	$(call need,promtool,prometheus)
+	$(call need,curl,curl)
+
+# Two demo HTTP backends (python3 -m http.server) on 127.0.0.1:8081 and :8082, stopped
+# again when sluice exits (Ctrl-C drains and stops everything).
+run: build deps-run
+	@mkdir -p $(DEMO)/a $(DEMO)/b
+	@echo "hello from backend a (127.0.0.1:8081)" > $(DEMO)/a/index.html
+	@echo "hello from backend b (127.0.0.1:8082)" > $(DEMO)/b/index.html
+	@python3 -m http.server --bind 127.0.0.1 --directory $(DEMO)/a 8081 >$(DEMO)/a.log 2>&1 & a=$$!; \
+	 python3 -m http.server --bind 127.0.0.1 --directory $(DEMO)/b 8082 >$(DEMO)/b.log 2>&1 & b=$$!; \
+	 trap 'kill $$a $$b 2>/dev/null' EXIT INT TERM; \
+	 echo; \
+	 echo "  sluice on 127.0.0.1:8080 -> demo backends 127.0.0.1:8081, 127.0.0.1:8082"; \
+	 echo "  try:  curl http://127.0.0.1:8080/    and    curl http://127.0.0.1:9555/metrics"; \
+	 echo "  Ctrl-C to stop"; \
+	 echo; \
+	 $(RELEASE) run --config config/sluice.toml
+
+# nextest runs each test in its own process; plain cargo test is the fallback.
+test: deps-test
+	@if command -v cargo-nextest >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --locked --no-fail-fast; \
+	else \
+	  $(CARGO) test --locked --no-fail-fast; \
+	fi
+
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+	$(CARGO) run --locked --quiet -- check $(CONFIGS)
+
+bench: build
+	$(CARGO) bench --locked --bench proxy
+
+bench-quick: build
+	SLUICE_BENCH_QUICK=1 $(CARGO) bench --locked --bench proxy
+
+clean:
+	$(CARGO) clean
