@@ -30,6 +30,15 @@ pub const DEFAULT_RETRIES: u32 = 2;
 pub const DEFAULT_WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_RETRIES: u32 = 16;
+pub const DEFAULT_QUEUE_MAX: usize = 1000;
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+pub const DEFAULT_EJECT_FAILURES: u32 = 5;
+pub const DEFAULT_EJECT_DURATION: Duration = Duration::from_secs(10);
+pub const DEFAULT_EJECT_MAX_DURATION: Duration = Duration::from_secs(300);
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +75,53 @@ pub struct Upstream {
     pub retries: u32,
     /// Never empty; addresses are unique within the upstream.
     pub backends: Vec<Backend>,
+    /// Most connections open to each backend at once; `None` is no limit.
+    pub max_connections_per_backend: Option<u64>,
+    /// Where clients wait while every backend is at `max_connections_per_backend`.
+    pub queue: Queue,
+    /// Active checks; `None` means backends are taken as up unless ejected.
+    pub health_check: Option<HealthCheck>,
+    /// Ejection after consecutive connect failures of real traffic; `None` is off.
+    pub passive_ejection: Option<PassiveEjection>,
+    /// Connections are closed after this long (plus up to `max_lifetime_jitter`).
+    pub max_lifetime: Option<Lifetime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Queue {
+    /// Clients waiting at most; one more is closed with `queue_full`.
+    pub max: usize,
+    /// Longest wait; then the client is closed with `queue_timeout`.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+    /// Bytes sent once connected.
+    pub send: Vec<u8>,
+    /// The reply must start with these bytes; empty means a connect is enough.
+    pub expect: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PassiveEjection {
+    /// Consecutive failed connects that eject a backend.
+    pub failures: u32,
+    /// First ejection's length; each further one without a success in between doubles it.
+    pub duration: Duration,
+    pub max_duration: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lifetime {
+    pub max: Duration,
+    pub jitter: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +138,14 @@ pub enum Balance {
     /// Smooth weighted round robin.
     #[default]
     RoundRobin,
+    /// Fewest active connections relative to weight.
+    LeastConnections,
+    /// Two random backends, the one with fewer active connections relative to weight.
+    PowerOfTwo,
+    /// Weighted random.
+    Random,
+    /// Consistent hashing on the client's IP address (Maglev).
+    Maglev,
 }
 
 /// A config that could not be read or is invalid.
@@ -205,8 +269,40 @@ struct RawUpstream {
     connect_timeout: Option<Spanned<DurationValue>>,
     idle_timeout: Option<Spanned<DurationValue>>,
     retries: Option<Spanned<u32>>,
+    max_connections_per_backend: Option<Spanned<u64>>,
+    queue: Option<RawQueue>,
+    health_check: Option<Spanned<RawHealthCheck>>,
+    passive_ejection: Option<RawPassiveEjection>,
+    max_lifetime: Option<Spanned<DurationValue>>,
+    max_lifetime_jitter: Option<Spanned<DurationValue>>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    max: Option<Spanned<u64>>,
+    timeout: Option<Spanned<DurationValue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    interval: Option<Spanned<DurationValue>>,
+    timeout: Option<Spanned<DurationValue>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+    send: Option<String>,
+    expect: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPassiveEjection {
+    failures: Option<Spanned<u32>>,
+    duration: Option<Spanned<DurationValue>>,
+    max_duration: Option<Spanned<DurationValue>>,
 }
 
 #[derive(Deserialize)]
@@ -405,9 +501,96 @@ impl RawUpstream {
             }
             Some(r) => *r.get_ref(),
         };
+        let max_connections_per_backend = match self.max_connections_per_backend {
+            None => None,
+            Some(m) => Some(at_least_one(&m, "max_connections_per_backend")?),
+        };
+        let queue = match self.queue {
+            None => Queue {
+                max: DEFAULT_QUEUE_MAX,
+                timeout: DEFAULT_QUEUE_TIMEOUT,
+            },
+            Some(q) => Queue {
+                max: match q.max {
+                    None => DEFAULT_QUEUE_MAX,
+                    Some(m) => usize::try_from(*m.get_ref())
+                        .map_err(|_| (m.span(), "`max` is too large".to_string()))?,
+                },
+                timeout: positive(q.timeout, DEFAULT_QUEUE_TIMEOUT, "queue.timeout")?,
+            },
+        };
+        let health_check = match self.health_check {
+            None => None,
+            Some(h) => {
+                let span = h.span();
+                let h = h.into_inner();
+                let check = HealthCheck {
+                    interval: positive(h.interval, DEFAULT_CHECK_INTERVAL, "interval")?,
+                    timeout: positive(h.timeout, DEFAULT_CHECK_TIMEOUT, "timeout")?,
+                    rise: count(h.rise, DEFAULT_RISE, "rise")?,
+                    fall: count(h.fall, DEFAULT_FALL, "fall")?,
+                    send: h.send.unwrap_or_default().into_bytes(),
+                    expect: h.expect.unwrap_or_default().into_bytes(),
+                };
+                if check.timeout > check.interval {
+                    return Err((
+                        span,
+                        "health_check `timeout` must not exceed its `interval`".to_string(),
+                    ));
+                }
+                Some(check)
+            }
+        };
+        let passive_ejection = match self.passive_ejection {
+            None => Some(PassiveEjection {
+                failures: DEFAULT_EJECT_FAILURES,
+                duration: DEFAULT_EJECT_DURATION,
+                max_duration: DEFAULT_EJECT_MAX_DURATION,
+            }),
+            // failures = 0 turns passive ejection off.
+            Some(RawPassiveEjection {
+                failures: Some(f), ..
+            }) if *f.get_ref() == 0 => None,
+            Some(p) => {
+                let e = PassiveEjection {
+                    failures: p.failures.map_or(DEFAULT_EJECT_FAILURES, |f| *f.get_ref()),
+                    duration: positive(p.duration, DEFAULT_EJECT_DURATION, "duration")?,
+                    max_duration: positive(
+                        p.max_duration,
+                        DEFAULT_EJECT_MAX_DURATION,
+                        "max_duration",
+                    )?,
+                };
+                Some(PassiveEjection {
+                    max_duration: e.max_duration.max(e.duration),
+                    ..e
+                })
+            }
+        };
+        let max_lifetime = match self.max_lifetime {
+            None => {
+                if let Some(j) = self.max_lifetime_jitter {
+                    return Err((
+                        j.span(),
+                        "`max_lifetime_jitter` needs `max_lifetime`".to_string(),
+                    ));
+                }
+                None
+            }
+            Some(m) => {
+                let max = positive(Some(m), Duration::ZERO, "max_lifetime")?;
+                let jitter = self.max_lifetime_jitter.map_or(max / 10, |j| j.get_ref().0);
+                Some(Lifetime { max, jitter })
+            }
+        };
         Ok(Upstream {
             name,
             balance: self.balance,
+            max_connections_per_backend,
+            queue,
+            health_check,
+            passive_ejection,
+            max_lifetime,
             connect_timeout: positive(
                 self.connect_timeout,
                 DEFAULT_CONNECT_TIMEOUT,
@@ -433,6 +616,21 @@ fn check_name(name: &Spanned<String>, what: &str) -> Result<String, Invalid> {
         ));
     }
     Ok(s.clone())
+}
+
+fn at_least_one(value: &Spanned<u64>, key: &str) -> Result<u64, Invalid> {
+    if *value.get_ref() == 0 {
+        return Err((value.span(), format!("`{key}` must be at least 1")));
+    }
+    Ok(*value.get_ref())
+}
+
+fn count(value: Option<Spanned<u32>>, default: u32, key: &str) -> Result<u32, Invalid> {
+    match value {
+        None => Ok(default),
+        Some(v) if *v.get_ref() == 0 => Err((v.span(), format!("`{key}` must be at least 1"))),
+        Some(v) => Ok(*v.get_ref()),
+    }
 }
 
 /// Timeouts are always on: zero is refused rather than read as "never".

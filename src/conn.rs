@@ -46,16 +46,24 @@ pub async fn handle(
 
     let upstream = &route.upstream;
     let connected = tokio::select! {
-        c = upstream.connect(peer) => c,
+        c = upstream.connect(peer) => c.map_err(Some),
+        () = client_gone(&client) => Err(None),
         () = stop.cancelled() => return,
     };
     let (backend, lease) = match connected {
         Ok(c) => c,
         Err(e) => {
-            let reason = match e {
-                ConnectError::NoBackend => RejectReason::NoBackend,
-                ConnectError::Unavailable { .. } => RejectReason::UpstreamUnavailable,
+            let reason = match &e {
+                None => RejectReason::ClientLeft,
+                Some(ConnectError::NoHealthyBackend) => RejectReason::NoHealthyBackend,
+                Some(ConnectError::QueueFull) => RejectReason::QueueFull,
+                Some(ConnectError::QueueTimeout) => RejectReason::QueueTimeout,
+                Some(ConnectError::Unavailable { .. }) => RejectReason::UpstreamUnavailable,
             };
+            let e = e.map_or_else(
+                || "the client closed its connection".to_string(),
+                |e| e.to_string(),
+            );
             m.rejected(reason).inc();
             m.duration.observe(started.elapsed().as_secs_f64());
             tracing::warn!(listener = %listener, client = %peer, upstream = %upstream.name, reason = reason.as_str(), error = %e, "connection rejected");
@@ -63,10 +71,17 @@ pub async fn handle(
         }
     };
 
+    // Spread the lifetimes so connections opened together do not all close together.
+    let lifetime = upstream
+        .max_lifetime
+        .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
     let outcome = relay::relay(
         &client,
         &backend,
-        upstream.idle_timeout,
+        relay::Limits {
+            idle: upstream.idle_timeout,
+            lifetime,
+        },
         &stop,
         Counters {
             client_to_backend: &m.client_to_backend,
@@ -87,6 +102,20 @@ pub async fn handle(
         reason = outcome.end.as_str(),
         "connection closed"
     );
+}
+
+/// Resolves when the client has left before a backend was reached: it reset, or it
+/// sent FIN with nothing unread. A FIN after data may be a half-close by a client that
+/// still waits for its answer, so that client is kept; while its data waits unread,
+/// the check repeats every 250 ms (for a reset) instead of spinning on readiness.
+async fn client_gone(client: &TcpStream) {
+    let mut probe = [0u8; 1];
+    loop {
+        match client.peek(&mut probe).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
 }
 
 /// Runs `f` when dropped, so a gauge is restored on every return path.

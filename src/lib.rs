@@ -8,8 +8,10 @@
 //! | [`snapshot`] | [`snapshot::Snapshot`]: everything a connection needs, built from a config, shared through `ArcSwap` |
 //! | [`listener`] | bind (socket2), accept with a `max_connections` permit and EMFILE backoff |
 //! | [`conn`] | one connection: pick, connect, relay, record |
-//! | [`upstream`] | backends, connect with timeout and retry, per-backend active counts |
-//! | [`balance`] | balancing algorithms behind one trait |
+//! | [`upstream`] | backends, slots, connect with timeout and retry |
+//! | [`queue`] | the FIFO wait queue of an upstream with `max_connections_per_backend` |
+//! | [`health`] | active health checks and passive ejection |
+//! | [`balance`] | balancing algorithms behind one trait: round robin, least connections, power of two, random, Maglev |
 //! | [`relay`] | bidirectional byte relay with half-close, idle timeout, reset propagation |
 //! | [`metrics`] | every metric name; handles resolved once per snapshot |
 //! | [`admin`] | hyper on its own address: `/metrics`, `/healthz`, `/readyz` |
@@ -37,8 +39,10 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod conn;
+pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod queue;
 pub mod relay;
 pub mod shutdown;
 pub mod snapshot;
@@ -130,6 +134,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
     });
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     let shutdown = Shutdown::default();
+    let checks = tokio_util::sync::CancellationToken::new();
+    for upstream in &snapshots.load().upstreams {
+        health::spawn_checks(upstream, &checks);
+    }
     let tracker = TaskTracker::new();
     let accept_loops: Vec<_> = acceptors
         .into_iter()
@@ -156,6 +164,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     let cut = shutdown::drain(&tracker, &shutdown, config.drain_timeout).await;
     tracing::info!(cut, "shutdown complete");
+    checks.cancel();
     admin.abort();
     Ok(())
 }

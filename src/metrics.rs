@@ -24,11 +24,20 @@ pub const UPSTREAM_CONNECT_DURATION: &str = "sluice_upstream_connect_duration_se
 pub const UPSTREAM_CONNECT_ERRORS: &str = "sluice_upstream_connect_errors_total";
 pub const CONFIG_GENERATION: &str = "sluice_config_generation";
 pub const DRAINING: &str = "sluice_draining";
+pub const BACKEND_UP: &str = "sluice_backend_up";
+pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
+pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
+pub const QUEUE_LENGTH: &str = "sluice_queue_length";
+pub const QUEUE_WAIT: &str = "sluice_queue_wait_duration_seconds";
 pub const PROCESS_MAX_CONNECTIONS: &str = "sluice_process_max_connections";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Queue waits: from a blink to the longest sensible queue timeout.
+const QUEUE_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 /// Connection lifetimes: a single request up to a day-long database session.
 const DURATION_BUCKETS: &[f64] = &[
@@ -40,17 +49,56 @@ const DURATION_BUCKETS: &[f64] = &[
 pub enum RejectReason {
     /// Every backend tried refused, reset or timed out.
     UpstreamUnavailable,
-    /// No backend could be picked (every weight is 0).
-    NoBackend,
+    /// No backend is available: all down, ejected, or weight 0.
+    NoHealthyBackend,
+    /// Every backend at its limit and the queue full.
+    QueueFull,
+    /// Waited in the queue past its timeout.
+    QueueTimeout,
+    /// The client closed its connection while waiting for a backend.
+    ClientLeft,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 2] = [RejectReason::UpstreamUnavailable, RejectReason::NoBackend];
+    pub const ALL: [RejectReason; 5] = [
+        RejectReason::UpstreamUnavailable,
+        RejectReason::NoHealthyBackend,
+        RejectReason::QueueFull,
+        RejectReason::QueueTimeout,
+        RejectReason::ClientLeft,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::UpstreamUnavailable => "upstream_unavailable",
-            RejectReason::NoBackend => "no_backend",
+            RejectReason::NoHealthyBackend => "no_healthy_backend",
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::QueueTimeout => "queue_timeout",
+            RejectReason::ClientLeft => "client_left",
+        }
+    }
+}
+
+/// The outcome of one active health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckResult {
+    Success,
+    Failure,
+    Timeout,
+}
+
+impl CheckResult {
+    pub const ALL: [CheckResult; 3] = [
+        CheckResult::Success,
+        CheckResult::Failure,
+        CheckResult::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckResult::Success => "success",
+            CheckResult::Failure => "failure",
+            CheckResult::Timeout => "timeout",
         }
     }
 }
@@ -139,6 +187,11 @@ pub struct Metrics {
     backend_connections_active: IntGaugeVec,
     upstream_connect_duration: HistogramVec,
     upstream_connect_errors: IntCounterVec,
+    backend_up: IntGaugeVec,
+    health_checks: IntCounterVec,
+    backend_ejections: IntCounterVec,
+    queue_length: IntGaugeVec,
+    queue_wait: HistogramVec,
     pub config_generation: IntGauge,
     pub draining: IntGauge,
     pub process_max_connections: IntGauge,
@@ -170,6 +223,8 @@ impl ListenerMetrics {
 #[derive(Clone)]
 pub struct UpstreamMetrics {
     pub connect_duration: Histogram,
+    pub queue_length: IntGauge,
+    pub queue_wait: Histogram,
 }
 
 /// Handles for one backend of one upstream.
@@ -177,9 +232,16 @@ pub struct UpstreamMetrics {
 pub struct BackendMetrics {
     pub active: IntGauge,
     connect_errors: [IntCounter; ConnectFailure::ALL.len()],
+    pub up: IntGauge,
+    health_checks: [IntCounter; CheckResult::ALL.len()],
+    pub ejections: IntCounter,
 }
 
 impl BackendMetrics {
+    pub fn health_check(&self, result: CheckResult) -> &IntCounter {
+        &self.health_checks[result as usize]
+    }
+
     pub fn connect_error(&self, failure: ConnectFailure) -> &IntCounter {
         &self.connect_errors[failure as usize]
     }
@@ -260,6 +322,37 @@ impl Metrics {
                 "Failed connect attempts to a backend, by reason",
                 &["upstream", "backend", "reason"],
             )?,
+            backend_up: gauge_vec(
+                &registry,
+                BACKEND_UP,
+                "1 when the backend takes new connections (health checks pass, not ejected), else 0",
+                &["upstream", "backend"],
+            )?,
+            health_checks: counter_vec(
+                &registry,
+                HEALTH_CHECKS,
+                "Active health checks, by result (success, failure, timeout)",
+                &["upstream", "backend", "result"],
+            )?,
+            backend_ejections: counter_vec(
+                &registry,
+                BACKEND_EJECTIONS,
+                "Times a backend was ejected after consecutive connect failures",
+                &["upstream", "backend"],
+            )?,
+            queue_length: gauge_vec(
+                &registry,
+                QUEUE_LENGTH,
+                "Clients waiting for a backend slot now",
+                &["upstream"],
+            )?,
+            queue_wait: histogram_vec(
+                &registry,
+                QUEUE_WAIT,
+                "Time clients waited in the queue before getting a backend slot",
+                &["upstream"],
+                QUEUE_BUCKETS,
+            )?,
             config_generation: gauge(
                 &registry,
                 CONFIG_GENERATION,
@@ -303,6 +396,8 @@ impl Metrics {
     pub fn upstream(&self, name: &str) -> UpstreamMetrics {
         UpstreamMetrics {
             connect_duration: self.upstream_connect_duration.with_label_values(&[name]),
+            queue_length: self.queue_length.with_label_values(&[name]),
+            queue_wait: self.queue_wait.with_label_values(&[name]),
         }
     }
 
@@ -315,6 +410,14 @@ impl Metrics {
                 self.upstream_connect_errors
                     .with_label_values(&[upstream, address, f.as_str()])
             }),
+            up: self.backend_up.with_label_values(&[upstream, address]),
+            health_checks: CheckResult::ALL.map(|r| {
+                self.health_checks
+                    .with_label_values(&[upstream, address, r.as_str()])
+            }),
+            ejections: self
+                .backend_ejections
+                .with_label_values(&[upstream, address]),
         }
     }
 

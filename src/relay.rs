@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 /// Size of one relay buffer: 64 KiB measured 13.6 Gbit/s against 9.9 for 16 KiB on one
@@ -35,6 +35,8 @@ pub enum End {
     ClientReset,
     BackendReset,
     IdleTimeout,
+    /// The upstream's `max_lifetime` passed.
+    MaxLifetime,
     /// Cut at the end of the shutdown drain.
     Shutdown,
 }
@@ -46,6 +48,7 @@ impl End {
             End::ClientReset => "client_reset",
             End::BackendReset => "backend_reset",
             End::IdleTimeout => "idle_timeout",
+            End::MaxLifetime => "max_lifetime",
             End::Shutdown => "shutdown",
         }
     }
@@ -65,12 +68,20 @@ pub struct Counters<'a> {
     pub backend_to_client: &'a IntCounter,
 }
 
-/// Relays until both directions have closed, one side resets, the connection is idle
-/// for `idle_timeout`, or `stop` is cancelled.
+/// Time limits on one relay.
+pub struct Limits {
+    /// Close when no byte has moved either way for this long.
+    pub idle: Duration,
+    /// Close this long after the relay began, if set.
+    pub lifetime: Option<Duration>,
+}
+
+/// Relays until both directions have closed, one side resets, a limit passes, or `stop`
+/// is cancelled.
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
-    idle_timeout: Duration,
+    limits: Limits,
     stop: &CancellationToken,
     counters: Counters<'_>,
 ) -> Outcome {
@@ -79,9 +90,15 @@ pub async fn relay(
     let down = Direction::default();
     let c2b = pump(client, backend, &up, &clock, counters.client_to_backend);
     let b2c = pump(backend, client, &down, &clock, counters.backend_to_client);
-    let idle = clock.expired(idle_timeout);
+    let idle = clock.expired(limits.idle);
     let stopped = stop.cancelled();
-    tokio::pin!(c2b, b2c, idle, stopped);
+    let lifetime = async {
+        match limits.lifetime {
+            Some(l) => sleep(l).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(c2b, b2c, idle, stopped, lifetime);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
     let end = loop {
@@ -96,6 +113,7 @@ pub async fn relay(
                 Err(side) => break side.flip().reset_end(),
             },
             () = &mut idle => break End::IdleTimeout,
+            () = &mut lifetime => break End::MaxLifetime,
             () = &mut stopped => break End::Shutdown,
         }
         if c2b_done && b2c_done {

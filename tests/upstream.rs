@@ -144,7 +144,9 @@ async fn weight_zero_takes_no_connections() {
 
     assert_eq!(until_closed(&mut s).await.unwrap(), 0);
     sluice
-        .wait_metrics("the rejection", |m| rejected(m, "no_backend") == 1.0)
+        .wait_metrics("the rejection", |m| {
+            rejected(m, "no_healthy_backend") == 1.0
+        })
         .await;
     assert_eq!(idle.accepted(), 0);
 }

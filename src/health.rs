@@ -1,0 +1,231 @@
+//! Backend health: active checks (connect, optional send/expect, rise/fall) and passive
+//! ejection after consecutive connect failures of real traffic.
+//!
+//! A backend is *available* when its active verdict is up and it is not ejected.
+//! Connections read that through atomics; only the check tasks and failed connects
+//! write it.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, PassiveEjection};
+use crate::metrics::CheckResult;
+use crate::upstream::Upstream;
+
+/// The health of one backend.
+#[derive(Debug)]
+pub struct Health {
+    /// The active checks' verdict; always true when the upstream has no checks.
+    up: AtomicBool,
+    /// Failed connects from real traffic since the last success.
+    failures: AtomicU32,
+    /// Ejections since the last successful connect: the back-off's exponent.
+    ejections: AtomicU32,
+    /// End of the current ejection in ms after [`origin`]; 0 when not ejected.
+    ejected_until: AtomicU64,
+}
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            up: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Milliseconds since the first call: a cheap monotonic clock that fits an atomic.
+fn now_ms() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+impl Health {
+    pub fn available(&self) -> bool {
+        self.up.load(Ordering::Relaxed) && now_ms() >= self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn connect_succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failed connect; returns the ejection's length if this one ejects.
+    pub fn connect_failed(&self, policy: Option<&PassiveEjection>) -> Option<Duration> {
+        let policy = policy?;
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < policy.failures {
+            return None;
+        }
+        self.failures.store(0, Ordering::Relaxed);
+        let exponent = self.ejections.fetch_add(1, Ordering::Relaxed).min(20);
+        let length = policy
+            .duration
+            .saturating_mul(1 << exponent)
+            .min(policy.max_duration);
+        self.ejected_until
+            .store(now_ms() + length.as_millis() as u64, Ordering::Relaxed);
+        Some(length)
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+}
+
+/// Why one active check failed.
+#[derive(Debug, thiserror::Error)]
+enum CheckFailure {
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("reply {got:?} does not start with the expected {expected:?}")]
+    Mismatch { got: String, expected: String },
+}
+
+/// Starts one check task per backend of `upstream`; they run until `stop` is cancelled.
+pub fn spawn_checks(upstream: &Arc<Upstream>, stop: &CancellationToken) {
+    let Some(check) = upstream.health_check.clone() else {
+        return;
+    };
+    for index in 0..upstream.backends.len() {
+        let upstream = Arc::clone(upstream);
+        let check = check.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = check_loop(&upstream, index, &check) => {},
+                () = stop.cancelled() => {},
+            }
+        });
+    }
+}
+
+async fn check_loop(upstream: &Arc<Upstream>, index: usize, check: &config::HealthCheck) {
+    let backend = &upstream.backends[index];
+    // Start at a random point of the first interval, and vary each interval by ±10%, so
+    // many sluice instances (and many backends) are not checked in step.
+    sleep(check.interval.mul_f64(fastrand::f64())).await;
+    let (mut passes, mut fails) = (0u32, 0u32);
+    loop {
+        let result = match timeout(check.timeout, probe(backend.address, check)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CheckFailure::Timeout),
+        };
+        let counted = match &result {
+            Ok(()) => CheckResult::Success,
+            Err(CheckFailure::Timeout) => CheckResult::Timeout,
+            Err(_) => CheckResult::Failure,
+        };
+        backend.metrics.health_check(counted).inc();
+        match result {
+            Ok(()) => {
+                fails = 0;
+                passes = passes.saturating_add(1);
+                if !backend.health.is_up() && passes >= check.rise {
+                    backend.health.set_up(true);
+                    tracing::info!(upstream = %upstream.name, backend = %backend.address, "backend up: passed {passes} checks");
+                    upstream.availability_changed(index);
+                }
+            }
+            Err(e) => {
+                passes = 0;
+                fails = fails.saturating_add(1);
+                if backend.health.is_up() && fails >= check.fall {
+                    backend.health.set_up(false);
+                    tracing::warn!(upstream = %upstream.name, backend = %backend.address, error = %e, "backend down: failed {fails} checks");
+                    upstream.availability_changed(index);
+                } else {
+                    tracing::debug!(upstream = %upstream.name, backend = %backend.address, error = %e, "health check failed");
+                }
+            }
+        }
+        sleep(check.interval.mul_f64(0.9 + 0.2 * fastrand::f64())).await;
+    }
+}
+
+/// One check: connect, then send and expect a reply prefix if configured.
+async fn probe(
+    address: std::net::SocketAddr,
+    check: &config::HealthCheck,
+) -> Result<(), CheckFailure> {
+    let mut stream = TcpStream::connect(address).await?;
+    if !check.send.is_empty() {
+        stream.write_all(&check.send).await?;
+    }
+    if !check.expect.is_empty() {
+        let mut got = vec![0u8; check.expect.len()];
+        let mut filled = 0;
+        while filled < got.len() {
+            match stream.read(&mut got[filled..]).await? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if got[..filled] != check.expect[..] {
+            return Err(CheckFailure::Mismatch {
+                got: String::from_utf8_lossy(&got[..filled]).into_owned(),
+                expected: String::from_utf8_lossy(&check.expect).into_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_grows_and_resets_after_a_success() {
+        let policy = PassiveEjection {
+            failures: 2,
+            duration: Duration::from_secs(10),
+            max_duration: Duration::from_secs(25),
+        };
+        let h = Health::default();
+        assert_eq!(h.connect_failed(Some(&policy)), None);
+        assert_eq!(
+            h.connect_failed(Some(&policy)),
+            Some(Duration::from_secs(10))
+        );
+        assert!(!h.available());
+        h.connect_failed(Some(&policy));
+        assert_eq!(
+            h.connect_failed(Some(&policy)),
+            Some(Duration::from_secs(20))
+        );
+        h.connect_failed(Some(&policy));
+        assert_eq!(
+            h.connect_failed(Some(&policy)),
+            Some(Duration::from_secs(25)),
+            "capped"
+        );
+        h.connect_succeeded();
+        h.connect_failed(Some(&policy));
+        assert_eq!(
+            h.connect_failed(Some(&policy)),
+            Some(Duration::from_secs(10)),
+            "reset"
+        );
+        assert_eq!(Health::default().connect_failed(None), None, "off");
+    }
+}
