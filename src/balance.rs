@@ -383,6 +383,141 @@ mod tests {
         assert_eq!(rr.pick(&[], client(), &mut None, &|_| true), Some(1));
     }
 
+    fn live(weights_and_active: &[(u32, u64)]) -> Vec<Backend> {
+        weights_and_active
+            .iter()
+            .enumerate()
+            .map(|(i, &(w, a))| {
+                Backend::for_test(SocketAddr::from(([10, 0, 0, i as u8], 5432)), w, a)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn least_connections_weighs_active_by_weight() {
+        let lc = LeastConnections::default();
+        // Loads 4/1, 3/1, 5/2: the third is lightest.
+        let b = live(&[(1, 4), (1, 3), (2, 5)]);
+        for _ in 0..10 {
+            assert_eq!(lc.pick(&b, client(), &mut None, &|_| true), Some(2));
+        }
+        assert_eq!(lc.pick(&b, client(), &mut None, &|i| i != 2), Some(1));
+        // Ties are shared rather than always going to the first.
+        let even = live(&[(1, 0), (1, 0), (1, 0)]);
+        let mut seen = [false; 3];
+        for _ in 0..3 {
+            seen[lc.pick(&even, client(), &mut None, &|_| true).unwrap()] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+    }
+
+    #[test]
+    fn power_of_two_never_picks_the_busiest() {
+        let b = live(&[(1, 2), (1, 9), (1, 1), (1, 3)]);
+        let mut counts = [0; 4];
+        for _ in 0..4000 {
+            counts[PowerOfTwo.pick(&b, client(), &mut None, &|_| true).unwrap()] += 1;
+        }
+        assert_eq!(counts[1], 0, "{counts:?}");
+        // The lightest wins every draw it is in: 3 of the 6 pairs.
+        assert!(counts[2] > 1700, "{counts:?}");
+        assert_eq!(
+            PowerOfTwo.pick(&b, client(), &mut None, &|i| i == 1),
+            Some(1)
+        );
+        assert_eq!(PowerOfTwo.pick(&b, client(), &mut None, &|_| false), None);
+    }
+
+    #[test]
+    fn random_honours_weights() {
+        let b = live(&[(1, 0), (3, 0), (0, 0)]);
+        let eligible = |i: usize| b[i].weight > 0;
+        let mut counts = [0usize; 3];
+        for _ in 0..100_000 {
+            counts[Random.pick(&b, client(), &mut None, &eligible).unwrap()] += 1;
+        }
+        assert_eq!(counts[2], 0);
+        let share = counts[1] as f64 / 100_000.0;
+        assert!((share - 0.75).abs() < 0.01, "{counts:?}");
+    }
+
+    fn ip(n: u32) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + n), 40000))
+    }
+
+    #[test]
+    fn maglev_is_stable_and_weighted() {
+        let cfg = backends(&[1, 1, 2]);
+        let m = Maglev::new(&cfg);
+        let again = Maglev::new(&cfg);
+        let b = live(&[(1, 0), (1, 0), (2, 0)]);
+        let mut counts = [0usize; 3];
+        for n in 0..30_000 {
+            let first = m.pick(&b, ip(n), &mut None, &|_| true).unwrap();
+            // The same client, another port, a rebuilt table: the same backend.
+            let mut other_port = ip(n);
+            other_port.set_port(1);
+            assert_eq!(
+                again.pick(&b, other_port, &mut None, &|_| true),
+                Some(first)
+            );
+            counts[first] += 1;
+        }
+        let share = counts[2] as f64 / 30_000.0;
+        assert!((share - 0.5).abs() < 0.03, "{counts:?}");
+        // The mapping is fixed across builds: this client has always gone here.
+        assert_eq!(
+            m.pick(&b, ip(12345), &mut None, &|_| true),
+            Some(MAGLEV_FIXED)
+        );
+    }
+
+    /// Where 10.0.48.57 goes among 127.0.0.1:1000..1002 weighted 1,1,2. A change here
+    /// means every Maglev user's clients would move on upgrade.
+    const MAGLEV_FIXED: usize = 2;
+
+    #[test]
+    fn maglev_removing_one_of_n_moves_about_one_nth() {
+        const N: usize = 10;
+        const KEYS: u32 = 100_000;
+        let all = backends(&[1; N]);
+        let removed = 3;
+        let mut fewer = all.clone();
+        fewer.remove(removed);
+        let (before, after) = (Maglev::new(&all), Maglev::new(&fewer));
+        let (b_all, b_fewer) = (live(&[(1, 0); N]), live(&[(1, 0); N - 1]));
+        let (mut moved, mut moved_elsewhere) = (0, 0);
+        for n in 0..KEYS {
+            let was = all[before.pick(&b_all, ip(n), &mut None, &|_| true).unwrap()].address;
+            let now = fewer[after.pick(&b_fewer, ip(n), &mut None, &|_| true).unwrap()].address;
+            if was != now {
+                moved += 1;
+                if was != all[removed].address {
+                    moved_elsewhere += 1;
+                }
+            }
+        }
+        let fraction = f64::from(moved) / f64::from(KEYS);
+        eprintln!("moved {fraction:.4} of keys; {moved_elsewhere} not from the removed backend");
+        assert!((fraction - 1.0 / N as f64).abs() < 0.02, "moved {fraction}");
+        assert!(
+            f64::from(moved_elsewhere) / f64::from(KEYS) < 0.01,
+            "{moved_elsewhere}"
+        );
+    }
+
+    #[test]
+    fn maglev_falls_back_along_the_table_for_an_ineligible_backend() {
+        let m = Maglev::new(&backends(&[1, 1, 1]));
+        let b = live(&[(1, 0); 3]);
+        let home = m.pick(&b, ip(7), &mut None, &|_| true).unwrap();
+        let mut cursor = None;
+        let fallback = m.pick(&b, ip(7), &mut cursor, &|i| i != home).unwrap();
+        assert_ne!(fallback, home);
+        // Stable: the same fallback every time.
+        assert_eq!(m.pick(&b, ip(7), &mut None, &|i| i != home), Some(fallback));
+    }
+
     #[test]
     fn common_factor_is_divided_out() {
         assert_eq!(RoundRobin::new(&backends(&[1000, 500])).cycle.len(), 3);

@@ -233,6 +233,19 @@ impl Upstream {
 }
 
 impl Backend {
+    /// A backend outside any upstream, with `active` connections, for balancer tests.
+    #[cfg(test)]
+    pub fn for_test(address: SocketAddr, weight: u32, active: u64) -> Backend {
+        let metrics = Metrics::new().expect("a fresh registry").backend("t", "t");
+        Backend {
+            address,
+            weight,
+            active: AtomicU64::new(active),
+            health: Health::default(),
+            metrics,
+        }
+    }
+
     /// Connections open or being opened to this backend now.
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)

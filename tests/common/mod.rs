@@ -463,3 +463,38 @@ pub fn config(upstream_extra: &str, backends: &[SocketAddr]) -> String {
     }
     c
 }
+
+/// Sends `tag` on connect, then echoes: tells a client which backend it reached.
+pub async fn tagged(tag: u8) -> Backend {
+    Backend::start(move |mut s: TcpStream| async move {
+        if s.write_all(&[tag]).await.is_ok() {
+            echo(s).await;
+        }
+    })
+    .await
+}
+
+/// Connects to `addr` from `source` (any 127.0.0.0/8 address works on Linux) and
+/// returns the stream and the tag of the backend that answered.
+pub async fn connect_tagged(addr: SocketAddr, source: Option<std::net::IpAddr>) -> (TcpStream, u8) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0)).unwrap();
+    }
+    let mut s = socket.connect(addr).await.unwrap();
+    let tag = read_n(&mut s, 1).await[0];
+    (s, tag)
+}
+
+/// The config text of one listener in front of one upstream with weighted backends.
+pub fn weighted(upstream_extra: &str, backends: &[(SocketAddr, u32)]) -> String {
+    let mut c = format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\n[[upstream]]\nname = \"app\"\n{upstream_extra}\n"
+    );
+    for (b, w) in backends {
+        c.push_str(&format!(
+            "[[upstream.backend]]\naddress = \"{b}\"\nweight = {w}\n"
+        ));
+    }
+    c
+}
