@@ -22,13 +22,16 @@
 //! 1. A listener's accept loop takes a `max_connections` permit, accepts, loads the current
 //!    snapshot once and spawns [`conn::handle`] with it; the connection keeps that `Arc`
 //!    for its whole life.
-//! 2. The listener's route names an upstream; the upstream's balancer picks a backend not
-//!    yet tried; sluice connects under `connect_timeout` and on failure tries another
-//!    backend, up to `retries` more times. If none answers, the client is closed and
-//!    counted in `sluice_connections_rejected_total`.
+//! 2. The listener's route names an upstream; the upstream's balancer picks a backend that
+//!    is available (up, not ejected, weight above 0), has room under
+//!    `max_connections_per_backend` and was not yet tried. When every such backend is
+//!    full, the client waits in the upstream's FIFO [`queue`]. sluice connects under
+//!    `connect_timeout` and on failure tries another backend, up to `retries` more
+//!    times. A client that cannot be served is closed and counted in
+//!    `sluice_connections_rejected_total` with its reason.
 //! 3. [`relay::relay`] moves bytes both ways until both sides have closed (a FIN is passed
-//!    on as a FIN), either side resets, nothing moves for `idle_timeout`, or the shutdown
-//!    drain reaches its deadline.
+//!    on as a FIN), either side resets, nothing moves for `idle_timeout`, the connection
+//!    reaches `max_lifetime`, or the shutdown drain reaches its deadline.
 //! 4. Counters and histograms are recorded through handles resolved when the snapshot was
 //!    built, and one log line records the connection.
 

@@ -21,6 +21,11 @@ const REQUIRED: &[&str] = &[
     "sluice_backend_connections_active",
     "sluice_upstream_connect_duration_seconds",
     "sluice_upstream_connect_errors_total",
+    "sluice_backend_up",
+    "sluice_health_checks_total",
+    "sluice_backend_ejections_total",
+    "sluice_queue_length",
+    "sluice_queue_wait_duration_seconds",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -248,3 +248,71 @@ fn run_exits_1_when_a_port_is_taken() {
         "{stderr}"
     );
 }
+
+/// `UPSTREAM` with `extra` lines after its name (line 7 of LISTENER + UPSTREAM).
+fn with_upstream_keys(extra: &str) -> String {
+    format!("{LISTENER}{UPSTREAM}").replace(
+        "name = \"app\"\n[[",
+        &format!("name = \"app\"\n{extra}\n[["),
+    )
+}
+
+#[test]
+fn unknown_balance_algorithm() {
+    assert_invalid(
+        &with_upstream_keys("balance = \"fastest\""),
+        7,
+        11,
+        "unknown variant `fastest`, expected one of `round_robin`, `least_connections`, `power_of_two`, `random`, `maglev`",
+    );
+}
+
+#[test]
+fn health_check_timeout_longer_than_interval() {
+    assert_invalid(
+        &with_upstream_keys("health_check = { interval = \"1s\", timeout = \"2s\" }"),
+        7,
+        16,
+        "health_check `timeout` must not exceed its `interval`",
+    );
+}
+
+#[test]
+fn health_check_rise_zero() {
+    assert_invalid(
+        &with_upstream_keys("health_check = { rise = 0 }"),
+        7,
+        25,
+        "`rise` must be at least 1",
+    );
+}
+
+#[test]
+fn unknown_key_in_queue() {
+    assert_invalid(
+        &with_upstream_keys("queue = { size = 5 }"),
+        7,
+        11,
+        "unknown field `size`, expected `max` or `timeout`",
+    );
+}
+
+#[test]
+fn max_connections_per_backend_zero() {
+    assert_invalid(
+        &with_upstream_keys("max_connections_per_backend = 0"),
+        7,
+        31,
+        "`max_connections_per_backend` must be at least 1",
+    );
+}
+
+#[test]
+fn lifetime_jitter_without_lifetime() {
+    assert_invalid(
+        &with_upstream_keys("max_lifetime_jitter = \"1m\""),
+        7,
+        23,
+        "`max_lifetime_jitter` needs `max_lifetime`",
+    );
+}
