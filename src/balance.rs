@@ -4,6 +4,7 @@
 //! Algorithms read the backends' own state (weights, active counts); they keep no copy.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config;
@@ -19,7 +20,7 @@ pub trait Balance: Send + Sync {
     /// seen by every other connection.
     fn pick(
         &self,
-        backends: &[Backend],
+        backends: &[Arc<Backend>],
         client: SocketAddr,
         cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
@@ -40,7 +41,8 @@ pub fn for_upstream(kind: config::Balance, backends: &[config::Backend]) -> Box<
 /// True when `a` carries less load for its weight than `b` (active / weight, compared
 /// without division). Only backends with weight above zero are ever eligible.
 fn lighter(a: &Backend, b: &Backend) -> bool {
-    u128::from(a.active()) * u128::from(b.weight) < u128::from(b.active()) * u128::from(a.weight)
+    u128::from(a.active()) * u128::from(b.weight())
+        < u128::from(b.active()) * u128::from(a.weight())
 }
 
 /// The `k`-th eligible index (0-based), scanning in order.
@@ -58,7 +60,7 @@ pub struct LeastConnections {
 impl Balance for LeastConnections {
     fn pick(
         &self,
-        backends: &[Backend],
+        backends: &[Arc<Backend>],
         _client: SocketAddr,
         _cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
@@ -81,7 +83,7 @@ pub struct PowerOfTwo;
 impl Balance for PowerOfTwo {
     fn pick(
         &self,
-        backends: &[Backend],
+        backends: &[Arc<Backend>],
         _client: SocketAddr,
         _cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
@@ -113,12 +115,12 @@ pub struct Random;
 impl Balance for Random {
     fn pick(
         &self,
-        backends: &[Backend],
+        backends: &[Arc<Backend>],
         _client: SocketAddr,
         _cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        let weight = |i: usize| u64::from(backends[i].weight);
+        let weight = |i: usize| u64::from(backends[i].weight());
         let total: u64 = (0..backends.len())
             .filter(|&i| eligible(i))
             .map(weight)
@@ -220,7 +222,7 @@ impl Maglev {
 impl Balance for Maglev {
     fn pick(
         &self,
-        _backends: &[Backend],
+        _backends: &[Arc<Backend>],
         client: SocketAddr,
         cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
@@ -297,7 +299,7 @@ impl RoundRobin {
 impl Balance for RoundRobin {
     fn pick(
         &self,
-        _backends: &[Backend],
+        _backends: &[Arc<Backend>],
         _client: SocketAddr,
         cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
@@ -383,12 +385,16 @@ mod tests {
         assert_eq!(rr.pick(&[], client(), &mut None, &|_| true), Some(1));
     }
 
-    fn live(weights_and_active: &[(u32, u64)]) -> Vec<Backend> {
+    fn live(weights_and_active: &[(u32, u64)]) -> Vec<Arc<Backend>> {
         weights_and_active
             .iter()
             .enumerate()
             .map(|(i, &(w, a))| {
-                Backend::for_test(SocketAddr::from(([10, 0, 0, i as u8], 5432)), w, a)
+                Arc::new(Backend::for_test(
+                    SocketAddr::from(([10, 0, 0, i as u8], 5432)),
+                    w,
+                    a,
+                ))
             })
             .collect()
     }
@@ -431,7 +437,7 @@ mod tests {
     #[test]
     fn random_honours_weights() {
         let b = live(&[(1, 0), (3, 0), (0, 0)]);
-        let eligible = |i: usize| b[i].weight > 0;
+        let eligible = |i: usize| b[i].weight() > 0;
         let mut counts = [0usize; 3];
         for _ in 0..100_000 {
             counts[Random.pick(&b, client(), &mut None, &eligible).unwrap()] += 1;

@@ -5,6 +5,8 @@
 //! Connections read that through atomics; only the check tasks and failed connects
 //! write it.
 
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, PassiveEjection};
 use crate::metrics::CheckResult;
-use crate::upstream::Upstream;
+use crate::snapshot::{Snapshot, SnapshotHandle};
+use crate::upstream::Backend;
 
 /// The health of one backend.
 #[derive(Debug)]
@@ -100,32 +103,84 @@ enum CheckFailure {
     Mismatch { got: String, expected: String },
 }
 
-/// Starts one check task per backend of `upstream`; they run until `stop` is cancelled.
-pub fn spawn_checks(upstream: &Arc<Upstream>, stop: &CancellationToken) {
-    let Some(check) = upstream.health_check.clone() else {
-        return;
-    };
-    for index in 0..upstream.backends.len() {
-        let upstream = Arc::clone(upstream);
-        let check = check.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = check_loop(&upstream, index, &check) => {},
-                () = stop.cancelled() => {},
+/// The running check tasks, one per (upstream, backend address) with checks configured.
+#[derive(Default)]
+pub struct Checks {
+    running: HashMap<(String, SocketAddr), (config::HealthCheck, CancellationToken)>,
+}
+
+impl Checks {
+    /// Starts, keeps or stops check tasks so that they match `snapshot`. A backend whose
+    /// check settings did not change keeps its task, and with it its rise/fall counts.
+    pub fn reconcile(
+        &mut self,
+        snapshot: &Snapshot,
+        snapshots: &SnapshotHandle,
+        stop: &CancellationToken,
+    ) {
+        let mut wanted = HashSet::new();
+        for upstream in &snapshot.upstreams {
+            for backend in &upstream.backends {
+                let key = (upstream.name.clone(), backend.address);
+                let Some(check) = &upstream.health_check else {
+                    // Checks were turned off: a backend they held down is up again.
+                    if !backend.health.is_up() {
+                        backend.health.set_up(true);
+                        upstream.availability_changed(backend);
+                    }
+                    continue;
+                };
+                wanted.insert(key.clone());
+                if self.running.get(&key).is_some_and(|(c, _)| c == check) {
+                    continue;
+                }
+                if let Some((_, old)) = self.running.remove(&key) {
+                    old.cancel();
+                }
+                let token = stop.child_token();
+                let task = check_loop(
+                    Arc::clone(backend),
+                    check.clone(),
+                    upstream.name.clone(),
+                    Arc::clone(snapshots),
+                );
+                let cancelled = token.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = task => {},
+                        () = cancelled.cancelled() => {},
+                    }
+                });
+                self.running.insert(key, (check.clone(), token));
             }
+        }
+        self.running.retain(|key, (_, token)| {
+            let keep = wanted.contains(key);
+            if !keep {
+                token.cancel();
+            }
+            keep
         });
     }
 }
 
-async fn check_loop(upstream: &Arc<Upstream>, index: usize, check: &config::HealthCheck) {
-    let backend = &upstream.backends[index];
+async fn check_loop(
+    backend: Arc<Backend>,
+    check: config::HealthCheck,
+    upstream: String,
+    snapshots: SnapshotHandle,
+) {
+    // A transition may let queued clients in: tell the upstream as it is configured now.
+    let changed = |backend: &Backend| match snapshots.load().upstream(&upstream) {
+        Some(u) => u.availability_changed(backend),
+        None => backend.metrics.up.set(i64::from(backend.available())),
+    };
     // Start at a random point of the first interval, and vary each interval by ±10%, so
     // many sluice instances (and many backends) are not checked in step.
     sleep(check.interval.mul_f64(fastrand::f64())).await;
     let (mut passes, mut fails) = (0u32, 0u32);
     loop {
-        let result = match timeout(check.timeout, probe(backend.address, check)).await {
+        let result = match timeout(check.timeout, probe(backend.address, &check)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(CheckFailure::Timeout),
@@ -142,8 +197,8 @@ async fn check_loop(upstream: &Arc<Upstream>, index: usize, check: &config::Heal
                 passes = passes.saturating_add(1);
                 if !backend.health.is_up() && passes >= check.rise {
                     backend.health.set_up(true);
-                    tracing::info!(upstream = %upstream.name, backend = %backend.address, "backend up: passed {passes} checks");
-                    upstream.availability_changed(index);
+                    tracing::info!(upstream = %upstream, backend = %backend.address, "backend up: passed {passes} checks");
+                    changed(&backend);
                 }
             }
             Err(e) => {
@@ -151,10 +206,10 @@ async fn check_loop(upstream: &Arc<Upstream>, index: usize, check: &config::Heal
                 fails = fails.saturating_add(1);
                 if backend.health.is_up() && fails >= check.fall {
                     backend.health.set_up(false);
-                    tracing::warn!(upstream = %upstream.name, backend = %backend.address, error = %e, "backend down: failed {fails} checks");
-                    upstream.availability_changed(index);
+                    tracing::warn!(upstream = %upstream, backend = %backend.address, error = %e, "backend down: failed {fails} checks");
+                    changed(&backend);
                 } else {
-                    tracing::debug!(upstream = %upstream.name, backend = %backend.address, error = %e, "health check failed");
+                    tracing::debug!(upstream = %upstream, backend = %backend.address, error = %e, "health check failed");
                 }
             }
         }

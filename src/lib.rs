@@ -138,9 +138,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     let shutdown = Shutdown::default();
     let checks = tokio_util::sync::CancellationToken::new();
-    for upstream in &snapshots.load().upstreams {
-        health::spawn_checks(upstream, &checks);
-    }
+    let mut health_checks = health::Checks::default();
+    health_checks.reconcile(&snapshots.load(), &snapshots, &checks);
     let tracker = TaskTracker::new();
     let accept_loops: Vec<_> = acceptors
         .into_iter()

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,11 +20,12 @@ use prometheus::{Histogram, IntGauge};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 
-use crate::upstream::{ConnectError, Upstream};
+use crate::upstream::{Backend, ConnectError, Upstream};
 
 pub struct Queue {
-    pub max: usize,
-    pub timeout: Duration,
+    /// Bounds from the latest config (a reload may change them).
+    max: AtomicUsize,
+    timeout_ms: AtomicU64,
     waiters: Mutex<Waiters>,
     length: IntGauge,
     wait: Histogram,
@@ -39,20 +41,26 @@ struct Waiter {
     id: u64,
     client: SocketAddr,
     /// Backends this client already failed to connect to.
-    tried: Vec<usize>,
-    /// Receives the index of the backend whose slot was taken for this waiter.
-    slot: oneshot::Sender<usize>,
+    tried: Vec<SocketAddr>,
+    /// Receives the backend whose slot was taken for this waiter.
+    slot: oneshot::Sender<Arc<Backend>>,
 }
 
 impl Queue {
     pub fn new(max: usize, timeout: Duration, length: IntGauge, wait: Histogram) -> Queue {
         Queue {
-            max,
-            timeout,
+            max: AtomicUsize::new(max),
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             waiters: Mutex::new(Waiters::default()),
             length,
             wait,
         }
+    }
+
+    pub fn set_bounds(&self, max: usize, timeout: Duration) {
+        self.max.store(max, Ordering::Relaxed);
+        self.timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     fn lock(&self) -> MutexGuard<'_, Waiters> {
@@ -67,9 +75,9 @@ impl Queue {
         &self,
         upstream: &Arc<Upstream>,
         client: SocketAddr,
-        tried: &[usize],
+        tried: &[SocketAddr],
         cursor: &mut Option<usize>,
-    ) -> Result<Option<usize>, ConnectError> {
+    ) -> Result<Option<Arc<Backend>>, ConnectError> {
         let (id, rx) = {
             let mut w = self.lock();
             if w.queue.is_empty()
@@ -84,7 +92,7 @@ impl Queue {
                     Ok(None)
                 };
             }
-            if w.queue.len() >= self.max {
+            if w.queue.len() >= self.max.load(Ordering::Relaxed) {
                 return Err(ConnectError::QueueFull);
             }
             let (tx, rx) = oneshot::channel();
@@ -107,7 +115,8 @@ impl Queue {
         };
         let started = Instant::now();
         let rx = place.rx.as_mut().ok_or(ConnectError::QueueTimeout)?;
-        match timeout(self.timeout, rx).await {
+        let limit = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        match timeout(limit, rx).await {
             Ok(Ok(i)) => {
                 place.rx = None;
                 self.wait.observe(started.elapsed().as_secs_f64());
@@ -132,9 +141,9 @@ impl Queue {
             let Some(waiter) = w.queue.pop_front() else {
                 break;
             };
-            if waiter.slot.send(i).is_err() {
+            if let Err(backend) = waiter.slot.send(i) {
                 // It left between the check and the send: give the slot to the next.
-                upstream.return_slot(i);
+                backend.release();
             }
         }
         self.length.set(w.queue.len() as i64);
@@ -147,7 +156,7 @@ struct Place<'a> {
     queue: &'a Queue,
     upstream: &'a Arc<Upstream>,
     id: u64,
-    rx: Option<oneshot::Receiver<usize>>,
+    rx: Option<oneshot::Receiver<Arc<Backend>>>,
 }
 
 impl Drop for Place<'_> {
@@ -160,8 +169,8 @@ impl Drop for Place<'_> {
             w.queue.retain(|waiter| waiter.id != self.id);
             self.queue.length.set(w.queue.len() as i64);
         }
-        if let Ok(i) = rx.try_recv() {
-            self.upstream.return_slot(i);
+        if let Ok(backend) = rx.try_recv() {
+            backend.release();
             self.queue.dispatch(self.upstream);
         }
     }

@@ -34,7 +34,7 @@ impl Snapshot {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::new(u, metrics)))
+            .map(|u| Arc::new(Upstream::new(u, metrics, None)))
             .collect();
         let listeners = config
             .listeners
@@ -56,6 +56,10 @@ impl Snapshot {
             listeners,
             upstreams,
         }
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
     }
 
     pub fn route(&self, listener: &str) -> Option<&Route> {

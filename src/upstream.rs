@@ -4,8 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, timeout};
@@ -26,35 +28,45 @@ pub const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
 /// A named group of backends that serves one kind of traffic.
 pub struct Upstream {
     pub name: String,
-    pub backends: Vec<Backend>,
+    /// Shared with the snapshots before and after this one: see [`Backend`].
+    pub backends: Vec<Arc<Backend>>,
     balancer: Box<dyn Balance>,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub retries: u32,
     /// Per-backend cap; `None` for unlimited backends (then there is no queue).
     limit: Option<u64>,
-    queue: Option<Queue>,
+    /// Carried from snapshot to snapshot while the upstream keeps a limit.
+    pub(crate) queue: Option<Arc<Queue>>,
     pub health_check: Option<config::HealthCheck>,
     passive_ejection: Option<config::PassiveEjection>,
     pub max_lifetime: Option<config::Lifetime>,
     metrics: UpstreamMetrics,
 }
 
-/// One backend server and its live state.
+/// One backend server and its live state. Keyed by (upstream, address): a reload that
+/// keeps the backend keeps this object, so its health, active count and metric handles
+/// carry over into the new snapshot.
 pub struct Backend {
     pub address: SocketAddr,
-    pub weight: u32,
+    /// From the latest config; 0 means no new connections.
+    weight: AtomicU32,
     /// Connections open or being opened to this backend: the balancers read this count,
     /// the per-backend limit caps it, and the gauge mirrors it.
     active: AtomicU64,
     pub health: Health,
     pub metrics: BackendMetrics,
+    /// Set once the backend is no longer in the config: it takes no new connections.
+    retired: AtomicBool,
+    /// Cancelled when the connections still open to a removed backend must close
+    /// (`on_backend_removed`).
+    pub removed: CancellationToken,
 }
 
 /// A connection slot on a backend; dropping it frees the slot for the next waiter.
 pub struct Lease {
     upstream: Arc<Upstream>,
-    index: usize,
+    backend: Arc<Backend>,
 }
 
 /// Why no backend connection could be made for a client.
@@ -75,33 +87,47 @@ pub enum ConnectError {
 }
 
 impl Upstream {
-    pub fn new(cfg: &config::Upstream, metrics: &Metrics) -> Upstream {
+    /// Builds the upstream for `cfg`, taking over the backends and the queue of
+    /// `previous` (the same upstream in the snapshot before) where they still apply.
+    pub fn new(cfg: &config::Upstream, metrics: &Metrics, previous: Option<&Upstream>) -> Upstream {
         let m = metrics.upstream(&cfg.name);
         let queue = cfg.max_connections_per_backend.map(|_| {
-            Queue::new(
-                cfg.queue.max,
-                cfg.queue.timeout,
-                m.queue_length.clone(),
-                m.queue_wait.clone(),
-            )
+            let carried = previous.and_then(|p| p.queue.clone());
+            match carried {
+                Some(q) => {
+                    q.set_bounds(cfg.queue.max, cfg.queue.timeout);
+                    q
+                }
+                None => Arc::new(Queue::new(
+                    cfg.queue.max,
+                    cfg.queue.timeout,
+                    m.queue_length.clone(),
+                    m.queue_wait.clone(),
+                )),
+            }
         });
+        let backends = cfg
+            .backends
+            .iter()
+            .map(|b| {
+                let kept =
+                    previous.and_then(|p| p.backends.iter().find(|old| old.address == b.address));
+                match kept {
+                    Some(old) => {
+                        old.weight.store(b.weight, Ordering::Relaxed);
+                        Arc::clone(old)
+                    }
+                    None => Arc::new(Backend::new(
+                        b.address,
+                        b.weight,
+                        metrics.backend(&cfg.name, &b.address.to_string()),
+                    )),
+                }
+            })
+            .collect();
         Upstream {
             name: cfg.name.clone(),
-            backends: cfg
-                .backends
-                .iter()
-                .map(|b| {
-                    let metrics = metrics.backend(&cfg.name, &b.address.to_string());
-                    metrics.up.set(1);
-                    Backend {
-                        address: b.address,
-                        weight: b.weight,
-                        active: AtomicU64::new(0),
-                        health: Health::default(),
-                        metrics,
-                    }
-                })
-                .collect(),
+            backends,
             balancer: balance::for_upstream(cfg.balance, &cfg.backends),
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.idle_timeout,
@@ -121,7 +147,7 @@ impl Upstream {
         client: SocketAddr,
     ) -> Result<(TcpStream, Lease), ConnectError> {
         // Backends tried for this client; configs are small, so a linear scan is cheapest.
-        let mut tried: Vec<usize> = Vec::new();
+        let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<(SocketAddr, String)> = None;
         let mut cursor = None;
         for _ in 0..=self.retries {
@@ -135,13 +161,13 @@ impl Upstream {
                     slot
                 }
             };
-            let Some(i) = slot else { break };
+            let Some(backend) = slot else { break };
+            tried.push(backend.address);
             let lease = Lease {
                 upstream: Arc::clone(self),
-                index: i,
+                backend,
             };
-            tried.push(i);
-            let backend = &self.backends[i];
+            let backend = &lease.backend;
             let started = Instant::now();
             let failure = match timeout(self.connect_timeout, connect_to(backend.address)).await {
                 Ok(Ok(stream)) => {
@@ -163,7 +189,7 @@ impl Upstream {
                 .health
                 .connect_failed(self.passive_ejection.as_ref())
             {
-                self.ejected(i, length);
+                self.ejected(backend, length);
             }
             last = Some((backend.address, failure.1));
         }
@@ -181,13 +207,13 @@ impl Upstream {
     pub(crate) fn take_slot(
         &self,
         client: SocketAddr,
-        tried: &[usize],
+        tried: &[SocketAddr],
         cursor: &mut Option<usize>,
-    ) -> Option<usize> {
+    ) -> Option<Arc<Backend>> {
         let limit = self.limit.unwrap_or(u64::MAX);
         let eligible = |i: usize| {
             let b = &self.backends[i];
-            b.available() && b.active() < limit && !tried.contains(&i)
+            b.available() && b.active() < limit && !tried.contains(&b.address)
         };
         let i = self
             .balancer
@@ -195,55 +221,80 @@ impl Upstream {
         let b = &self.backends[i];
         b.active.fetch_add(1, Ordering::Relaxed);
         b.metrics.active.inc();
-        Some(i)
-    }
-
-    /// Frees a slot taken by [`Upstream::take_slot`] (without waking waiters).
-    pub(crate) fn return_slot(&self, i: usize) {
-        let b = &self.backends[i];
-        b.active.fetch_sub(1, Ordering::Relaxed);
-        b.metrics.active.dec();
+        Some(Arc::clone(b))
     }
 
     /// Whether any backend not in `tried` could take a connection if it had room.
-    pub(crate) fn any_available(&self, tried: &[usize]) -> bool {
-        (0..self.backends.len()).any(|i| self.backends[i].available() && !tried.contains(&i))
+    pub(crate) fn any_available(&self, tried: &[SocketAddr]) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.available() && !tried.contains(&b.address))
     }
 
     /// A backend went up or down: update its gauge and let waiters use new room.
-    pub fn availability_changed(&self, i: usize) {
-        let b = &self.backends[i];
-        b.metrics.up.set(i64::from(b.health.available()));
+    pub fn availability_changed(&self, b: &Backend) {
+        b.metrics.up.set(i64::from(b.available()));
         if let Some(q) = &self.queue {
             q.dispatch(self);
         }
     }
 
-    fn ejected(self: &Arc<Self>, i: usize, length: Duration) {
-        let b = &self.backends[i];
+    fn ejected(self: &Arc<Self>, b: &Arc<Backend>, length: Duration) {
         b.metrics.ejections.inc();
         tracing::warn!(upstream = %self.name, backend = %b.address, seconds = length.as_secs_f64(), "backend ejected after consecutive connect failures");
-        self.availability_changed(i);
-        let upstream = Arc::clone(self);
+        self.availability_changed(b);
+        let (upstream, b) = (Arc::clone(self), Arc::clone(b));
         tokio::spawn(async move {
             sleep(length).await;
-            upstream.availability_changed(i);
+            upstream.availability_changed(&b);
         });
     }
 }
 
 impl Backend {
+    fn new(address: SocketAddr, weight: u32, metrics: BackendMetrics) -> Backend {
+        metrics.up.set(1);
+        Backend {
+            address,
+            weight: AtomicU32::new(weight),
+            active: AtomicU64::new(0),
+            health: Health::default(),
+            metrics,
+            retired: AtomicBool::new(false),
+            removed: CancellationToken::new(),
+        }
+    }
+
     /// A backend outside any upstream, with `active` connections, for balancer tests.
     #[cfg(test)]
     pub fn for_test(address: SocketAddr, weight: u32, active: u64) -> Backend {
-        let metrics = Metrics::new().expect("a fresh registry").backend("t", "t");
-        Backend {
+        let b = Backend::new(
             address,
             weight,
-            active: AtomicU64::new(active),
-            health: Health::default(),
-            metrics,
-        }
+            Metrics::new().expect("a fresh registry").backend("t", "t"),
+        );
+        b.active.store(active, Ordering::Relaxed);
+        b
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Frees a slot (without waking waiters: the caller does that).
+    pub(crate) fn release(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.active.dec();
+    }
+
+    /// Marks the backend as gone from the config: no new connections.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.metrics.up.set(0);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// Connections open or being opened to this backend now.
@@ -251,21 +302,21 @@ impl Backend {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Takes new connections: weight above zero, up, not ejected.
+    /// Takes new connections: in the config, weight above zero, up, not ejected.
     pub fn available(&self) -> bool {
-        self.weight > 0 && self.health.available()
+        self.weight() > 0 && !self.is_retired() && self.health.available()
     }
 }
 
 impl Lease {
-    pub fn backend(&self) -> &Backend {
-        &self.upstream.backends[self.index]
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.upstream.return_slot(self.index);
+        self.backend.release();
         if let Some(q) = &self.upstream.queue {
             q.dispatch(&self.upstream);
         }
