@@ -1,6 +1,6 @@
 //! The admin endpoint (hyper, HTTP/1.1), on its own address, loopback by default.
-//! Read-only: `/metrics`, `/healthz` (the process is alive) and `/readyz` (listeners are
-//! bound and sluice is not draining).
+//! Read-only: `/metrics`, `/healthz` (the process is alive), `/readyz` (listeners are
+//! bound and sluice is not draining) and `/config` (the config in use, as JSON).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
+use crate::snapshot::SnapshotHandle;
 
 /// A client that has not sent its request headers by then is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,6 +25,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the admin endpoint reports on.
 pub struct Status {
     pub metrics: Arc<Metrics>,
+    /// For `/config`: the snapshot in use.
+    pub snapshots: SnapshotHandle,
     /// True once every listener is bound; false again when the drain begins.
     pub ready: AtomicBool,
 }
@@ -73,12 +76,25 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
+        "/config" => {
+            let snapshot = status.snapshots.load();
+            let body = serde_json::json!({
+                "generation": snapshot.generation,
+                "source": snapshot.config.source.display().to_string(),
+                "loaded_at": snapshot.loaded_at,
+                "config": &*snapshot.config,
+            });
+            let mut r = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz or /readyz\n",
+            "not found: try /metrics, /healthz, /readyz or /config\n",
         ),
     }
 }

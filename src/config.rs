@@ -41,22 +41,23 @@ pub const DEFAULT_EJECT_DURATION: Duration = Duration::from_secs(10);
 pub const DEFAULT_EJECT_MAX_DURATION: Duration = Duration::from_secs(300);
 
 /// A validated configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Config {
     /// The file this was read from, for logs and `/config`.
     pub source: PathBuf,
+    #[serde(serialize_with = "duration_text")]
     pub drain_timeout: Duration,
     pub admin: Admin,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Admin {
     pub bind: SocketAddr,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Listener {
     pub name: String,
     pub bind: Vec<SocketAddr>,
@@ -66,11 +67,13 @@ pub struct Listener {
     pub backlog: u32,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Upstream {
     pub name: String,
     pub balance: Balance,
+    #[serde(serialize_with = "duration_text")]
     pub connect_timeout: Duration,
+    #[serde(serialize_with = "duration_text")]
     pub idle_timeout: Duration,
     pub retries: u32,
     /// Never empty; addresses are unique within the upstream.
@@ -85,46 +88,71 @@ pub struct Upstream {
     pub passive_ejection: Option<PassiveEjection>,
     /// Connections are closed after this long (plus up to `max_lifetime_jitter`).
     pub max_lifetime: Option<Lifetime>,
+    /// What happens to open connections to a backend a reload removes.
+    pub on_backend_removed: BackendRemoved,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What happens to the open connections of a backend that a reload removes. New
+/// connections never go to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendRemoved {
+    /// They continue until they close by themselves.
+    #[default]
+    Keep,
+    /// They continue for the top-level `drain_timeout`, then are closed.
+    Drain,
+    /// They are closed at once.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Queue {
     /// Clients waiting at most; one more is closed with `queue_full`.
     pub max: usize,
     /// Longest wait; then the client is closed with `queue_timeout`.
+    #[serde(serialize_with = "duration_text")]
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct HealthCheck {
+    #[serde(serialize_with = "duration_text")]
     pub interval: Duration,
+    #[serde(serialize_with = "duration_text")]
     pub timeout: Duration,
     /// Consecutive passes that bring a down backend up.
     pub rise: u32,
     /// Consecutive failures that take an up backend down.
     pub fall: u32,
     /// Bytes sent once connected.
+    #[serde(serialize_with = "bytes_text")]
     pub send: Vec<u8>,
     /// The reply must start with these bytes; empty means a connect is enough.
+    #[serde(serialize_with = "bytes_text")]
     pub expect: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct PassiveEjection {
     /// Consecutive failed connects that eject a backend.
     pub failures: u32,
     /// First ejection's length; each further one without a success in between doubles it.
+    #[serde(serialize_with = "duration_text")]
     pub duration: Duration,
+    #[serde(serialize_with = "duration_text")]
     pub max_duration: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Lifetime {
+    #[serde(serialize_with = "duration_text")]
     pub max: Duration,
+    #[serde(serialize_with = "duration_text")]
     pub jitter: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Backend {
     pub address: SocketAddr,
     /// 0 means the backend takes no new connections.
@@ -132,7 +160,7 @@ pub struct Backend {
 }
 
 /// How an upstream picks a backend for a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Balance {
     /// Smooth weighted round robin.
@@ -275,6 +303,8 @@ struct RawUpstream {
     passive_ejection: Option<RawPassiveEjection>,
     max_lifetime: Option<Spanned<DurationValue>>,
     max_lifetime_jitter: Option<Spanned<DurationValue>>,
+    #[serde(default)]
+    on_backend_removed: BackendRemoved,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -340,6 +370,28 @@ impl<'de> Deserialize<'de> for DurationValue {
                 "invalid duration {s:?}: expected a whole number with a unit (ms, s, m, h, d), like \"250ms\", \"5s\" or \"1h\""
             )))
     }
+}
+
+/// Writes a duration back the way the config file would: `"250ms"`, `"5s"`, `"1h"`.
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    let ms = d.as_millis();
+    let text = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ]
+    .iter()
+    .find(|(unit, _)| ms % unit == 0 && ms > 0)
+    .map_or_else(
+        || format!("{ms}ms"),
+        |(unit, name)| format!("{}{name}", ms / unit),
+    );
+    s.serialize_str(&text)
+}
+
+fn bytes_text<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&String::from_utf8_lossy(b))
 }
 
 /// Parses `"250ms"`, `"5s"`, `"10m"`, `"1h"`, `"2d"`.
@@ -591,6 +643,7 @@ impl RawUpstream {
             health_check,
             passive_ejection,
             max_lifetime,
+            on_backend_removed: self.on_backend_removed,
             connect_timeout: positive(
                 self.connect_timeout,
                 DEFAULT_CONNECT_TIMEOUT,

@@ -8,13 +8,14 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::listener::Permit;
 use crate::metrics::RejectReason;
 use crate::relay::{self, Counters};
 use crate::snapshot::Snapshot;
 use crate::upstream::{ConnectError, KEEPALIVE};
 
 /// A connection's slots: the listener's `max_connections` and the process-wide cap.
-pub type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+pub type Permits = (Permit, OwnedSemaphorePermit);
 
 /// Serves one accepted client connection to its end. `_permits` are released when this
 /// returns.
@@ -82,7 +83,10 @@ pub async fn handle(
             idle: upstream.idle_timeout,
             lifetime,
         },
-        &stop,
+        relay::Stops {
+            shutdown: &stop,
+            removed: &lease.backend().removed,
+        },
         Counters {
             client_to_backend: &m.client_to_backend,
             backend_to_client: &m.backend_to_client,

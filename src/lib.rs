@@ -47,24 +47,26 @@ pub mod listener;
 pub mod metrics;
 pub mod queue;
 pub mod relay;
+pub mod reload;
 pub mod shutdown;
 pub mod snapshot;
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Status;
 use crate::config::Config;
-use crate::listener::Acceptor;
+use crate::listener::Listeners;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, SnapshotHandle};
 
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,29 +79,40 @@ pub enum Error {
     },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot listen for signals: {0}")]
-    Signals(std::io::Error),
+    #[error("cannot listen for signals or watch the config file: {0}")]
+    Watch(std::io::Error),
 }
 
-/// Runs sluice with `config` until SIGTERM or SIGINT, then drains and returns.
-pub async fn run(config: Config) -> Result<(), Error> {
+/// The running proxy: what a reload reconciles.
+pub struct Server {
+    config_path: PathBuf,
+    /// The config text in force, so that events that changed nothing are ignored.
+    applied_text: String,
+    metrics: Arc<Metrics>,
+    snapshots: SnapshotHandle,
+    listeners: Listeners,
+    checks: health::Checks,
+    /// Stops every health check task at shutdown.
+    checks_stop: CancellationToken,
+}
+
+/// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
+/// on changes to its file and on SIGHUP, then drains and returns.
+pub async fn run(config: Config, text: String) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new()?);
     let config = Arc::new(config);
-    let snapshots = Arc::new(ArcSwap::from_pointee(Snapshot::build(
+    let config_path = config.source.clone();
+    let snapshots: SnapshotHandle = Arc::new(ArcSwap::from_pointee(Snapshot::build(
         Arc::clone(&config),
-        1,
+        0,
         &metrics,
+        None,
     )));
+    metrics.config_last_reload_successful.set(1);
+    metrics
+        .config_last_reload_success_timestamp
+        .set(reload::unix_now());
 
-    let bind = |what: &str, address: SocketAddr, backlog: u32| {
-        listener::bind(address, backlog)
-            .and_then(tokio::net::TcpListener::from_std)
-            .map_err(|source| Error::Bind {
-                what: what.to_string(),
-                address,
-                source,
-            })
-    };
     let process_cap = listener::fit_file_limit();
     let wanted: usize = config.listeners.iter().map(|l| l.max_connections).sum();
     if wanted > process_cap {
@@ -112,39 +125,45 @@ pub async fn run(config: Config) -> Result<(), Error> {
     metrics
         .process_max_connections
         .set(i64::try_from(process_cap).unwrap_or(i64::MAX));
-    let process_limit = Arc::new(Semaphore::new(process_cap));
-    let admin_socket = bind("the admin endpoint", config.admin.bind, 128)?;
+
+    let admin_socket = listener::bind(config.admin.bind, 128)
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|source| Error::Bind {
+            what: "the admin endpoint".to_string(),
+            address: config.admin.bind,
+            source,
+        })?;
     tracing::info!(address = %local_addr(&admin_socket), "admin listening");
-    let mut acceptors = Vec::new();
-    for l in &config.listeners {
-        let name: Arc<str> = Arc::from(l.name.as_str());
-        let limit = Arc::new(Semaphore::new(l.max_connections));
-        for &address in &l.bind {
-            let socket = bind(&format!("listener {:?}", l.name), address, l.backlog)?;
-            tracing::info!(listener = %name, address = %local_addr(&socket), "listening");
-            acceptors.push(Acceptor {
-                name: Arc::clone(&name),
-                socket,
-                limit: Arc::clone(&limit),
-                process_limit: Arc::clone(&process_limit),
-            });
-        }
-    }
+    let shutdown = Shutdown::default();
+    let tracker = TaskTracker::new();
+    let mut listeners = Listeners::new(
+        process_cap,
+        Arc::clone(&snapshots),
+        shutdown.clone(),
+        tracker.clone(),
+    );
+    let bound = listeners.bind_new(&config)?;
+    listeners.apply(&config, bound);
+    let mut triggers = reload::triggers(&config_path).map_err(Error::Watch)?;
 
     let status = Arc::new(Status {
         metrics: Arc::clone(&metrics),
+        snapshots: Arc::clone(&snapshots),
         ready: false.into(),
     });
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
-    let shutdown = Shutdown::default();
-    let checks = tokio_util::sync::CancellationToken::new();
-    let mut health_checks = health::Checks::default();
-    health_checks.reconcile(&snapshots.load(), &snapshots, &checks);
-    let tracker = TaskTracker::new();
-    let accept_loops: Vec<_> = acceptors
-        .into_iter()
-        .map(|a| tokio::spawn(a.serve(Arc::clone(&snapshots), shutdown.clone(), tracker.clone())))
-        .collect();
+    let mut server = Server {
+        config_path,
+        applied_text: text,
+        metrics: Arc::clone(&metrics),
+        snapshots: Arc::clone(&snapshots),
+        listeners,
+        checks: health::Checks::default(),
+        checks_stop: CancellationToken::new(),
+    };
+    server
+        .checks
+        .reconcile(&snapshots.load(), &snapshots, &server.checks_stop);
     status.ready.store(true, Ordering::Relaxed);
     tracing::info!(
         config = %config.source.display(),
@@ -154,19 +173,29 @@ pub async fn run(config: Config) -> Result<(), Error> {
         "sluice ready"
     );
 
-    let signal = shutdown::signalled().await.map_err(Error::Signals)?;
-    tracing::info!(signal, drain_timeout = ?config.drain_timeout, connections = tracker.len(), "shutting down: no longer accepting, draining");
+    let signals = shutdown::signalled();
+    tokio::pin!(signals);
+    let signal = loop {
+        tokio::select! {
+            s = &mut signals => break s.map_err(Error::Watch)?,
+            Some(trigger) = triggers.recv() => server.reload(trigger).await,
+        }
+    };
+    let drain_timeout = snapshots.load().config.drain_timeout;
+    tracing::info!(
+        signal,
+        ?drain_timeout,
+        connections = tracker.len(),
+        "shutting down: no longer accepting, draining"
+    );
     status.ready.store(false, Ordering::Relaxed);
     metrics.draining.set(1);
     shutdown::exit_on_second_signal();
     shutdown.stop_accepting.cancel();
-    for l in accept_loops {
-        // An accept loop only ends by returning; a panic there is already logged.
-        let _ = l.await;
-    }
-    let cut = shutdown::drain(&tracker, &shutdown, config.drain_timeout).await;
+    server.listeners.stopped().await;
+    let cut = shutdown::drain(&tracker, &shutdown, drain_timeout).await;
     tracing::info!(cut, "shutdown complete");
-    checks.cancel();
+    server.checks_stop.cancel();
     admin.abort();
     Ok(())
 }

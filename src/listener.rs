@@ -5,17 +5,21 @@
 //! listen backlog (`backlog`), where it waits, data unread, until a slot frees. Once the
 //! backlog is full too, the kernel drops new SYNs and clients see their connect time out.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
 use crate::conn;
 use crate::metrics::AcceptFailure;
 use crate::shutdown::Shutdown;
@@ -69,38 +73,244 @@ pub fn bind(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListen
     Ok(socket.into())
 }
 
+/// A listener's `max_connections`, resizable by a reload while connections are open.
+pub struct Limit {
+    semaphore: Arc<Semaphore>,
+    max: AtomicUsize,
+    /// Permits to withdraw as connections close, after a reload lowered `max` below the
+    /// number of permits that were free.
+    debt: AtomicUsize,
+}
+
+impl Limit {
+    pub fn new(max: usize) -> Arc<Limit> {
+        Arc::new(Limit {
+            semaphore: Arc::new(Semaphore::new(max)),
+            max: AtomicUsize::new(max),
+            debt: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn resize(&self, max: usize) {
+        let old = self.max.swap(max, Ordering::SeqCst);
+        if max > old {
+            let mut more = max - old;
+            let repaid = self
+                .debt
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
+                    Some(d - d.min(more))
+                })
+                .unwrap_or(0);
+            more -= repaid.min(more);
+            self.semaphore.add_permits(more);
+        } else {
+            let fewer = old - max;
+            let withdrawn = self.semaphore.forget_permits(fewer);
+            self.debt.fetch_add(fewer - withdrawn, Ordering::SeqCst);
+        }
+    }
+
+    async fn acquire(self: &Arc<Self>) -> Option<Permit> {
+        let permit = Arc::clone(&self.semaphore).acquire_owned().await.ok()?;
+        Some(Permit {
+            permit: Some(permit),
+            limit: Arc::clone(self),
+        })
+    }
+}
+
+/// A connection's slot under its listener's [`Limit`].
+pub struct Permit {
+    permit: Option<OwnedSemaphorePermit>,
+    limit: Arc<Limit>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let in_debt = self
+            .limit
+            .debt
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
+            .is_ok();
+        if in_debt && let Some(p) = self.permit.take() {
+            p.forget();
+        }
+    }
+}
+
+/// Every bound listening socket, reconciled with each config.
+pub struct Listeners {
+    /// By listener name and configured address.
+    running: HashMap<(String, SocketAddr), Running>,
+    limits: HashMap<String, Arc<Limit>>,
+    /// The process-wide cap that keeps descriptors for the admin endpoint: see
+    /// [`fit_file_limit`].
+    process_limit: Arc<Semaphore>,
+    snapshots: SnapshotHandle,
+    shutdown: Shutdown,
+    tracker: TaskTracker,
+}
+
+struct Running {
+    /// Stops this socket's accept loop alone (a child of the shutdown token).
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a reconcile changed, for the reload log line.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub bound: Vec<String>,
+    pub closed: Vec<String>,
+}
+
+impl Listeners {
+    pub fn new(
+        process_cap: usize,
+        snapshots: SnapshotHandle,
+        shutdown: Shutdown,
+        tracker: TaskTracker,
+    ) -> Listeners {
+        Listeners {
+            running: HashMap::new(),
+            limits: HashMap::new(),
+            process_limit: Arc::new(Semaphore::new(process_cap)),
+            snapshots,
+            shutdown,
+            tracker,
+        }
+    }
+
+    /// Binds what `config` adds and resizes limits; returns the sockets to start. Nothing
+    /// changes if any bind fails.
+    pub fn bind_new(
+        &self,
+        config: &Config,
+    ) -> Result<Vec<(String, SocketAddr, TcpListener)>, crate::Error> {
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            for &address in &l.bind {
+                if self.running.contains_key(&(l.name.clone(), address)) {
+                    continue;
+                }
+                let socket = bind(address, l.backlog)
+                    .and_then(TcpListener::from_std)
+                    .map_err(|source| crate::Error::Bind {
+                        what: format!("listener {:?}", l.name),
+                        address,
+                        source,
+                    })?;
+                bound.push((l.name.clone(), address, socket));
+            }
+        }
+        Ok(bound)
+    }
+
+    /// Starts the sockets from [`Listeners::bind_new`] and stops those `config` no longer
+    /// has. Call after the new snapshot is stored, so new sockets route by it.
+    pub fn apply(
+        &mut self,
+        config: &Config,
+        bound: Vec<(String, SocketAddr, TcpListener)>,
+    ) -> Changes {
+        let mut changes = Changes::default();
+        for l in &config.listeners {
+            match self.limits.get(&l.name) {
+                Some(limit) => limit.resize(l.max_connections),
+                None => {
+                    self.limits
+                        .insert(l.name.clone(), Limit::new(l.max_connections));
+                }
+            }
+        }
+        for (name, address, socket) in bound {
+            let local = socket
+                .local_addr()
+                .map_or_else(|_| address.to_string(), |a| a.to_string());
+            tracing::info!(listener = %name, address = %local, "listening");
+            changes.bound.push(format!("{name}@{local}"));
+            let stop = self.shutdown.stop_accepting.child_token();
+            let acceptor = Acceptor {
+                name: Arc::from(name.as_str()),
+                socket,
+                limit: Arc::clone(&self.limits[&name]),
+                process_limit: Arc::clone(&self.process_limit),
+            };
+            let task = tokio::spawn(acceptor.serve(
+                Arc::clone(&self.snapshots),
+                stop.clone(),
+                self.shutdown.cut.clone(),
+                self.tracker.clone(),
+            ));
+            self.running.insert((name, address), Running { stop, task });
+        }
+        let wanted: HashSet<(String, SocketAddr)> = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.bind.iter().map(|a| (l.name.clone(), *a)))
+            .collect();
+        let gone: Vec<_> = self
+            .running
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(r) = self.running.remove(&key) {
+                r.stop.cancel();
+                tracing::info!(listener = %key.0, address = %key.1, "stopped listening");
+                changes.closed.push(format!("{}@{}", key.0, key.1));
+            }
+        }
+        self.limits
+            .retain(|name, _| config.listeners.iter().any(|l| &l.name == name));
+        changes
+    }
+
+    /// Waits for every accept loop to return (after shutdown began).
+    pub async fn stopped(&mut self) {
+        for (_, r) in self.running.drain() {
+            // An accept loop only ends by returning; a panic there is already logged.
+            let _ = r.task.await;
+        }
+    }
+}
+
 /// One listening socket of a listener, and what its accept loop shares.
-pub struct Acceptor {
-    pub name: Arc<str>,
-    pub socket: TcpListener,
-    /// The listener's `max_connections`, shared by all of its addresses.
-    pub limit: Arc<Semaphore>,
-    /// The process-wide cap that keeps descriptors for the admin endpoint, shared by all
-    /// listeners: see [`fit_file_limit`].
-    pub process_limit: Arc<Semaphore>,
+struct Acceptor {
+    name: Arc<str>,
+    socket: TcpListener,
+    limit: Arc<Limit>,
+    process_limit: Arc<Semaphore>,
 }
 
 impl Acceptor {
-    /// Accepts until shutdown begins, then returns and so closes the socket.
-    pub async fn serve(self, snapshots: SnapshotHandle, shutdown: Shutdown, tracker: TaskTracker) {
+    /// Accepts until `stop` (shutdown, or the listener's removal), then returns and so
+    /// closes the socket.
+    async fn serve(
+        self,
+        snapshots: SnapshotHandle,
+        stop: CancellationToken,
+        cut: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         let mut backoff = MIN_BACKOFF;
         loop {
-            let permits = tokio::select! {
-                p = Arc::clone(&self.limit).acquire_owned() => p,
-                () = shutdown.stop_accepting.cancelled() => return,
+            let permit = tokio::select! {
+                p = self.limit.acquire() => p,
+                () = stop.cancelled() => return,
             };
             let process_permit = tokio::select! {
-                p = Arc::clone(&self.process_limit).acquire_owned() => p,
-                () = shutdown.stop_accepting.cancelled() => return,
+                p = Arc::clone(&self.process_limit).acquire_owned() => p.ok(),
+                () = stop.cancelled() => return,
             };
             // The semaphores are never closed, so both permits are always granted.
-            let (Ok(permit), Ok(process_permit)) = (permits, process_permit) else {
+            let (Some(permit), Some(process_permit)) = (permit, process_permit) else {
                 return;
             };
-            let permit = (permit, process_permit);
             let accepted = tokio::select! {
                 a = self.socket.accept() => a,
-                () = shutdown.stop_accepting.cancelled() => return,
+                () = stop.cancelled() => return,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -110,8 +320,8 @@ impl Acceptor {
                         peer,
                         snapshots.load_full(),
                         Arc::clone(&self.name),
-                        shutdown.cut.clone(),
-                        permit,
+                        cut.clone(),
+                        (permit, process_permit),
                     ));
                 }
                 Err(e) => {
@@ -125,7 +335,7 @@ impl Acceptor {
                     tracing::warn!(listener = %self.name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
                     tokio::select! {
                         () = sleep(backoff) => {},
-                        () = shutdown.stop_accepting.cancelled() => return,
+                        () = stop.cancelled() => return,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

@@ -69,7 +69,13 @@ fn check(files: &[PathBuf]) -> ExitCode {
 
 fn run(path: PathBuf) -> ExitCode {
     // Read before the runtime exists: nothing else is running yet to be blocked.
-    let config = match Config::load(&path) {
+    let loaded = std::fs::read_to_string(&path)
+        .map_err(|source| sluice::config::ConfigError::Read {
+            path: path.clone(),
+            source,
+        })
+        .and_then(|text| Config::parse(&text, &path).map(|c| (c, text)));
+    let (config, text) = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -101,7 +107,7 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
-    let result = runtime.block_on(sluice::run(config));
+    let result = runtime.block_on(sluice::run(config, text));
     drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@
 //! handles, which are atomics.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -23,6 +23,10 @@ pub const BACKEND_CONNECTIONS_ACTIVE: &str = "sluice_backend_connections_active"
 pub const UPSTREAM_CONNECT_DURATION: &str = "sluice_upstream_connect_duration_seconds";
 pub const UPSTREAM_CONNECT_ERRORS: &str = "sluice_upstream_connect_errors_total";
 pub const CONFIG_GENERATION: &str = "sluice_config_generation";
+pub const CONFIG_RELOADS: &str = "sluice_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "sluice_config_last_reload_successful";
+pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
+    "sluice_config_last_reload_success_timestamp_seconds";
 pub const DRAINING: &str = "sluice_draining";
 pub const BACKEND_UP: &str = "sluice_backend_up";
 pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
@@ -193,6 +197,10 @@ pub struct Metrics {
     queue_length: IntGaugeVec,
     queue_wait: HistogramVec,
     pub config_generation: IntGauge,
+    pub config_reloads_success: IntCounter,
+    pub config_reloads_failure: IntCounter,
+    pub config_last_reload_successful: IntGauge,
+    pub config_last_reload_success_timestamp: Gauge,
     pub draining: IntGauge,
     pub process_max_connections: IntGauge,
 }
@@ -258,6 +266,12 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         registry.register(Box::new(build_info))?;
+        let reloads = counter_vec(
+            &registry,
+            CONFIG_RELOADS,
+            "Config reload attempts, by result (success, failure)",
+            &["result"],
+        )?;
 
         let m = Metrics {
             connections_accepted: counter_vec(
@@ -356,8 +370,23 @@ impl Metrics {
             config_generation: gauge(
                 &registry,
                 CONFIG_GENERATION,
-                "Generation of the config snapshot in use (1 at start)",
+                "Generation of the config in use: 0 at start, one more for each applied reload",
             )?,
+            config_reloads_success: reloads.with_label_values(&["success"]),
+            config_reloads_failure: reloads.with_label_values(&["failure"]),
+            config_last_reload_successful: gauge(
+                &registry,
+                CONFIG_LAST_RELOAD_SUCCESSFUL,
+                "1 if the last reload attempt applied (or none was made), 0 if it failed",
+            )?,
+            config_last_reload_success_timestamp: {
+                let g = Gauge::new(
+                    CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP,
+                    "Unix time of the last config load that applied (the start counts)",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             draining: gauge(
                 &registry,
                 DRAINING,

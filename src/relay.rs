@@ -37,6 +37,8 @@ pub enum End {
     IdleTimeout,
     /// The upstream's `max_lifetime` passed.
     MaxLifetime,
+    /// A reload removed the backend (`on_backend_removed` drain or close).
+    BackendRemoved,
     /// Cut at the end of the shutdown drain.
     Shutdown,
 }
@@ -49,6 +51,7 @@ impl End {
             End::BackendReset => "backend_reset",
             End::IdleTimeout => "idle_timeout",
             End::MaxLifetime => "max_lifetime",
+            End::BackendRemoved => "backend_removed",
             End::Shutdown => "shutdown",
         }
     }
@@ -76,13 +79,21 @@ pub struct Limits {
     pub lifetime: Option<Duration>,
 }
 
-/// Relays until both directions have closed, one side resets, a limit passes, or `stop`
-/// is cancelled.
+/// What can end a relay from outside.
+pub struct Stops<'a> {
+    /// The shutdown drain's deadline.
+    pub shutdown: &'a CancellationToken,
+    /// The backend's removal by a reload.
+    pub removed: &'a CancellationToken,
+}
+
+/// Relays until both directions have closed, one side resets, a limit passes, or one
+/// of `stops` is cancelled.
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
     limits: Limits,
-    stop: &CancellationToken,
+    stops: Stops<'_>,
     counters: Counters<'_>,
 ) -> Outcome {
     let clock = IdleClock::new();
@@ -91,14 +102,15 @@ pub async fn relay(
     let c2b = pump(client, backend, &up, &clock, counters.client_to_backend);
     let b2c = pump(backend, client, &down, &clock, counters.backend_to_client);
     let idle = clock.expired(limits.idle);
-    let stopped = stop.cancelled();
+    let stopped = stops.shutdown.cancelled();
+    let removed = stops.removed.cancelled();
     let lifetime = async {
         match limits.lifetime {
             Some(l) => sleep(l).await,
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(c2b, b2c, idle, stopped, lifetime);
+    tokio::pin!(c2b, b2c, idle, stopped, lifetime, removed);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
     let end = loop {
@@ -115,6 +127,7 @@ pub async fn relay(
             () = &mut idle => break End::IdleTimeout,
             () = &mut lifetime => break End::MaxLifetime,
             () = &mut stopped => break End::Shutdown,
+            () = &mut removed => break End::BackendRemoved,
         }
         if c2b_done && b2c_done {
             break End::Closed;

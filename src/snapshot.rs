@@ -14,9 +14,11 @@ use crate::upstream::Upstream;
 pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
 
 pub struct Snapshot {
-    /// 1 for the config sluice started with; each applied reload adds one.
+    /// 0 for the config sluice started with; each applied reload adds one.
     pub generation: u64,
     pub config: Arc<Config>,
+    /// When this snapshot was built (Unix seconds), for `/config`.
+    pub loaded_at: f64,
     /// In config order; few enough that a linear search by name beats hashing.
     pub listeners: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
@@ -30,11 +32,21 @@ pub struct Route {
 }
 
 impl Snapshot {
-    pub fn build(config: Arc<Config>, generation: u64, metrics: &Metrics) -> Snapshot {
+    /// Builds the snapshot for `config`. Backends and queues of `previous` that the new
+    /// config keeps are carried over, with their state.
+    pub fn build(
+        config: Arc<Config>,
+        generation: u64,
+        metrics: &Metrics,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
-            .map(|u| Arc::new(Upstream::new(u, metrics, None)))
+            .map(|u| {
+                let before = previous.and_then(|p| p.upstream(&u.name));
+                Arc::new(Upstream::new(u, metrics, before.map(|b| &**b)))
+            })
             .collect();
         let listeners = config
             .listeners
@@ -53,6 +65,7 @@ impl Snapshot {
         Snapshot {
             generation,
             config,
+            loaded_at: crate::reload::unix_now(),
             listeners,
             upstreams,
         }

@@ -41,6 +41,7 @@ pub struct Upstream {
     pub health_check: Option<config::HealthCheck>,
     passive_ejection: Option<config::PassiveEjection>,
     pub max_lifetime: Option<config::Lifetime>,
+    pub on_backend_removed: config::BackendRemoved,
     metrics: UpstreamMetrics,
 }
 
@@ -137,6 +138,7 @@ impl Upstream {
             health_check: cfg.health_check.clone(),
             passive_ejection: cfg.passive_ejection,
             max_lifetime: cfg.max_lifetime,
+            on_backend_removed: cfg.on_backend_removed,
             metrics: m,
         }
     }

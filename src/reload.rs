@@ -1,0 +1,281 @@
+//! Reload: the config file's directory watched with inotify, and SIGHUP. A change is
+//! debounced, the whole file is read (off the event loop) and validated; an invalid
+//! file changes nothing. A valid one becomes a new snapshot, swapped in atomically.
+//!
+//! Watching the directory rather than the file catches every way of saving one: an
+//! in-place write, an editor's write-then-rename, and Kubernetes' ConfigMap volumes,
+//! where the file is a symlink through `..data`, itself a symlink swapped atomically.
+//! Any event in the directory leads to a read; only a change of content is a reload.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+use crate::Server;
+use crate::config::{self, BackendRemoved, Config};
+use crate::snapshot::Snapshot;
+
+/// Quiet time after the last event before the file is read: long enough for an editor
+/// to finish its write-and-rename, short enough to feel immediate.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    File,
+    Signal,
+}
+
+/// Reload triggers: settled changes in the config file's directory, and SIGHUP. The
+/// channel holds one pending trigger; more arriving meanwhile coalesce into it.
+pub fn triggers(path: &Path) -> io::Result<mpsc::Receiver<Trigger>> {
+    let (tx, rx) = mpsc::channel(1);
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+    inotify::add_watch(
+        &fd,
+        dir,
+        WatchFlags::CLOSE_WRITE
+            | WatchFlags::MODIFY
+            | WatchFlags::MOVED_TO
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::ATTRIB,
+    )?;
+    // Deprecated because a registered fd might be closed by someone else while tokio
+    // watches it; an OwnedFd moved in here is closed only when the AsyncFd drops. Its
+    // replacement, `register`, is `unsafe`, which this crate forbids.
+    #[allow(deprecated)]
+    let fd = AsyncFd::new(fd)?;
+    let file_tx = tx.clone();
+    tokio::spawn(async move {
+        if let Err(e) = watch(fd, file_tx).await {
+            tracing::error!(error = %e, "config file watch stopped; SIGHUP still reloads");
+        }
+    });
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = tx.try_send(Trigger::Signal);
+        }
+    });
+    Ok(rx)
+}
+
+async fn watch(fd: AsyncFd<OwnedFd>, tx: mpsc::Sender<Trigger>) -> io::Result<()> {
+    let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+    loop {
+        next_events(&fd, &mut buf).await?;
+        while let Ok(more) = timeout(DEBOUNCE, next_events(&fd, &mut buf)).await {
+            more?;
+        }
+        // Full means a reload is already pending, and it will read the latest file.
+        let _ = tx.try_send(Trigger::File);
+    }
+}
+
+/// Waits for at least one inotify event and consumes all that are queued.
+async fn next_events(fd: &AsyncFd<OwnedFd>, buf: &mut [MaybeUninit<u8>]) -> io::Result<()> {
+    loop {
+        let mut ready = fd.readable().await?;
+        let drained = ready.try_io(|inner| {
+            let mut reader = inotify::Reader::new(inner.get_ref(), &mut *buf);
+            let mut seen = 0usize;
+            loop {
+                match reader.next() {
+                    Ok(event) => {
+                        if event.events().contains(ReadFlags::QUEUE_OVERFLOW) {
+                            tracing::debug!("inotify queue overflowed; reading the file anyway");
+                        }
+                        seen += 1;
+                    }
+                    Err(rustix::io::Errno::WOULDBLOCK) if seen > 0 => return Ok(seen),
+                    Err(e) => return Err(io::Error::from(e)),
+                }
+            }
+        });
+        match drained {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+impl Server {
+    /// Reads, validates and applies the config file; on any error the running
+    /// configuration stays exactly as it was.
+    pub async fn reload(&mut self, trigger: Trigger) {
+        let path = self.config_path.clone();
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                return self.reload_failed(&format!("{}: cannot read config: {e}", path.display()));
+            }
+        };
+        if text == self.applied_text {
+            tracing::debug!(?trigger, "config file unchanged");
+            return;
+        }
+        let config = match Config::parse(&text, &path) {
+            Ok(c) => c,
+            Err(e) => return self.reload_failed(&e.to_string()),
+        };
+        let previous = self.snapshots.load_full();
+        if config.admin != previous.config.admin {
+            tracing::warn!("a change of [admin] applies only after a restart");
+        }
+        let bound = match self.listeners.bind_new(&config) {
+            Ok(b) => b,
+            Err(e) => return self.reload_failed(&e.to_string()),
+        };
+        let summary = describe(&previous.config, &config);
+        let snapshot = Arc::new(Snapshot::build(
+            Arc::new(config),
+            previous.generation + 1,
+            &self.metrics,
+            Some(&previous),
+        ));
+        retire_removed(&previous, &snapshot);
+        self.snapshots.store(Arc::clone(&snapshot));
+        let changes = self.listeners.apply(&snapshot.config, bound);
+        self.checks
+            .reconcile(&snapshot, &self.snapshots, &self.checks_stop);
+        self.applied_text = text;
+        let m = &self.metrics;
+        m.config_reloads_success.inc();
+        m.config_last_reload_successful.set(1);
+        m.config_last_reload_success_timestamp.set(unix_now());
+        tracing::info!(
+            generation = snapshot.generation,
+            ?trigger,
+            changes = %summary,
+            listening = ?changes.bound,
+            stopped = ?changes.closed,
+            "config reloaded"
+        );
+    }
+
+    fn reload_failed(&self, error: &str) {
+        self.metrics.config_reloads_failure.inc();
+        self.metrics.config_last_reload_successful.set(0);
+        tracing::error!(error = %error, "config reload failed; the running config is unchanged");
+    }
+}
+
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Takes the backends that `next` no longer has out of service, and deals with their
+/// open connections as their upstream's `on_backend_removed` says.
+fn retire_removed(previous: &Snapshot, next: &Snapshot) {
+    for old in &previous.upstreams {
+        let kept = next.upstream(&old.name);
+        let policy = kept.map_or(old.on_backend_removed, |u| u.on_backend_removed);
+        for backend in &old.backends {
+            if kept.is_some_and(|u| u.backends.iter().any(|b| Arc::ptr_eq(b, backend))) {
+                continue;
+            }
+            backend.retire();
+            match policy {
+                BackendRemoved::Keep => {}
+                BackendRemoved::Close => backend.removed.cancel(),
+                BackendRemoved::Drain => {
+                    let (backend, after) = (Arc::clone(backend), next.config.drain_timeout);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        backend.removed.cancel();
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// What changed between two configs, in one line for the log.
+fn describe(old: &Config, new: &Config) -> String {
+    let mut parts = Vec::new();
+    let names = |ls: &[config::Listener]| ls.iter().map(|l| l.name.clone()).collect::<Vec<_>>();
+    diff(
+        &mut parts,
+        "listener",
+        &names(&old.listeners),
+        &names(&new.listeners),
+        |n| {
+            old.listeners.iter().find(|l| &l.name == n)
+                != new.listeners.iter().find(|l| &l.name == n)
+        },
+    );
+    let unames = |us: &[config::Upstream]| us.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+    diff(
+        &mut parts,
+        "upstream",
+        &unames(&old.upstreams),
+        &unames(&new.upstreams),
+        |n| {
+            old.upstreams.iter().find(|u| &u.name == n)
+                != new.upstreams.iter().find(|u| &u.name == n)
+        },
+    );
+    for u in &new.upstreams {
+        let Some(before) = old.upstreams.iter().find(|o| o.name == u.name) else {
+            continue;
+        };
+        let addrs =
+            |bs: &[config::Backend]| bs.iter().map(|b| b.address.to_string()).collect::<Vec<_>>();
+        let what = format!("backend of {}", u.name);
+        diff(
+            &mut parts,
+            &what,
+            &addrs(&before.backends),
+            &addrs(&u.backends),
+            |a| {
+                before.backends.iter().find(|b| &b.address.to_string() == a)
+                    != u.backends.iter().find(|b| &b.address.to_string() == a)
+            },
+        );
+    }
+    if old.drain_timeout != new.drain_timeout {
+        parts.push("drain_timeout changed".to_string());
+    }
+    if parts.is_empty() {
+        "no effective change".to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn diff(
+    parts: &mut Vec<String>,
+    what: &str,
+    old: &[String],
+    new: &[String],
+    changed: impl Fn(&String) -> bool,
+) {
+    for n in new.iter().filter(|n| !old.contains(n)) {
+        parts.push(format!("{what} {n} added"));
+    }
+    for n in old.iter().filter(|n| !new.contains(n)) {
+        parts.push(format!("{what} {n} removed"));
+    }
+    for n in new.iter().filter(|n| old.contains(n) && changed(n)) {
+        parts.push(format!("{what} {n} changed"));
+    }
+}
