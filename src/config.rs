@@ -437,6 +437,12 @@ impl RawConfig {
             upstreams.push(raw.validate(name)?);
         }
 
+        if self.listeners.is_empty() {
+            return Err((
+                0..0,
+                "no [[listener]]: expected at least one listener with a `name`, `bind` and `upstream` (an empty file is never a valid config)".to_string(),
+            ));
+        }
         let mut listeners: Vec<Listener> = Vec::with_capacity(self.listeners.len());
         for raw in self.listeners {
             let name = check_name(&raw.name, "listener")?;

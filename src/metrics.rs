@@ -28,6 +28,7 @@ pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "sluice_config_last_reload_succe
 pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
     "sluice_config_last_reload_success_timestamp_seconds";
 pub const DRAINING: &str = "sluice_draining";
+pub const CONFIG_SNAPSHOTS: &str = "sluice_config_snapshots";
 pub const BACKEND_UP: &str = "sluice_backend_up";
 pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
 pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
@@ -203,6 +204,7 @@ pub struct Metrics {
     pub config_last_reload_success_timestamp: Gauge,
     pub draining: IntGauge,
     pub process_max_connections: IntGauge,
+    pub config_snapshots: IntGauge,
 }
 
 /// Handles for one listener.
@@ -392,6 +394,11 @@ impl Metrics {
                 DRAINING,
                 "1 while sluice is shutting down and draining connections",
             )?,
+            config_snapshots: gauge(
+                &registry,
+                CONFIG_SNAPSHOTS,
+                "Config snapshots in memory: the one in use and older ones still held by open connections",
+            )?,
             process_max_connections: gauge(
                 &registry,
                 PROCESS_MAX_CONNECTIONS,
@@ -447,6 +454,52 @@ impl Metrics {
             ejections: self
                 .backend_ejections
                 .with_label_values(&[upstream, address]),
+        }
+    }
+
+    /// Drops a removed listener's series from the exposition.
+    pub fn forget_listener(&self, name: &str) {
+        let l = &[name];
+        let _ = self.connections_accepted.remove_label_values(l);
+        let _ = self.connections_active.remove_label_values(l);
+        let _ = self.connection_duration.remove_label_values(l);
+        let _ = self.listener_max_connections.remove_label_values(l);
+        for d in ["client_to_backend", "backend_to_client"] {
+            let _ = self.bytes.remove_label_values(&[name, d]);
+        }
+        for r in RejectReason::ALL {
+            let _ = self
+                .connections_rejected
+                .remove_label_values(&[name, r.as_str()]);
+        }
+        for f in AcceptFailure::ALL {
+            let _ = self.accept_errors.remove_label_values(&[name, f.as_str()]);
+        }
+    }
+
+    /// Drops a removed upstream's own series (its backends go by [`Metrics::forget_backend`]).
+    pub fn forget_upstream(&self, name: &str) {
+        let u = &[name];
+        let _ = self.upstream_connect_duration.remove_label_values(u);
+        let _ = self.queue_length.remove_label_values(u);
+        let _ = self.queue_wait.remove_label_values(u);
+    }
+
+    /// Drops a removed backend's series.
+    pub fn forget_backend(&self, upstream: &str, address: &str) {
+        let b = &[upstream, address];
+        let _ = self.backend_connections_active.remove_label_values(b);
+        let _ = self.backend_up.remove_label_values(b);
+        let _ = self.backend_ejections.remove_label_values(b);
+        for f in ConnectFailure::ALL {
+            let _ =
+                self.upstream_connect_errors
+                    .remove_label_values(&[upstream, address, f.as_str()]);
+        }
+        for r in CheckResult::ALL {
+            let _ = self
+                .health_checks
+                .remove_label_values(&[upstream, address, r.as_str()]);
         }
     }
 

@@ -63,6 +63,10 @@ impl Queue {
             .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.lock().queue.is_empty()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Waiters> {
         // A panic while holding this lock leaves the queue consistent (every operation
         // is a single push, pop or remove), so a poisoned lock is still usable.

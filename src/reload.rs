@@ -151,7 +151,10 @@ impl Server {
             Some(&previous),
         ));
         retire_removed(&previous, &snapshot);
+        let janitor = Janitor::new(&previous, &snapshot);
+        drop(previous);
         self.snapshots.store(Arc::clone(&snapshot));
+        janitor.spawn(Arc::clone(&self.metrics), Arc::clone(&self.snapshots));
         let changes = self.listeners.apply(&snapshot.config, bound);
         self.checks
             .reconcile(&snapshot, &self.snapshots, &self.checks_stop);
@@ -206,6 +209,110 @@ fn retire_removed(previous: &Snapshot, next: &Snapshot) {
                 }
             }
         }
+    }
+}
+
+/// How often the janitor looks whether removed things are still in use.
+const JANITOR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Removes the metric series of listeners, upstreams and backends that a reload
+/// removed, once their last connection has ended, so that a long-running sluice under
+/// config churn does not grow its exposition without bound. It holds only their
+/// handles, never the old snapshot.
+struct Janitor {
+    listeners: Vec<(String, prometheus::IntGauge)>,
+    upstreams: Vec<(String, Option<Arc<crate::queue::Queue>>)>,
+    backends: Vec<(String, Arc<crate::upstream::Backend>)>,
+}
+
+impl Janitor {
+    fn new(previous: &Snapshot, next: &Snapshot) -> Janitor {
+        let listeners = previous
+            .listeners
+            .iter()
+            .filter(|r| next.route(&r.listener).is_none())
+            .map(|r| (r.listener.clone(), r.metrics.active.clone()))
+            .collect();
+        let upstreams = previous
+            .upstreams
+            .iter()
+            .filter(|u| next.upstream(&u.name).is_none())
+            .map(|u| (u.name.clone(), u.queue.clone()))
+            .collect();
+        let backends = previous
+            .upstreams
+            .iter()
+            .flat_map(|u| u.backends.iter().map(move |b| (u, b)))
+            .filter(|(u, b)| {
+                next.upstream(&u.name)
+                    .is_none_or(|n| !n.backends.iter().any(|nb| Arc::ptr_eq(nb, b)))
+            })
+            .map(|(u, b)| (u.name.clone(), Arc::clone(b)))
+            .collect();
+        Janitor {
+            listeners,
+            upstreams,
+            backends,
+        }
+    }
+
+    fn spawn(
+        mut self,
+        metrics: Arc<crate::metrics::Metrics>,
+        snapshots: crate::snapshot::SnapshotHandle,
+    ) {
+        if self.listeners.is_empty() && self.upstreams.is_empty() && self.backends.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            loop {
+                let now = snapshots.load();
+                // Whatever a later reload brought back owns its series again.
+                self.listeners.retain(|(name, active)| {
+                    if now.route(name).is_some() {
+                        return false;
+                    }
+                    let idle = active.get() == 0;
+                    if idle {
+                        metrics.forget_listener(name);
+                    }
+                    !idle
+                });
+                self.backends.retain(|(upstream, b)| {
+                    let back = now
+                        .upstream(upstream)
+                        .is_some_and(|u| u.backends.iter().any(|nb| nb.address == b.address));
+                    if back {
+                        return false;
+                    }
+                    let idle = b.active() == 0;
+                    if idle {
+                        metrics.forget_backend(upstream, &b.address.to_string());
+                    }
+                    !idle
+                });
+                let backends = &self.backends;
+                self.upstreams.retain(|(name, queue)| {
+                    if now.upstream(name).is_some() {
+                        return false;
+                    }
+                    let idle = backends.iter().all(|(u, _)| u != name)
+                        && queue.as_ref().is_none_or(|q| q.is_empty());
+                    if idle {
+                        metrics.forget_upstream(name);
+                    }
+                    !idle
+                });
+                drop(now);
+                if self.listeners.is_empty()
+                    && self.upstreams.is_empty()
+                    && self.backends.is_empty()
+                {
+                    return;
+                }
+                tokio::time::sleep(JANITOR_INTERVAL).await;
+            }
+        });
     }
 }
 

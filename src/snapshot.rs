@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use prometheus::IntGauge;
 
 use crate::config::Config;
 use crate::metrics::{ListenerMetrics, Metrics};
@@ -22,6 +23,14 @@ pub struct Snapshot {
     /// In config order; few enough that a linear search by name beats hashing.
     pub listeners: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Counts snapshots alive, so a leak of old ones shows in the metrics.
+    alive: IntGauge,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        self.alive.dec();
+    }
 }
 
 /// What a listener does with a connection it accepts.
@@ -62,7 +71,9 @@ impl Snapshot {
             })
             .collect();
         metrics.config_generation.set(generation as i64);
+        metrics.config_snapshots.inc();
         Snapshot {
+            alive: metrics.config_snapshots.clone(),
             generation,
             config,
             loaded_at: crate::reload::unix_now(),

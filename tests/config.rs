@@ -316,3 +316,13 @@ fn lifetime_jitter_without_lifetime() {
         "`max_lifetime_jitter` needs `max_lifetime`",
     );
 }
+
+#[test]
+fn an_empty_file_is_invalid() {
+    let (code, stderr, _, _dir) = check("empty.toml", "");
+    assert_eq!(code, Some(64));
+    assert!(
+        stderr.contains("empty.toml:1:1: no [[listener]]"),
+        "{stderr}"
+    );
+}

@@ -50,14 +50,24 @@ impl Sluice {
         Sluice::spawn(config, None, false)
     }
 
+    /// Starts sluice on a config file the test prepared (with `with_admin`) in `dir`.
+    pub fn start_file(dir: tempfile::TempDir, config_path: PathBuf) -> Sluice {
+        Sluice::spawn_at(dir, config_path, None, true)
+    }
+
     fn spawn(config: &str, nofile: Option<u32>, echo: bool) -> Sluice {
-        let mut config = config.to_string();
-        if !config.contains("[admin]") {
-            config.push_str("\n[admin]\nbind = \"127.0.0.1:0\"\n");
-        }
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sluice.toml");
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, with_admin(config)).unwrap();
+        Sluice::spawn_at(dir, config_path, nofile, echo)
+    }
+
+    fn spawn_at(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        nofile: Option<u32>,
+        echo: bool,
+    ) -> Sluice {
         let mut command = match nofile {
             None => Command::new(env!("CARGO_BIN_EXE_sluice")),
             Some(n) => {
@@ -213,6 +223,71 @@ impl Sluice {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+impl Sluice {
+    /// Rewrites the config file in place (truncate, then write), as `>` in a shell does.
+    pub fn rewrite(&self, config: &str) {
+        std::fs::write(&self.config_path, with_admin(config)).unwrap();
+    }
+
+    /// Writes a new file beside the config and renames it over it, as editors save.
+    pub fn save_by_rename(&self, config: &str) {
+        let tmp = self.config_path.with_extension("toml.tmp");
+        std::fs::write(&tmp, with_admin(config)).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
+    }
+
+    /// Waits until the config generation in use is `generation`.
+    pub async fn wait_generation(&self, generation: u64) -> Metrics {
+        self.wait_metrics(&format!("config generation {generation}"), |m| {
+            m.value("sluice_config_generation", &[]) == generation as f64
+        })
+        .await
+    }
+
+    /// The address of the `nth` (from 0) socket bound for listener `name`, from the log.
+    pub async fn wait_listening(&self, name: &str, nth: usize) -> SocketAddr {
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let found: Vec<SocketAddr> = self
+                .log()
+                .iter()
+                .filter(|l| {
+                    l.contains(" listening ") && field(l, "listener").as_deref() == Some(name)
+                })
+                .filter_map(|l| field(l, "address")?.parse().ok())
+                .collect();
+            if let Some(a) = found.get(nth) {
+                return *a;
+            }
+            assert!(Instant::now() < deadline, "listener {name} never bound");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Open file descriptors of the sluice process.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Resident memory of the sluice process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+/// `config` with an admin endpoint on a port of the kernel's choosing, unless it has one.
+pub fn with_admin(config: &str) -> String {
+    let mut config = config.to_string();
+    if !config.contains("[admin]") {
+        config.push_str("\n[admin]\nbind = \"127.0.0.1:0\"\n");
+    }
+    config
 }
 
 impl Drop for Sluice {

@@ -1,0 +1,499 @@
+//! Hot reload under load: nothing a client sees may change but what the config says.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Client load against one address: long streams checked by hash, new connections at a
+/// steady pace checked by hash, and bare connects that must never be refused.
+struct Load {
+    stop: CancellationToken,
+    streams: Vec<JoinHandle<()>>,
+    steady: JoinHandle<usize>,
+    connects: JoinHandle<usize>,
+}
+
+impl Load {
+    async fn start(addr: SocketAddr, streams: usize) -> Load {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::new();
+        for i in 0..streams {
+            let s = TcpStream::connect(addr).await.unwrap();
+            handles.push(tokio::spawn(stream(s, i as u64, stop.clone())));
+        }
+        let steady = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.is_cancelled() {
+                    let sent = data(1024, 1_000_000 + n as u64);
+                    let got = exchange(addr, &sent).await;
+                    assert!(
+                        got == sent,
+                        "steady connection {n}: {} bytes back of {}",
+                        got.len(),
+                        sent.len()
+                    );
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                n
+            })
+        };
+        let connects = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.is_cancelled() {
+                    let s = TcpStream::connect(addr)
+                        .await
+                        .expect("a connect was refused");
+                    // A reset leaves no TIME_WAIT behind, so the loop cannot run out of ports.
+                    s.set_zero_linger().unwrap();
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                n
+            })
+        };
+        Load {
+            stop,
+            streams: handles,
+            steady,
+            connects,
+        }
+    }
+
+    /// Stops the load; every stream must be byte-exact and no connect refused.
+    async fn finish(self) -> (usize, usize) {
+        self.stop.cancel();
+        for s in self.streams {
+            s.await.expect("a stream failed");
+        }
+        (self.steady.await.unwrap(), self.connects.await.unwrap())
+    }
+}
+
+/// Writes 4 KiB every 20 ms until stopped, then half-closes; checks the echo by hash.
+async fn stream(mut s: TcpStream, seed: u64, stop: CancellationToken) {
+    let (mut r, mut w) = s.split();
+    let send = async {
+        let mut hash = Sha256::new();
+        let mut len = 0usize;
+        let mut chunk = 0u64;
+        while !stop.is_cancelled() {
+            let bytes = data(4096, seed * 1_000_003 + chunk);
+            w.write_all(&bytes).await.unwrap();
+            hash.update(&bytes);
+            len += bytes.len();
+            chunk += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        w.shutdown().await.unwrap();
+        (hash.finalize(), len)
+    };
+    let recv = async {
+        let mut hash = Sha256::new();
+        let mut len = 0usize;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            len += n;
+        }
+        (hash.finalize(), len)
+    };
+    let (sent, got) =
+        tokio::time::timeout(Duration::from_secs(300), async { tokio::join!(send, recv) })
+            .await
+            .expect("the stream finished");
+    assert_eq!(sent.1, got.1, "stream {seed}: bytes");
+    assert_eq!(sent.0, got.0, "stream {seed}: hash");
+}
+
+/// The fewest open files seen over a second: sockets close a moment after their
+/// connection's gauge drops, a connect still in the accept queue is taken a moment after
+/// the load stops, and each metrics fetch holds an admin socket briefly.
+async fn quiet_open_files(sluice: &Sluice) -> usize {
+    let mut fewest = usize::MAX;
+    for _ in 0..10 {
+        fewest = fewest.min(sluice.open_files());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fewest
+}
+
+/// Reload `i` of the churn: drops one of the four backends on odd turns, and changes
+/// every weight each turn.
+fn churn_config(backends: &[SocketAddr], i: usize) -> String {
+    let list: Vec<(SocketAddr, u32)> = backends
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| i % 2 == 0 || *k != (i / 2) % backends.len())
+        .map(|(k, a)| (*a, 1 + ((i + k) % 3) as u32))
+        .collect();
+    weighted("", &list)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_reloads_under_load_lose_nothing_and_leak_nothing() {
+    const STREAMS: usize = 200;
+    const RELOADS: usize = 100;
+    let backends = [
+        Backend::echo().await,
+        Backend::echo().await,
+        Backend::echo().await,
+        Backend::echo().await,
+    ];
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let sluice = Sluice::start_quiet(&churn_config(&addrs, 0));
+    let addr = sluice.addr("front");
+    let idle = |m: &Metrics| m.value("sluice_connections_active", &[]) == 0.0;
+
+    // Warm up with the same load and no reloads: buffer pools and allocator arenas fill,
+    // and what remains afterwards is the baseline.
+    Load::start(addr, STREAMS).await.finish().await;
+    sluice.wait_metrics("the warm-up closed", idle).await;
+    let files_before = quiet_open_files(&sluice).await;
+    let rss_before = sluice.rss_kib();
+
+    let load = Load::start(addr, STREAMS).await;
+    for i in 1..=RELOADS {
+        let text = churn_config(&addrs, i);
+        if i % 2 == 0 {
+            sluice.save_by_rename(&text);
+        } else {
+            sluice.rewrite(&text);
+        }
+        sluice.wait_generation(i as u64).await;
+    }
+    let (steady, connects) = load.finish().await;
+
+    let m = sluice.wait_metrics("every connection closed", idle).await;
+    assert_eq!(m.value("sluice_config_generation", &[]), RELOADS as f64);
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "success")]),
+        RELOADS as f64
+    );
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "failure")]),
+        0.0
+    );
+    assert_eq!(m.value("sluice_connections_rejected_total", &[]), 0.0);
+    sluice
+        .wait_metrics("old snapshots released", |m| {
+            m.value("sluice_config_snapshots", &[]) == 1.0
+        })
+        .await;
+    let (files_after, rss_after) = (sluice.open_files(), sluice.rss_kib());
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", sluice.pid()))
+        .unwrap()
+        .map(|e| {
+            std::fs::read_link(e.unwrap().path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>();
+    eprintln!("FDS {fds:?}");
+    eprintln!(
+        "{steady} steady connections, {connects} connects; files {files_before} -> {files_after}, RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        files_after <= files_before,
+        "open files {files_before} -> {files_after}"
+    );
+    assert!(
+        rss_after <= rss_before + 4096,
+        "RSS {rss_before} -> {rss_after} KiB"
+    );
+}
+
+/// `weighted` plus a listener "load" in front of an echo backend, for [`Load`].
+fn with_load_listener(config: &str, echo: SocketAddr) -> String {
+    format!(
+        "[[listener]]\nname = \"load\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"echo\"\n\
+         [[upstream]]\nname = \"echo\"\n[[upstream.backend]]\naddress = \"{echo}\"\n\n{config}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_files_change_nothing_and_a_valid_one_then_applies() {
+    let (a, b, echo) = (
+        tagged(b'a').await,
+        tagged(b'b').await,
+        Backend::echo().await,
+    );
+    let sluice = Sluice::start(&with_load_listener(
+        &weighted("", &[(a.addr, 1)]),
+        echo.addr,
+    ));
+    let addr = sluice.addr("front");
+    let load = Load::start(sluice.addr("load"), 20).await;
+    let valid_b = with_load_listener(&weighted("", &[(b.addr, 1)]), echo.addr);
+    // Cut inside the last address: an unterminated string, as a writer caught mid-way.
+    let half = &valid_b[..valid_b.rfind(':').unwrap()];
+
+    for (n, (what, text)) in [
+        ("garbage", "@@@ this is { not toml"),
+        ("empty", ""),
+        ("half-written", half),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        sluice.rewrite(text);
+        let m = sluice
+            .wait_metrics(&format!("the {what} file refused"), |m| {
+                m.value("sluice_config_reloads_total", &[("result", "failure")]) == (n + 1) as f64
+            })
+            .await;
+        assert_eq!(m.value("sluice_config_generation", &[]), 0.0, "{what}");
+        assert_eq!(
+            m.value("sluice_config_last_reload_successful", &[]),
+            0.0,
+            "{what}"
+        );
+        assert_eq!(
+            connect_tagged(addr, None).await.1,
+            b'a',
+            "{what}: the old config serves"
+        );
+    }
+    let log = sluice.log().join("\n");
+    assert!(
+        log.contains("sluice.toml:1:1: no [[listener]]"),
+        "the empty file's error is logged"
+    );
+
+    sluice.rewrite(&valid_b);
+    let m = sluice.wait_generation(1).await;
+    assert_eq!(m.value("sluice_config_last_reload_successful", &[]), 1.0);
+    assert_eq!(connect_tagged(addr, None).await.1, b'b');
+    let (steady, connects) = load.finish().await;
+    assert!(steady > 0 && connects > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_configmap_symlink_swap_is_applied() {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    // The layout kubelet makes: sluice.toml -> ..data/sluice.toml, ..data -> ..v1.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    std::fs::create_dir(root.join("..v1")).unwrap();
+    std::fs::write(
+        root.join("..v1/sluice.toml"),
+        with_admin(&weighted("", &[(a.addr, 1)])),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/sluice.toml", root.join("sluice.toml")).unwrap();
+    let sluice = Sluice::start_file(dir, root.join("sluice.toml"));
+    assert_eq!(connect_tagged(sluice.addr("front"), None).await.1, b'a');
+
+    std::fs::create_dir(root.join("..v2")).unwrap();
+    std::fs::write(
+        root.join("..v2/sluice.toml"),
+        with_admin(&weighted("", &[(b.addr, 1)])),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+
+    sluice.wait_generation(1).await;
+    assert_eq!(connect_tagged(sluice.addr("front"), None).await.1, b'b');
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads() {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    let sluice = Sluice::start(&weighted("", &[(a.addr, 1)]));
+    // Written behind sluice's back: the watch sees it too, so only count the result.
+    sluice.rewrite(&weighted("", &[(b.addr, 1)]));
+    sluice.signal("HUP");
+    sluice.wait_generation(1).await;
+    assert_eq!(connect_tagged(sluice.addr("front"), None).await.1, b'b');
+}
+
+fn two_listeners(names: [&str; 2], backend: SocketAddr) -> String {
+    let mut c = String::new();
+    for n in names {
+        c.push_str(&format!(
+            "[[listener]]\nname = \"{n}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n"
+        ));
+    }
+    c.push_str(&format!(
+        "[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
+    ));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_listener_keeps_its_connections_and_adding_one_accepts_at_once() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&two_listeners(["one", "two"], backend.addr));
+    let (one, two) = (sluice.addr("one"), sluice.addr("two"));
+    let mut open_on_two = TcpStream::connect(two).await.unwrap();
+    open_on_two.write_all(b"before").await.unwrap();
+    assert_eq!(read_n(&mut open_on_two, 6).await, b"before");
+
+    sluice.rewrite(&two_listeners(["one", "three"], backend.addr));
+    sluice.wait_generation(1).await;
+
+    let three = sluice.wait_listening("three", 0).await;
+    let sent = data(50_000, 1);
+    assert_eq!(
+        exchange(three, &sent).await,
+        sent,
+        "the new listener accepts at once"
+    );
+    assert_eq!(
+        exchange(one, &sent).await,
+        sent,
+        "the unchanged listener still serves"
+    );
+    let got = exchange_on(&mut open_on_two, b"after").await;
+    assert_eq!(got, b"after", "the removed listener's connection continues");
+    let deadline = std::time::Instant::now() + PROMPTLY;
+    loop {
+        match TcpStream::connect(two).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => drop(other),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed listener still accepts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        sluice
+            .log()
+            .iter()
+            .any(|l| l.contains("listener two removed") && l.contains("listener three added"))
+    );
+}
+
+/// A connection to backend a, then a reload that replaces a with b under `policy`.
+async fn remove_backend(policy: &str) -> (Sluice, TcpStream, Backend, Backend) {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    let extra = format!("on_backend_removed = \"{policy}\"");
+    let text = |backend: SocketAddr| {
+        format!(
+            "drain_timeout = \"700ms\"\n{}",
+            weighted(&extra, &[(backend, 1)])
+        )
+    };
+    let sluice = Sluice::start(&text(a.addr));
+    let (held, tag) = connect_tagged(sluice.addr("front"), None).await;
+    assert_eq!(tag, b'a');
+    sluice.rewrite(&text(b.addr));
+    sluice.wait_generation(1).await;
+    assert_eq!(
+        connect_tagged(sluice.addr("front"), None).await.1,
+        b'b',
+        "new connections go to b"
+    );
+    (sluice, held, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_backend_removed_keep_leaves_open_connections_alone() {
+    let (sluice, mut held, _a, _b) = remove_backend("keep").await;
+    held.write_all(b"?").await.unwrap();
+    assert_eq!(read_n(&mut held, 1).await, b"?");
+    // Past the drain timeout, still open.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    held.write_all(b"!").await.unwrap();
+    assert_eq!(read_n(&mut held, 1).await, b"!");
+    assert!(!sluice.log().iter().any(|l| l.contains("backend_removed")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_backend_removed_drain_closes_after_drain_timeout() {
+    let started = std::time::Instant::now();
+    let (sluice, mut held, _a, _b) = remove_backend("drain").await;
+    held.write_all(b"?").await.unwrap();
+    assert_eq!(
+        read_n(&mut held, 1).await,
+        b"?",
+        "still open right after the reload"
+    );
+    let closed = until_closed(&mut held).await;
+    assert!(closed.is_err() || closed.unwrap() == 0);
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        started.elapsed()
+    );
+    sluice
+        .wait_log(|l| l.contains("reason=\"backend_removed\""))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_backend_removed_close_closes_at_once() {
+    let (sluice, mut held, _a, _b) = remove_backend("close").await;
+    let closed = until_closed(&mut held).await;
+    assert!(closed.is_err() || closed.unwrap() == 0);
+    sluice
+        .wait_log(|l| l.contains("reason=\"backend_removed\""))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_things_leave_the_metrics_once_their_last_connection_ends() {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    let sluice = Sluice::start(&two_listeners(["one", "two"], a.addr));
+    let (held, _) = connect_tagged(sluice.addr("two"), None).await;
+    let a_label = format!("backend=\"{}\"", a.addr);
+
+    sluice.rewrite(&two_listeners(["one", "three"], b.addr));
+    sluice.wait_generation(1).await;
+    let m = sluice.metrics().await;
+    assert!(
+        m.0.contains("listener=\"two\""),
+        "kept while its connection is open"
+    );
+    assert!(m.0.contains(&a_label), "kept while its connection is open");
+
+    drop(held);
+    let m = sluice
+        .wait_metrics("the removed series gone", |m| {
+            !m.0.contains("listener=\"two\"") && !m.0.contains(&a_label)
+        })
+        .await;
+    assert!(m.0.contains("listener=\"three\"") && m.0.contains(&format!("backend=\"{}\"", b.addr)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_config_is_visible_at_slash_config() {
+    let a = Backend::echo().await;
+    let sluice = Sluice::start(&weighted(
+        "connect_timeout = \"1500ms\"\nbalance = \"maglev\"",
+        &[(a.addr, 4)],
+    ));
+    let (code, body) = sluice.get("/config").await;
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["generation"], 0);
+    assert_eq!(json["source"], sluice.config_path.display().to_string());
+    assert!(json["loaded_at"].as_f64().unwrap() > 1.7e9);
+    let upstream = &json["config"]["upstreams"][0];
+    assert_eq!(upstream["balance"], "maglev");
+    assert_eq!(upstream["connect_timeout"], "1500ms");
+    assert_eq!(upstream["idle_timeout"], "1h");
+    assert_eq!(upstream["backends"][0]["address"], a.addr.to_string());
+    assert_eq!(upstream["backends"][0]["weight"], 4);
+}
