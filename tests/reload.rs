@@ -497,3 +497,54 @@ async fn the_running_config_is_visible_at_slash_config() {
     assert_eq!(upstream["backends"][0]["address"], a.addr.to_string());
     assert_eq!(upstream["backends"][0]["weight"], 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_state_survives_a_reload() {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    let dead = tagged(b'd').await;
+    let (dead_addr, dead_label) = (dead.addr, dead.addr.to_string());
+    let checks = "balance = \"least_connections\"\n\
+                  health_check = { interval = \"100ms\", timeout = \"100ms\", rise = 2, fall = 2 }";
+    let config =
+        |weight_b: u32| weighted(checks, &[(a.addr, 1), (b.addr, weight_b), (dead_addr, 1)]);
+    let sluice = Sluice::start(&config(1));
+    drop(dead);
+    sluice
+        .wait_metrics("the dead backend down", |m| {
+            m.value("sluice_backend_up", &[("backend", &dead_label)]) == 0.0
+        })
+        .await;
+    // Four connections held on a and b, two each.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_tagged(sluice.addr("front"), None).await);
+    }
+    held.retain(|(_, t)| *t == b'a');
+    assert_eq!(held.len(), 2);
+
+    // Change only b's weight; a keeps its 2 open connections, b has none now.
+    sluice.rewrite(&config(2));
+    let m = sluice.wait_generation(1).await;
+    assert_eq!(
+        m.value("sluice_backend_up", &[("backend", &dead_label)]),
+        0.0,
+        "still down"
+    );
+    assert_eq!(
+        m.value(
+            "sluice_backend_connections_active",
+            &[("backend", &a.addr.to_string())]
+        ),
+        2.0,
+        "a's count carried over"
+    );
+    let mut next = String::new();
+    for _ in 0..4 {
+        next.push(connect_tagged(sluice.addr("front"), None).await.1 as char);
+    }
+    // Least connections with b at weight 2: b takes the first four (load 0/2 .. 3/2 < 2/1).
+    assert_eq!(
+        next, "bbbb",
+        "the emptier backend, by counts that survived the reload"
+    );
+}
