@@ -61,8 +61,12 @@ pub fn triggers(path: &Path) -> io::Result<mpsc::Receiver<Trigger>> {
     #[allow(deprecated)]
     let fd = AsyncFd::new(fd)?;
     let file_tx = tx.clone();
+    let name = path
+        .file_name()
+        .map(|n| n.as_encoded_bytes().to_vec())
+        .unwrap_or_default();
     tokio::spawn(async move {
-        if let Err(e) = watch(fd, file_tx).await {
+        if let Err(e) = watch(fd, &name, file_tx).await {
             tracing::error!(error = %e, "config file watch stopped; SIGHUP still reloads");
         }
     });
@@ -75,11 +79,11 @@ pub fn triggers(path: &Path) -> io::Result<mpsc::Receiver<Trigger>> {
     Ok(rx)
 }
 
-async fn watch(fd: AsyncFd<OwnedFd>, tx: mpsc::Sender<Trigger>) -> io::Result<()> {
+async fn watch(fd: AsyncFd<OwnedFd>, name: &[u8], tx: mpsc::Sender<Trigger>) -> io::Result<()> {
     let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
     loop {
-        next_events(&fd, &mut buf).await?;
-        while let Ok(more) = timeout(DEBOUNCE, next_events(&fd, &mut buf)).await {
+        next_events(&fd, name, &mut buf).await?;
+        while let Ok(more) = timeout(DEBOUNCE, next_events(&fd, name, &mut buf)).await {
             more?;
         }
         // Full means a reload is already pending, and it will read the latest file.
@@ -87,22 +91,38 @@ async fn watch(fd: AsyncFd<OwnedFd>, tx: mpsc::Sender<Trigger>) -> io::Result<()
     }
 }
 
-/// Waits for at least one inotify event and consumes all that are queued.
-async fn next_events(fd: &AsyncFd<OwnedFd>, buf: &mut [MaybeUninit<u8>]) -> io::Result<()> {
+/// Waits until an event concerns the config file (`name`), Kubernetes' `..data` link,
+/// or may have been lost (queue overflow); consumes every queued event. Events for other
+/// files in the directory (logs, an editor's swap files) are ignored, so writing beside
+/// the config never triggers a reload.
+async fn next_events(
+    fd: &AsyncFd<OwnedFd>,
+    name: &[u8],
+    buf: &mut [MaybeUninit<u8>],
+) -> io::Result<()> {
     loop {
         let mut ready = fd.readable().await?;
         let drained = ready.try_io(|inner| {
             let mut reader = inotify::Reader::new(inner.get_ref(), &mut *buf);
-            let mut seen = 0usize;
+            let mut relevant = 0usize;
             loop {
                 match reader.next() {
                     Ok(event) => {
-                        if event.events().contains(ReadFlags::QUEUE_OVERFLOW) {
-                            tracing::debug!("inotify queue overflowed; reading the file anyway");
+                        let overflow = event.events().contains(ReadFlags::QUEUE_OVERFLOW);
+                        let ours = event.file_name().is_some_and(|n| {
+                            let n = n.to_bytes();
+                            n == name || n == b"..data"
+                        });
+                        if overflow || ours {
+                            relevant += 1;
                         }
-                        seen += 1;
                     }
-                    Err(rustix::io::Errno::WOULDBLOCK) if seen > 0 => return Ok(seen),
+                    // Nothing of ours: report WouldBlock, which makes tokio clear the
+                    // readiness so that the next wait really waits.
+                    Err(rustix::io::Errno::WOULDBLOCK) if relevant == 0 => {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Err(rustix::io::Errno::WOULDBLOCK) => return Ok(relevant),
                     Err(e) => return Err(io::Error::from(e)),
                 }
             }

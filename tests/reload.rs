@@ -548,3 +548,26 @@ async fn backend_state_survives_a_reload() {
         "the emptier backend, by counts that survived the reload"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_beside_the_config_do_not_trigger_reloads() {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    let sluice = Sluice::start(&weighted("", &[(a.addr, 1)]));
+    let failures = |m: &Metrics| m.value("sluice_config_reloads_total", &[("result", "failure")]);
+    sluice.rewrite("not = [valid");
+    sluice
+        .wait_metrics("one failure", |m| failures(m) == 1.0)
+        .await;
+
+    // A log or an editor's swap file next to the config: were these read as config
+    // changes, the invalid file would be read, and fail, once more for each.
+    let neighbour = sluice.config_path.with_file_name("sluice.log");
+    for i in 0..5 {
+        std::fs::write(&neighbour, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    sluice.rewrite(&weighted("", &[(b.addr, 1)]));
+    let m = sluice.wait_generation(1).await;
+    assert_eq!(failures(&m), 1.0, "neighbour writes caused reloads");
+    assert_eq!(connect_tagged(sluice.addr("front"), None).await.1, b'b');
+}
