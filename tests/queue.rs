@@ -21,18 +21,24 @@ fn rejected(m: &Metrics, reason: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn twenty_clients_share_two_slots_in_arrival_order() {
+async fn twenty_clients_share_two_slots_and_the_backend_never_sees_more() {
+    // Slots are handed out oldest first, but two clients handed slots in turn then race
+    // each other to the backend (wake, connect, send), so the backend's order is not a
+    // strict test of FIFO with two slots; the one-slot test below is.
     let order = clients_through_slots(2).await;
-    // Slots go to waiters strictly oldest first, but two clients handed slots at nearly
-    // the same moment race each other to the backend; so each is served at most one
-    // place from its arrival position (slots - 1).
-    for (position, id) in order.iter().enumerate() {
-        assert!(position.abs_diff(*id as usize) <= 1, "{order:?}");
-    }
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (0..20).collect::<Vec<_>>(),
+        "every client served once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_one_slot_clients_are_served_exactly_in_arrival_order() {
+    // The next client gets the slot only after the previous connection has closed, so
+    // the backend sees exactly the order in which the queue handed out the slot.
     let order = clients_through_slots(1).await;
     assert_eq!(order, (0..20).collect::<Vec<_>>());
 }

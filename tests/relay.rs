@@ -239,9 +239,10 @@ async fn idle_timeout_closes_an_idle_connection_but_not_a_busy_one() {
 
     // Idle: after one exchange, nothing; sluice closes it.
     let mut idle = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    // Stamped before the exchange: sluice's last activity cannot be any earlier.
+    let last_activity = Instant::now();
     idle.write_all(b"hello").await.unwrap();
     assert_eq!(read_n(&mut idle, 5).await, b"hello");
-    let last_activity = Instant::now();
     let closed = until_closed(&mut idle).await;
     let waited = last_activity.elapsed();
 

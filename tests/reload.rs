@@ -197,23 +197,21 @@ async fn a_hundred_reloads_under_load_lose_nothing_and_leak_nothing() {
             m.value("sluice_config_snapshots", &[]) == 1.0
         })
         .await;
-    let (files_after, rss_after) = (sluice.open_files(), sluice.rss_kib());
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", sluice.pid()))
-        .unwrap()
-        .map(|e| {
-            std::fs::read_link(e.unwrap().path())
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        })
-        .collect::<Vec<_>>();
-    eprintln!("FDS {fds:?}");
+    let (files_after, rss_after) = (quiet_open_files(&sluice).await, sluice.rss_kib());
     eprintln!(
         "{steady} steady connections, {connects} connects; files {files_before} -> {files_after}, RSS {rss_before} -> {rss_after} KiB"
     );
-    assert!(
-        files_after <= files_before,
-        "open files {files_before} -> {files_after}"
-    );
+    if files_after > files_before {
+        let fds = std::process::Command::new("ls")
+            .arg("-l")
+            .arg(format!("/proc/{}/fd", sluice.pid()))
+            .output()
+            .unwrap();
+        panic!(
+            "open files {files_before} -> {files_after}:\n{}",
+            String::from_utf8_lossy(&fds.stdout)
+        );
+    }
     assert!(
         rss_after <= rss_before + 4096,
         "RSS {rss_before} -> {rss_after} KiB"

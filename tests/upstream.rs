@@ -81,8 +81,9 @@ async fn a_backend_that_never_answers_times_out_at_connect_timeout() {
         "connect_timeout = \"500ms\"\nretries = 0",
         &[hole.addr],
     ));
-    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    // Stamped before connecting: sluice's timer cannot start any earlier.
     let started = Instant::now();
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
 
     let closed = until_closed(&mut s).await;
     let waited = started.elapsed();
