@@ -268,6 +268,11 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         registry.register(Box::new(build_info))?;
+        // process_open_fds, process_max_fds, process_resident_memory_bytes,
+        // process_cpu_seconds_total, process_start_time_seconds (Linux /proc).
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let reloads = counter_vec(
             &registry,
             CONFIG_RELOADS,

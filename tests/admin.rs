@@ -26,6 +26,14 @@ const REQUIRED: &[&str] = &[
     "sluice_backend_ejections_total",
     "sluice_queue_length",
     "sluice_queue_wait_duration_seconds",
+    "sluice_config_reloads_total",
+    "sluice_config_last_reload_successful",
+    "sluice_config_last_reload_success_timestamp_seconds",
+    "process_open_fds",
+    "process_max_fds",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_start_time_seconds",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
