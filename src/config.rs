@@ -31,6 +31,7 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 pub const MAX_WEIGHT: u32 = 1000;
 pub const MAX_RETRIES: u32 = 16;
 pub const DEFAULT_QUEUE_MAX: usize = 1000;
+pub const DEFAULT_ACCESS_LOG_BUFFER: usize = 65_536;
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -48,8 +49,27 @@ pub struct Config {
     #[serde(serialize_with = "duration_text")]
     pub drain_timeout: Duration,
     pub admin: Admin,
+    /// `None`: connections are recorded only in the main log.
+    pub access_log: Option<AccessLogConfig>,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AccessLogConfig {
+    /// `None` writes to standard output.
+    pub path: Option<PathBuf>,
+    pub format: LogFormat,
+    /// Lines queued for the writer at most; more are dropped and counted.
+    pub buffer: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Logfmt,
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -266,6 +286,7 @@ type Invalid = (Range<usize>, String);
 struct RawConfig {
     drain_timeout: Option<Spanned<DurationValue>>,
     admin: Option<RawAdmin>,
+    access_log: Option<RawAccessLog>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
     #[serde(default, rename = "upstream")]
@@ -276,6 +297,15 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     bind: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: Option<PathBuf>,
+    #[serde(default)]
+    format: LogFormat,
+    buffer: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -508,10 +538,23 @@ impl RawConfig {
             });
         }
 
+        let access_log = match self.access_log {
+            None => None,
+            Some(a) => Some(AccessLogConfig {
+                path: a.path,
+                format: a.format,
+                buffer: match a.buffer {
+                    None => DEFAULT_ACCESS_LOG_BUFFER,
+                    Some(b) => usize::try_from(at_least_one(&b, "buffer")?)
+                        .map_err(|_| (b.span(), "`buffer` is too large".to_string()))?,
+                },
+            }),
+        };
         Ok(Config {
             source: path.to_path_buf(),
             drain_timeout,
             admin,
+            access_log,
             listeners,
             upstreams,
         })

@@ -8,6 +8,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log;
 use crate::listener::Permit;
 use crate::metrics::RejectReason;
 use crate::relay::{self, Counters};
@@ -67,6 +68,18 @@ pub async fn handle(
             );
             m.rejected(reason).inc();
             m.duration.observe(started.elapsed().as_secs_f64());
+            if let Some(log) = &snapshot.access_log {
+                log.record(&access_log::Entry {
+                    listener: &listener,
+                    client: peer,
+                    upstream: &upstream.name,
+                    backend: None,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    duration: started.elapsed(),
+                    reason: reason.as_str(),
+                });
+            }
             tracing::warn!(listener = %listener, client = %peer, upstream = %upstream.name, reason = reason.as_str(), error = %e, "connection rejected");
             return;
         }
@@ -95,6 +108,18 @@ pub async fn handle(
     .await;
     let duration = started.elapsed();
     m.duration.observe(duration.as_secs_f64());
+    if let Some(log) = &snapshot.access_log {
+        log.record(&access_log::Entry {
+            listener: &listener,
+            client: peer,
+            upstream: &upstream.name,
+            backend: Some(lease.backend().address),
+            bytes_in: outcome.client_to_backend,
+            bytes_out: outcome.backend_to_client,
+            duration,
+            reason: outcome.end.as_str(),
+        });
+    }
     tracing::info!(
         listener = %listener,
         client = %peer,

@@ -38,6 +38,7 @@
 // Tests may panic on a broken expectation; the data path may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
@@ -79,7 +80,7 @@ pub enum Error {
     },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("cannot listen for signals or watch the config file: {0}")]
+    #[error("cannot listen for signals, watch the config file or start the access log: {0}")]
     Watch(std::io::Error),
 }
 
@@ -101,12 +102,31 @@ pub struct Server {
 pub async fn run(config: Config, text: String) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new()?);
     let config = Arc::new(config);
+    let access_log = match &config.access_log {
+        None => None,
+        Some(a) => Some(Arc::new(
+            access_log::AccessLog::start(a, metrics.access_log_dropped.clone())
+                .map_err(Error::Watch)?,
+        )),
+    };
+    if let Some(log) = &access_log {
+        let log = Arc::clone(log);
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .map_err(Error::Watch)?;
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                log.reopen();
+            }
+        });
+    }
     let config_path = config.source.clone();
     let snapshots: SnapshotHandle = Arc::new(ArcSwap::from_pointee(Snapshot::build(
         Arc::clone(&config),
         0,
         &metrics,
         None,
+        access_log,
     )));
     metrics.config_last_reload_successful.set(1);
     metrics

@@ -29,6 +29,7 @@ pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
     "sluice_config_last_reload_success_timestamp_seconds";
 pub const DRAINING: &str = "sluice_draining";
 pub const CONFIG_SNAPSHOTS: &str = "sluice_config_snapshots";
+pub const ACCESS_LOG_DROPPED: &str = "sluice_access_log_dropped_total";
 pub const BACKEND_UP: &str = "sluice_backend_up";
 pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
 pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
@@ -205,6 +206,7 @@ pub struct Metrics {
     pub draining: IntGauge,
     pub process_max_connections: IntGauge,
     pub config_snapshots: IntGauge,
+    pub access_log_dropped: IntCounter,
 }
 
 /// Handles for one listener.
@@ -399,6 +401,14 @@ impl Metrics {
                 DRAINING,
                 "1 while sluice is shutting down and draining connections",
             )?,
+            access_log_dropped: {
+                let c = IntCounter::new(
+                    ACCESS_LOG_DROPPED,
+                    "Access log lines dropped because the writer could not keep up",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             config_snapshots: gauge(
                 &registry,
                 CONFIG_SNAPSHOTS,

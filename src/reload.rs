@@ -159,6 +159,9 @@ impl Server {
         if config.admin != previous.config.admin {
             tracing::warn!("a change of [admin] applies only after a restart");
         }
+        if config.access_log != previous.config.access_log {
+            tracing::warn!("a change of [access_log] applies only after a restart");
+        }
         let bound = match self.listeners.bind_new(&config) {
             Ok(b) => b,
             Err(e) => return self.reload_failed(&e.to_string()),
@@ -169,6 +172,7 @@ impl Server {
             previous.generation + 1,
             &self.metrics,
             Some(&previous),
+            previous.access_log.clone(),
         ));
         retire_removed(&previous, &snapshot);
         let janitor = Janitor::new(&previous, &snapshot);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::upstream::Upstream;
@@ -23,6 +24,8 @@ pub struct Snapshot {
     /// In config order; few enough that a linear search by name beats hashing.
     pub listeners: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Process-wide, started with the first snapshot and carried to every later one.
+    pub access_log: Option<Arc<AccessLog>>,
     /// Counts snapshots alive, so a leak of old ones shows in the metrics.
     alive: IntGauge,
 }
@@ -48,6 +51,7 @@ impl Snapshot {
         generation: u64,
         metrics: &Metrics,
         previous: Option<&Snapshot>,
+        access_log: Option<Arc<AccessLog>>,
     ) -> Snapshot {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
@@ -79,6 +83,7 @@ impl Snapshot {
             loaded_at: crate::reload::unix_now(),
             listeners,
             upstreams,
+            access_log,
         }
     }
 
