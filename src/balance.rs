@@ -222,7 +222,7 @@ impl Maglev {
 impl Balance for Maglev {
     fn pick(
         &self,
-        _backends: &[Arc<Backend>],
+        backends: &[Arc<Backend>],
         client: SocketAddr,
         cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
@@ -230,11 +230,17 @@ impl Balance for Maglev {
         if self.table.is_empty() {
             return None;
         }
+        // Ask once per backend, not once per table slot: with nothing eligible, the
+        // walk below would otherwise call `eligible` 65,537 times.
+        let ok: Vec<bool> = (0..backends.len()).map(eligible).collect();
+        if !ok.contains(&true) {
+            return None;
+        }
         let start = *cursor.get_or_insert_with(|| Maglev::slot(client));
         let len = self.table.len();
         (0..len)
             .map(|k| usize::from(self.table[(start + k) % len]))
-            .find(|&i| eligible(i))
+            .find(|&i| ok.get(i).copied().unwrap_or(false))
     }
 }
 

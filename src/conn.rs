@@ -136,12 +136,16 @@ pub async fn handle(
 /// Resolves when the client has left before a backend was reached: it reset, or it
 /// sent FIN with nothing unread. A FIN after data may be a half-close by a client that
 /// still waits for its answer, so that client is kept; while its data waits unread,
-/// the check repeats every 250 ms (for a reset) instead of spinning on readiness.
+/// the check repeats every 250 ms (for a reset, through the socket's pending error)
+/// instead of spinning on readiness.
 async fn client_gone(client: &TcpStream) {
     let mut probe = [0u8; 1];
     loop {
         match client.peek(&mut probe).await {
             Ok(0) | Err(_) => return,
+            // With data unread, peek keeps returning it even after a reset; the socket's
+            // pending error shows the reset.
+            Ok(_) if !matches!(client.take_error(), Ok(None)) => return,
             Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
         }
     }

@@ -123,7 +123,11 @@ impl Checks {
             for backend in &upstream.backends {
                 let key = (upstream.name.clone(), backend.address);
                 let Some(check) = &upstream.health_check else {
-                    // Checks were turned off: a backend they held down is up again.
+                    // Checks were turned off: stop the task first, so that a probe in
+                    // flight cannot mark the backend down again, then count it up.
+                    if let Some((_, old)) = self.running.remove(&key) {
+                        old.cancel();
+                    }
                     if !backend.health.is_up() {
                         backend.health.set_up(true);
                         upstream.availability_changed(backend);
@@ -147,8 +151,10 @@ impl Checks {
                 let cancelled = token.clone();
                 tokio::spawn(async move {
                     tokio::select! {
-                        () = task => {},
+                        // Cancellation wins over a probe that finished at the same time.
+                        biased;
                         () = cancelled.cancelled() => {},
+                        () = task => {},
                     }
                 });
                 self.running.insert(key, (check.clone(), token));

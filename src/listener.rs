@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -157,6 +158,9 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// A socket bound for a listener and not yet serving: (listener, configured address, socket).
+pub type Bound = (String, SocketAddr, AsyncFd<std::net::TcpListener>);
+
 /// What a reconcile changed, for the reload log line.
 #[derive(Debug, Default)]
 pub struct Changes {
@@ -183,10 +187,7 @@ impl Listeners {
 
     /// Binds what `config` adds and resizes limits; returns the sockets to start. Nothing
     /// changes if any bind fails.
-    pub fn bind_new(
-        &self,
-        config: &Config,
-    ) -> Result<Vec<(String, SocketAddr, TcpListener)>, crate::Error> {
+    pub fn bind_new(&self, config: &Config) -> Result<Vec<Bound>, crate::Error> {
         let mut bound = Vec::new();
         for l in &config.listeners {
             for &address in &l.bind {
@@ -194,7 +195,11 @@ impl Listeners {
                     continue;
                 }
                 let socket = bind(address, l.backlog)
-                    .and_then(TcpListener::from_std)
+                    // Deprecated for fds the AsyncFd does not own; this one owns it.
+                    .and_then(|s| {
+                        #[allow(deprecated)]
+                        AsyncFd::new(s)
+                    })
                     .map_err(|source| crate::Error::Bind {
                         what: format!("listener {:?}", l.name),
                         address,
@@ -208,11 +213,7 @@ impl Listeners {
 
     /// Starts the sockets from [`Listeners::bind_new`] and stops those `config` no longer
     /// has. Call after the new snapshot is stored, so new sockets route by it.
-    pub fn apply(
-        &mut self,
-        config: &Config,
-        bound: Vec<(String, SocketAddr, TcpListener)>,
-    ) -> Changes {
+    pub fn apply(&mut self, config: &Config, bound: Vec<Bound>) -> Changes {
         let mut changes = Changes::default();
         for l in &config.listeners {
             match self.limits.get(&l.name) {
@@ -225,6 +226,7 @@ impl Listeners {
         }
         for (name, address, socket) in bound {
             let local = socket
+                .get_ref()
                 .local_addr()
                 .map_or_else(|_| address.to_string(), |a| a.to_string());
             tracing::info!(listener = %name, address = %local, "listening");
@@ -279,7 +281,8 @@ impl Listeners {
 /// One listening socket of a listener, and what its accept loop shares.
 struct Acceptor {
     name: Arc<str>,
-    socket: TcpListener,
+    /// Polled for readiness before any permit is taken: see [`Acceptor::serve`].
+    socket: AsyncFd<std::net::TcpListener>,
     limit: Arc<Limit>,
     process_limit: Arc<Semaphore>,
 }
@@ -296,6 +299,19 @@ impl Acceptor {
     ) {
         let mut backoff = MIN_BACKOFF;
         loop {
+            // Wait for a connection to be pending before taking permits: a loop waiting
+            // on a quiet address must not hold a slot that another address of the same
+            // listener (or another listener) could use.
+            let mut ready = tokio::select! {
+                r = self.socket.readable() => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(listener = %self.name, error = %e, "listening socket failed");
+                        return;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
             let permit = tokio::select! {
                 p = self.limit.acquire() => p,
                 () = stop.cancelled() => return,
@@ -308,9 +324,13 @@ impl Acceptor {
             let (Some(permit), Some(process_permit)) = (permit, process_permit) else {
                 return;
             };
-            let accepted = tokio::select! {
-                a = self.socket.accept() => a,
-                () = stop.cancelled() => return,
+            let accepted = match ready.try_io(|l| l.get_ref().accept()) {
+                Ok(a) => a.and_then(|(s, peer)| {
+                    s.set_nonblocking(true)?;
+                    Ok((TcpStream::from_std(s)?, peer))
+                }),
+                // The client gave up before we accepted; readiness is cleared.
+                Err(_would_block) => continue,
             };
             match accepted {
                 Ok((stream, peer)) => {
@@ -325,6 +345,7 @@ impl Acceptor {
                     ));
                 }
                 Err(e) => {
+                    drop((permit, process_permit));
                     let failure = classify(&e);
                     if let Some(route) = snapshots.load().route(&self.name) {
                         route.metrics.accept_error(failure).inc();

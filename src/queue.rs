@@ -7,13 +7,17 @@
 //! wakes. A waiter that leaves (timeout, client gone) is removed at once; a slot handed
 //! to it in the meantime is passed on.
 //!
-//! One mutex per upstream guards the waiters; it is taken only by upstreams with a
-//! per-backend limit, and held for a scan of the backends.
+//! One queue per upstream name, carried across reloads. It dispatches through the
+//! upstream of the current snapshot (a `Weak` set when each snapshot is built), so a slot
+//! freed by a connection from an older snapshot is handed out under the current limit
+//! and backend list. One mutex per queue guards the waiters; a release takes it only
+//! when someone waits (an atomic count, paired with the slot counts in SeqCst order so
+//! that no wake-up is lost).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use prometheus::{Histogram, IntGauge};
@@ -26,6 +30,9 @@ pub struct Queue {
     /// Bounds from the latest config (a reload may change them).
     max: AtomicUsize,
     timeout_ms: AtomicU64,
+    /// Waiters, plus clients between announcing themselves and taking a slot: a release
+    /// that reads 0 here (after freeing its slot) cannot have missed anyone.
+    waiting: AtomicUsize,
     waiters: Mutex<Waiters>,
     length: IntGauge,
     wait: Histogram,
@@ -35,6 +42,8 @@ pub struct Queue {
 struct Waiters {
     queue: VecDeque<Waiter>,
     next_id: u64,
+    /// The upstream of the current snapshot, which dispatch picks from.
+    upstream: Weak<Upstream>,
 }
 
 struct Waiter {
@@ -42,8 +51,9 @@ struct Waiter {
     client: SocketAddr,
     /// Backends this client already failed to connect to.
     tried: Vec<SocketAddr>,
-    /// Receives the backend whose slot was taken for this waiter.
-    slot: oneshot::Sender<Arc<Backend>>,
+    /// Receives the backend whose slot was taken for this waiter, or `None` when no
+    /// backend it has not tried is available any more.
+    slot: oneshot::Sender<Option<Arc<Backend>>>,
 }
 
 impl Queue {
@@ -51,10 +61,16 @@ impl Queue {
         Queue {
             max: AtomicUsize::new(max),
             timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
+            waiting: AtomicUsize::new(0),
             waiters: Mutex::new(Waiters::default()),
             length,
             wait,
         }
+    }
+
+    /// Makes `upstream` (of the snapshot being built) the one dispatch picks from.
+    pub fn adopt(&self, upstream: &Arc<Upstream>) {
+        self.lock().upstream = Arc::downgrade(upstream);
     }
 
     pub fn set_bounds(&self, max: usize, timeout: Duration) {
@@ -84,20 +100,26 @@ impl Queue {
     ) -> Result<Option<Arc<Backend>>, ConnectError> {
         let (id, rx) = {
             let mut w = self.lock();
+            // Announce before looking for room; see `waiting`.
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let leave = |result| {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                result
+            };
             if w.queue.is_empty()
-                && let Some(i) = upstream.take_slot(client, tried, cursor)
+                && let Some(b) = upstream.take_slot(client, tried, cursor)
             {
-                return Ok(Some(i));
+                return leave(Ok(Some(b)));
             }
             if !upstream.any_available(tried) {
-                return if tried.is_empty() {
+                return leave(if tried.is_empty() {
                     Err(ConnectError::NoHealthyBackend)
                 } else {
                     Ok(None)
-                };
+                });
             }
             if w.queue.len() >= self.max.load(Ordering::Relaxed) {
-                return Err(ConnectError::QueueFull);
+                return leave(Err(ConnectError::QueueFull));
             }
             let (tx, rx) = oneshot::channel();
             let id = w.next_id;
@@ -113,7 +135,6 @@ impl Queue {
         };
         let mut place = Place {
             queue: self,
-            upstream,
             id,
             rx: Some(rx),
         };
@@ -121,33 +142,55 @@ impl Queue {
         let rx = place.rx.as_mut().ok_or(ConnectError::QueueTimeout)?;
         let limit = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
         match timeout(limit, rx).await {
-            Ok(Ok(i)) => {
+            Ok(Ok(slot)) => {
                 place.rx = None;
-                self.wait.observe(started.elapsed().as_secs_f64());
-                Ok(Some(i))
+                if slot.is_some() {
+                    self.wait.observe(started.elapsed().as_secs_f64());
+                }
+                Ok(slot)
             }
             // The sender is dropped only with the queue itself.
             Ok(Err(_)) | Err(_) => Err(ConnectError::QueueTimeout),
         }
     }
 
-    /// Hands free slots to waiters, oldest first, until one cannot be served.
-    pub fn dispatch(&self, upstream: &Upstream) {
+    /// Hands free slots to waiters, oldest first. A waiter held back only by the
+    /// backends it already tried does not block those behind it; a waiter with nothing
+    /// left to try is told so at once.
+    pub fn dispatch(&self) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let Some(upstream) = self.lock().upstream.upgrade() else {
+            return;
+        };
         let mut w = self.lock();
-        while let Some(front) = w.queue.front() {
-            if front.slot.is_closed() {
-                w.queue.pop_front();
+        let mut i = 0;
+        while i < w.queue.len() {
+            let waiter = &w.queue[i];
+            if waiter.slot.is_closed() {
+                w.queue.remove(i);
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
-            let Some(i) = upstream.take_slot(front.client, &front.tried, &mut None) else {
+            let fresh = waiter.tried.is_empty();
+            let offer = match upstream.take_slot(waiter.client, &waiter.tried, &mut None) {
+                Some(b) => Some(b),
+                None if !upstream.any_available(&waiter.tried) => None,
+                // Nothing has room even for a client that tried nothing: stop here.
+                None if fresh => break,
+                None => {
+                    i += 1;
+                    continue;
+                }
+            };
+            let Some(waiter) = w.queue.remove(i) else {
                 break;
             };
-            let Some(waiter) = w.queue.pop_front() else {
-                break;
-            };
-            if let Err(backend) = waiter.slot.send(i) {
-                // It left between the check and the send: give the slot to the next.
-                backend.release();
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            if let Err(Some(b)) = waiter.slot.send(offer) {
+                // It left between the check and the send: the slot goes to the next.
+                b.release();
             }
         }
         self.length.set(w.queue.len() as i64);
@@ -158,9 +201,8 @@ impl Queue {
 /// was handed to it too late.
 struct Place<'a> {
     queue: &'a Queue,
-    upstream: &'a Arc<Upstream>,
     id: u64,
-    rx: Option<oneshot::Receiver<Arc<Backend>>>,
+    rx: Option<oneshot::Receiver<Option<Arc<Backend>>>>,
 }
 
 impl Drop for Place<'_> {
@@ -170,12 +212,16 @@ impl Drop for Place<'_> {
         };
         {
             let mut w = self.queue.lock();
+            let before = w.queue.len();
             w.queue.retain(|waiter| waiter.id != self.id);
+            if w.queue.len() < before {
+                self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
             self.queue.length.set(w.queue.len() as i64);
         }
-        if let Ok(backend) = rx.try_recv() {
+        if let Ok(Some(backend)) = rx.try_recv() {
             backend.release();
-            self.queue.dispatch(self.upstream);
+            self.queue.dispatch();
         }
     }
 }

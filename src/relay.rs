@@ -7,11 +7,13 @@
 //!   and keeps the other direction flowing. The relay ends when both directions have
 //!   ended.
 //! - An abortive close (RST) or error on one side ends the relay at once, and the other
-//!   side is reset too (SO_LINGER 0), so neither peer waits on a dead connection.
+//!   side is reset too (SO_LINGER 0), so neither peer waits on a dead connection. Every
+//!   other early end (timeouts, lifetime, removal, shutdown) closes with FIN, so bytes
+//!   already relayed are still delivered.
 //! - The idle timeout counts from the last byte moved in either direction.
 
 use std::cell::RefCell;
-use std::io::{self, ErrorKind};
+use std::io::ErrorKind;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -133,11 +135,14 @@ pub async fn relay(
             break End::Closed;
         }
     };
-    if end != End::Closed {
-        // Whatever the cause, neither peer should wait for a polite close now.
+    if matches!(end, End::ClientReset | End::BackendReset) {
+        // Pass the reset on: the other peer should not wait on a dead connection.
         reset(client);
         reset(backend);
     }
+    // Any other end (a timeout, the lifetime, a removed backend, the shutdown cut)
+    // closes with FIN when the sockets drop, so bytes already relayed into the kernel's
+    // buffers still reach a slow reader; an RST would throw them away.
     Outcome {
         end,
         client_to_backend: up.moved.load(Ordering::Relaxed),
@@ -198,25 +203,24 @@ async fn pump(
             Err(_) => return Err(Failed::Source),
         };
         clock.touch();
-        write_all(dst, &buf.as_mut()[..n])
-            .await
-            .map_err(|_| Failed::Sink)?;
-        clock.touch();
-        let n = n as u64;
-        dir.moved.fetch_add(n, Ordering::Relaxed);
-        counter.inc_by(n);
-    }
-}
-
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == ErrorKind::WouldBlock => dst.writable().await?,
-            Err(e) => return Err(e),
+        let mut data = &buf.as_mut()[..n];
+        // Each partial write counts as progress: a slow reader that is still taking
+        // bytes is not idle, and the byte counts stay true if the relay ends mid-chunk.
+        while !data.is_empty() {
+            match dst.try_write(data) {
+                Ok(written) => {
+                    data = &data[written..];
+                    clock.touch();
+                    dir.moved.fetch_add(written as u64, Ordering::Relaxed);
+                    counter.inc_by(written as u64);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    dst.writable().await.map_err(|_| Failed::Sink)?;
+                }
+                Err(_) => return Err(Failed::Sink),
+            }
         }
     }
-    Ok(())
 }
 
 /// Make the coming close an RST rather than a FIN.

@@ -178,6 +178,10 @@ impl Server {
         let janitor = Janitor::new(&previous, &snapshot);
         drop(previous);
         self.snapshots.store(Arc::clone(&snapshot));
+        // A raised limit or a new backend may let waiters in now.
+        for upstream in &snapshot.upstreams {
+            upstream.queue.dispatch();
+        }
         janitor.spawn(Arc::clone(&self.metrics), Arc::clone(&self.snapshots));
         let changes = self.listeners.apply(&snapshot.config, bound);
         self.checks
@@ -245,7 +249,7 @@ const JANITOR_INTERVAL: Duration = Duration::from_secs(1);
 /// handles, never the old snapshot.
 struct Janitor {
     listeners: Vec<(String, prometheus::IntGauge)>,
-    upstreams: Vec<(String, Option<Arc<crate::queue::Queue>>)>,
+    upstreams: Vec<(String, Arc<crate::queue::Queue>)>,
     backends: Vec<(String, Arc<crate::upstream::Backend>)>,
 }
 
@@ -320,8 +324,7 @@ impl Janitor {
                     if now.upstream(name).is_some() {
                         return false;
                     }
-                    let idle = backends.iter().all(|(u, _)| u != name)
-                        && queue.as_ref().is_none_or(|q| q.is_empty());
+                    let idle = backends.iter().all(|(u, _)| u != name) && queue.is_empty();
                     if idle {
                         metrics.forget_upstream(name);
                     }

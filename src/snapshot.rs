@@ -58,7 +58,9 @@ impl Snapshot {
             .iter()
             .map(|u| {
                 let before = previous.and_then(|p| p.upstream(&u.name));
-                Arc::new(Upstream::new(u, metrics, before.map(|b| &**b)))
+                let upstream = Arc::new(Upstream::new(u, metrics, before.map(|b| &**b)));
+                upstream.queue.adopt(&upstream);
+                upstream
             })
             .collect();
         let listeners = config

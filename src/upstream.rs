@@ -36,8 +36,9 @@ pub struct Upstream {
     pub retries: u32,
     /// Per-backend cap; `None` for unlimited backends (then there is no queue).
     limit: Option<u64>,
-    /// Carried from snapshot to snapshot while the upstream keeps a limit.
-    pub(crate) queue: Option<Arc<Queue>>,
+    /// Carried from snapshot to snapshot under the upstream's name; used for waiting
+    /// only while the upstream has a per-backend limit.
+    pub(crate) queue: Arc<Queue>,
     pub health_check: Option<config::HealthCheck>,
     passive_ejection: Option<config::PassiveEjection>,
     pub max_lifetime: Option<config::Lifetime>,
@@ -92,21 +93,16 @@ impl Upstream {
     /// `previous` (the same upstream in the snapshot before) where they still apply.
     pub fn new(cfg: &config::Upstream, metrics: &Metrics, previous: Option<&Upstream>) -> Upstream {
         let m = metrics.upstream(&cfg.name);
-        let queue = cfg.max_connections_per_backend.map(|_| {
-            let carried = previous.and_then(|p| p.queue.clone());
-            match carried {
-                Some(q) => {
-                    q.set_bounds(cfg.queue.max, cfg.queue.timeout);
-                    q
-                }
-                None => Arc::new(Queue::new(
-                    cfg.queue.max,
-                    cfg.queue.timeout,
-                    m.queue_length.clone(),
-                    m.queue_wait.clone(),
-                )),
-            }
-        });
+        let queue = match previous {
+            Some(p) => Arc::clone(&p.queue),
+            None => Arc::new(Queue::new(
+                cfg.queue.max,
+                cfg.queue.timeout,
+                m.queue_length.clone(),
+                m.queue_wait.clone(),
+            )),
+        };
+        queue.set_bounds(cfg.queue.max, cfg.queue.timeout);
         let backends = cfg
             .backends
             .iter()
@@ -153,8 +149,12 @@ impl Upstream {
         let mut last: Option<(SocketAddr, String)> = None;
         let mut cursor = None;
         for _ in 0..=self.retries {
-            let slot = match &self.queue {
-                Some(q) => q.acquire(self, client, &tried, &mut cursor).await?,
+            let slot = match self.limit {
+                Some(_) => {
+                    self.queue
+                        .acquire(self, client, &tried, &mut cursor)
+                        .await?
+                }
                 None => {
                     let slot = self.take_slot(client, &tried, &mut cursor);
                     if slot.is_none() && tried.is_empty() {
@@ -221,7 +221,7 @@ impl Upstream {
             .balancer
             .pick(&self.backends, client, cursor, &eligible)?;
         let b = &self.backends[i];
-        b.active.fetch_add(1, Ordering::Relaxed);
+        b.active.fetch_add(1, Ordering::SeqCst);
         b.metrics.active.inc();
         Some(Arc::clone(b))
     }
@@ -236,9 +236,7 @@ impl Upstream {
     /// A backend went up or down: update its gauge and let waiters use new room.
     pub fn availability_changed(&self, b: &Backend) {
         b.metrics.up.set(i64::from(b.available()));
-        if let Some(q) = &self.queue {
-            q.dispatch(self);
-        }
+        self.queue.dispatch();
     }
 
     fn ejected(self: &Arc<Self>, b: &Arc<Backend>, length: Duration) {
@@ -285,7 +283,7 @@ impl Backend {
 
     /// Frees a slot (without waking waiters: the caller does that).
     pub(crate) fn release(&self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::SeqCst);
         self.metrics.active.dec();
     }
 
@@ -301,7 +299,8 @@ impl Backend {
 
     /// Connections open or being opened to this backend now.
     pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+        // SeqCst, paired with the queue's `waiting` count: see queue.rs.
+        self.active.load(Ordering::SeqCst)
     }
 
     /// Takes new connections: in the config, weight above zero, up, not ejected.
@@ -319,9 +318,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.release();
-        if let Some(q) = &self.upstream.queue {
-            q.dispatch(&self.upstream);
-        }
+        self.upstream.queue.dispatch();
     }
 }
 

@@ -248,3 +248,74 @@ async fn a_connection_is_closed_at_its_max_lifetime_plus_jitter() {
         .wait_log(|l| l.contains("reason=\"max_lifetime\""))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_client_that_sent_data_then_reset_leaves_at_once() {
+    let (_b, sluice, _holder) = one_slot("{ max = 10, timeout = \"60s\" }").await;
+    let mut leaving = enqueue(&sluice, 1.0).await;
+    leaving.write_all(b"startup message").await.unwrap();
+    leaving.set_zero_linger().unwrap();
+    drop(leaving);
+
+    let m = sluice
+        .wait_metrics("the place freed", |m| queued(m) == 0.0)
+        .await;
+    assert_eq!(rejected(&m, "client_left"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_limit_by_reload_lets_a_waiting_client_in_at_once() {
+    let backend = tagged(b't').await;
+    let text = |limit: u32| {
+        config(
+            &format!(
+                "max_connections_per_backend = {limit}\nqueue = {{ max = 10, timeout = \"60s\" }}"
+            ),
+            &[backend.addr],
+        )
+    };
+    let sluice = Sluice::start(&text(1));
+    let (_holder, _) = connect_tagged(sluice.addr("front"), None).await;
+    let mut waiting = enqueue(&sluice, 1.0).await;
+
+    sluice.rewrite(&text(2));
+    sluice.wait_generation(1).await;
+    assert_eq!(
+        read_n(&mut waiting, 1).await,
+        b"t",
+        "served without a slot being freed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_added_by_reload_holds_and_slots_freed_by_older_connections_are_handed_on() {
+    let backend = tagged(b't').await;
+    let sluice = Sluice::start(&config("", &[backend.addr]));
+    // Two connections from before the reload, when there was no limit.
+    let (first, _) = connect_tagged(sluice.addr("front"), None).await;
+    let (second, _) = connect_tagged(sluice.addr("front"), None).await;
+    sluice.rewrite(&config(
+        "max_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }",
+        &[backend.addr],
+    ));
+    sluice.wait_generation(1).await;
+
+    let mut waiting = enqueue(&sluice, 1.0).await;
+    drop(first);
+    let m = sluice
+        .wait_metrics("one old connection closed", |m| {
+            m.value("sluice_backend_connections_active", &[]) == 1.0
+        })
+        .await;
+    assert_eq!(
+        queued(&m),
+        1.0,
+        "still over the new limit of 1: the client waits"
+    );
+    drop(second);
+    assert_eq!(
+        read_n(&mut waiting, 1).await,
+        b"t",
+        "the slot an old connection freed is handed on"
+    );
+}

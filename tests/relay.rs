@@ -279,3 +279,49 @@ async fn ipv6_listener_and_backend() {
     }
     assert_eq!(backend.accepted(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_still_delivers_what_was_relayed() {
+    // The backend sends 2 MiB and half-closes; sluice relays it all into the kernel's
+    // buffers at once, then sees nothing move while the client reads slowly, and its
+    // idle timeout fires. Closing must not throw away what the kernel still holds.
+    let payload = data(2 * MIB, 40);
+    let expected = sha256(&payload);
+    let backend = Backend::start(move |mut s: TcpStream| {
+        let payload = payload.clone();
+        async move {
+            let _ = s.write_all(&payload).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    let sluice = Sluice::start(&config("idle_timeout = \"150ms\"", &[backend.addr]));
+    let s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    // A small receive buffer keeps the kernel from absorbing the payload for us.
+    socket2::SockRef::from(&s)
+        .set_recv_buffer_size(32 * 1024)
+        .unwrap();
+    let mut s = s;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = tokio::time::timeout(STUCK, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        got.len(),
+        2 * MIB,
+        "bytes lost when the idle timeout closed"
+    );
+    assert_eq!(sha256(&got), expected);
+    sluice
+        .wait_log(|l| l.contains("reason=\"idle_timeout\""))
+        .await;
+}

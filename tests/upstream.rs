@@ -271,3 +271,18 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     );
     assert!(emfile >= 1.0, "EMFILE counted: {emfile}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_address_does_not_hold_its_listeners_last_slot() {
+    let backend = Backend::echo().await;
+    let text = format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\", \"127.0.0.2:0\"]\nupstream = \"app\"\nmax_connections = 1\n\
+         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\n",
+        backend.addr
+    );
+    let sluice = Sluice::start(&text);
+    for addr in &sluice.listeners["front"] {
+        let sent = data(1000, 7);
+        assert_eq!(exchange(*addr, &sent).await, sent, "through {addr}");
+    }
+}
