@@ -36,6 +36,7 @@ deps-run:
 
 deps-test:
 	$(call need,promtool,prometheus)
+	$(call need,prometheus,prometheus)
 	$(call need,curl,curl)
 
 # Two demo HTTP backends (python3 -m http.server) on 127.0.0.1:8081 and :8082, stopped

@@ -1,0 +1,398 @@
+//! The dashboard and alert rules against the real thing: Debian's Prometheus scrapes a
+//! real sluice while traffic flows (with rejections, connect errors, a queue and a
+//! reload); every panel query must parse and return data, and every alert rule must
+//! load and evaluate. The dashboard's structure is checked field by field.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn dashboard() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/sluice.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Every panel that is not a row, with its targets' expressions.
+fn queries(d: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            out.push((
+                p["title"].as_str().unwrap().to_string(),
+                t["expr"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_dashboard_has_the_structure_grafana_expects() {
+    let d = dashboard();
+    let allowed_top = [
+        "uid",
+        "title",
+        "description",
+        "tags",
+        "timezone",
+        "editable",
+        "graphTooltip",
+        "schemaVersion",
+        "version",
+        "refresh",
+        "time",
+        "annotations",
+        "templating",
+        "panels",
+    ];
+    for k in d.as_object().unwrap().keys() {
+        assert!(
+            allowed_top.contains(&k.as_str()),
+            "unknown dashboard field {k}"
+        );
+    }
+    assert_eq!(d["uid"], "sluice-overview");
+    assert!(d["schemaVersion"].as_u64().unwrap() >= 39);
+    let vars: Vec<&str> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "job", "instance"]);
+    assert!(
+        d["templating"]["list"][1]["definition"]
+            .as_str()
+            .unwrap()
+            .contains("sluice_build_info")
+    );
+
+    let allowed_panel = [
+        "id",
+        "type",
+        "title",
+        "description",
+        "datasource",
+        "gridPos",
+        "fieldConfig",
+        "options",
+        "targets",
+        "transformations",
+        "collapsed",
+        "panels",
+    ];
+    let allowed_target = [
+        "refId",
+        "datasource",
+        "expr",
+        "legendFormat",
+        "range",
+        "instant",
+        "format",
+    ];
+    let mut ids = std::collections::HashSet::new();
+    let mut rows = Vec::new();
+    for p in d["panels"].as_array().unwrap() {
+        for k in p.as_object().unwrap().keys() {
+            assert!(
+                allowed_panel.contains(&k.as_str()),
+                "unknown panel field {k} in {}",
+                p["title"]
+            );
+        }
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate panel id");
+        let g = &p["gridPos"];
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "{} overflows the grid",
+            p["title"]
+        );
+        let kind = p["type"].as_str().unwrap();
+        if kind == "row" {
+            rows.push(p["title"].as_str().unwrap().to_string());
+            continue;
+        }
+        assert!(
+            ["timeseries", "stat", "table", "heatmap"].contains(&kind),
+            "panel type {kind}"
+        );
+        assert!(
+            p["fieldConfig"]["defaults"]["unit"].is_string(),
+            "{} has no unit",
+            p["title"]
+        );
+        assert_eq!(p["datasource"]["uid"], "${datasource}");
+        for t in p["targets"].as_array().unwrap() {
+            for k in t.as_object().unwrap().keys() {
+                assert!(
+                    allowed_target.contains(&k.as_str()),
+                    "unknown target field {k} in {}",
+                    p["title"]
+                );
+            }
+            let expr = t["expr"].as_str().unwrap();
+            assert!(
+                expr.contains("job=~\"$job\"") && expr.contains("instance=~\"$instance\""),
+                "{expr}"
+            );
+            if expr.contains("rate(") {
+                assert!(
+                    expr.contains("[$__rate_interval]"),
+                    "rates use $__rate_interval: {expr}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        rows,
+        [
+            "Traffic",
+            "Errors",
+            "Latency",
+            "Saturation",
+            "Backends",
+            "Config",
+            "Process"
+        ]
+    );
+}
+
+/// Debian's prometheus on a port of its own choosing, killed (by its pid) when dropped.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/alerts.yml");
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+                 rule_files: [\"{}\"]\n\
+                 scrape_configs:\n  - job_name: sluice\n    static_configs: [{{targets: [\"{target}\"]}}]\n",
+                rules.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg("--web.listen-address=127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("prometheus is installed (make test installs Debian's prometheus)");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("msg=\"Listening on\"") {
+                    let addr = line.rsplit("address=").next().unwrap().trim().to_string();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("prometheus listening")
+            .parse()
+            .unwrap();
+        Prometheus {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the storage is open and queries are answered.
+    async fn ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http_get(self.addr, "/-/ready").await.0 != 200 {
+            assert!(Instant::now() < deadline, "prometheus never became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn query(&self, expr: &str) -> Value {
+        let (code, body) =
+            http_get(self.addr, &format!("/api/v1/query?query={}", encode(expr))).await;
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        assert_eq!(code, 200, "{expr}: {body}");
+        v
+    }
+
+    async fn wait_for(&self, expr: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = self.query(expr).await;
+            if v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "prometheus never had {expr}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn substitute(expr: &str, instance: &str) -> String {
+    expr.replace("$__rate_interval", "15s")
+        .replace("$__range", "5m")
+        .replace("$job", "sluice")
+        .replace("$instance", instance)
+}
+
+fn traffic_config(echo: SocketAddr, dead: SocketAddr, weight: u32) -> String {
+    format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\
+         [[listener]]\nname = \"broken\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"dead\"\n\
+         [[upstream]]\nname = \"app\"\nmax_connections_per_backend = 1\nqueue = {{ max = 10, timeout = \"30s\" }}\n\
+         [[upstream.backend]]\naddress = \"{echo}\"\nweight = {weight}\n\
+         [[upstream]]\nname = \"dead\"\nretries = 0\n[[upstream.backend]]\naddress = \"{dead}\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_panel_query_returns_data_from_a_real_prometheus() {
+    let echo = tagged(b'e').await;
+    let dead = refusing();
+    let sluice = Sluice::start(&traffic_config(echo.addr, dead.addr, 1));
+    let prometheus = Prometheus::start(sluice.admin);
+    let instance = sluice.admin.to_string();
+    prometheus.ready().await;
+    prometheus.wait_for("sluice_build_info").await;
+
+    // Traffic, rejections and connect errors, a queue, and a reload, spread over a few
+    // scrapes so that rates have samples on both sides.
+    for round in 0..3 {
+        let (holder, _) = connect_tagged(sluice.addr("front"), None).await;
+        let mut queued = tokio::net::TcpStream::connect(sluice.addr("front"))
+            .await
+            .unwrap();
+        sluice
+            .wait_metrics("a queued client", |m| {
+                m.value("sluice_queue_length", &[]) == 1.0
+            })
+            .await;
+        drop(holder);
+        assert_eq!(read_n(&mut queued, 1).await, b"e");
+        drop(queued);
+        let mut s = tokio::net::TcpStream::connect(sluice.addr("broken"))
+            .await
+            .unwrap();
+        until_closed(&mut s).await.ok();
+        if round == 1 {
+            sluice.rewrite(&traffic_config(echo.addr, dead.addr, 2));
+            sluice.wait_generation(1).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    prometheus.wait_for("sluice_config_generation == 1").await;
+    prometheus
+        .wait_for("sluice_queue_wait_duration_seconds_count > 0")
+        .await;
+
+    let mut failures = Vec::new();
+    for (title, expr) in queries(&dashboard()) {
+        let q = substitute(&expr, &instance);
+        let v = prometheus.query(&q).await;
+        let ok = v["status"] == "success"
+            && v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty());
+        if !ok {
+            failures.push(format!("{title}: {q}\n  -> {v}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "panel queries without data:\n{}",
+        failures.join("\n")
+    );
+
+    // Every alert rule loaded and evaluated without error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = http_get(prometheus.addr, "/api/v1/rules").await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let rules: Vec<&Value> = v["data"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .collect();
+        assert_eq!(rules.len(), 6);
+        let evaluated = rules.iter().all(|r| r["health"] == "ok");
+        if evaluated {
+            break;
+        }
+        let bad: Vec<String> = rules
+            .iter()
+            .filter(|r| r["health"] == "err")
+            .map(|r| format!("{}: {}", r["name"], r["lastError"]))
+            .collect();
+        assert!(bad.is_empty(), "alert rules failed: {bad:?}");
+        assert!(
+            Instant::now() < deadline,
+            "alert rules never evaluated: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool is installed");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
