@@ -185,6 +185,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         .checks
         .reconcile(&snapshots.load(), &snapshots, &server.checks_stop);
     status.ready.store(true, Ordering::Relaxed);
+    shutdown::notify_systemd("READY=1\nSTATUS=listening");
     tracing::info!(
         config = %config.source.display(),
         listeners = config.listeners.len(),
@@ -209,6 +210,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         "shutting down: no longer accepting, draining"
     );
     status.ready.store(false, Ordering::Relaxed);
+    shutdown::notify_systemd("STOPPING=1\nSTATUS=draining");
     metrics.draining.set(1);
     shutdown::exit_on_second_signal();
     shutdown.stop_accepting.cancel();

@@ -55,6 +55,26 @@ pub async fn drain(tracker: &TaskTracker, shutdown: &Shutdown, deadline: Duratio
     remaining
 }
 
+/// Tells systemd (`Type=notify`) about a state change, if sluice runs under it: a
+/// datagram to `$NOTIFY_SOCKET`, such as `READY=1` or `STOPPING=1`. Elsewhere, nothing.
+pub fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name),
+        None => SocketAddr::from_pathname(&path),
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|socket| addr.and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr)));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, state, "cannot notify systemd");
+    }
+}
+
 /// Exits the process at once when a second signal arrives during the drain.
 pub fn exit_on_second_signal() {
     tokio::spawn(async {

@@ -122,3 +122,31 @@ async fn a_second_signal_exits_at_once() {
         "the kernel closes its sockets"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_is_told_ready_then_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(PROMPTLY)).unwrap();
+    let backend = Backend::echo().await;
+    let mut sluice = Sluice::start_env(
+        &config("", &[backend.addr]),
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("READY=1 once listening");
+    assert_eq!(&buf[..n], b"READY=1\nSTATUS=listening");
+    let sent = data(1000, 1);
+    assert_eq!(
+        exchange(sluice.addr("front"), &sent).await,
+        sent,
+        "listening when ready"
+    );
+
+    sluice.signal("TERM");
+    let n = socket.recv(&mut buf).expect("STOPPING=1 when draining");
+    assert_eq!(&buf[..n], b"STOPPING=1\nSTATUS=draining");
+    assert_eq!(sluice.wait_exit(PROMPTLY).code(), Some(0));
+}

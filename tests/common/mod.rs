@@ -52,14 +52,22 @@ impl Sluice {
 
     /// Starts sluice on a config file the test prepared (with `with_admin`) in `dir`.
     pub fn start_file(dir: tempfile::TempDir, config_path: PathBuf) -> Sluice {
-        Sluice::spawn_at(dir, config_path, None, true)
+        Sluice::spawn_at(dir, config_path, None, true, &[])
+    }
+
+    /// Like [`Sluice::start`], with extra environment variables.
+    pub fn start_env(config: &str, env: &[(&str, &str)]) -> Sluice {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, with_admin(config)).unwrap();
+        Sluice::spawn_at(dir, config_path, None, true, env)
     }
 
     fn spawn(config: &str, nofile: Option<u32>, echo: bool) -> Sluice {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, with_admin(config)).unwrap();
-        Sluice::spawn_at(dir, config_path, nofile, echo)
+        Sluice::spawn_at(dir, config_path, nofile, echo, &[])
     }
 
     fn spawn_at(
@@ -67,6 +75,7 @@ impl Sluice {
         config_path: PathBuf,
         nofile: Option<u32>,
         echo: bool,
+        env: &[(&str, &str)],
     ) -> Sluice {
         let mut command = match nofile {
             None => Command::new(env!("CARGO_BIN_EXE_sluice")),
@@ -81,6 +90,7 @@ impl Sluice {
         let mut child = command
             .args(["run", "--config"])
             .arg(&config_path)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
