@@ -8,7 +8,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 RELEASE   := target/release/sluice
 DEMO      := target/demo
-CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml)
+CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml) deploy/kubernetes/sluice.toml
 
 .PHONY: help build run test check bench bench-quick deps-run deps-test clean
 
@@ -38,6 +38,10 @@ deps-test:
 	$(call need,promtool,prometheus)
 	$(call need,prometheus,prometheus)
 	$(call need,curl,curl)
+	$(call need,systemd-analyze,systemd)
+	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
+	  echo "installing kubernetes-validate and yamllint (pip)"; \
+	  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint; }
 
 # Two demo HTTP backends (python3 -m http.server) on 127.0.0.1:8081 and :8082, stopped
 # again when sluice exits (Ctrl-C drains and stops everything).

@@ -50,7 +50,10 @@ fn a_valid_config_passes() {
 #[test]
 fn every_config_in_the_repository_passes() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let mut files = vec![root.join("sluice.toml")];
+    let mut files = vec![
+        root.join("sluice.toml"),
+        root.join("../deploy/kubernetes/sluice.toml"),
+    ];
     for entry in std::fs::read_dir(root.join("examples")).unwrap() {
         files.push(entry.unwrap().path());
     }
