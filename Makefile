@@ -8,6 +8,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 RELEASE   := target/release/sluice
 DEMO      := target/demo
+SCHEMA    := target/grafana-schema
 CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml) deploy/kubernetes/sluice.toml
 
 .PHONY: help build run test check bench bench-quick deps-run deps-test clean
@@ -42,6 +43,10 @@ deps-test:
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
 	  echo "installing kubernetes-validate and yamllint (pip)"; \
 	  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint; }
+	$(call need,npm,npm)
+	@[ -x $(SCHEMA)/node_modules/.bin/tsc ] || { \
+	  echo "installing Grafana's dashboard schema and typescript (npm) into $(SCHEMA)"; \
+	  npm install --prefix $(SCHEMA) --silent --no-audit --no-fund @grafana/schema@13.2.3 typescript@5.9.3; }
 
 # Two demo HTTP backends (python3 -m http.server) on 127.0.0.1:8081 and :8082, stopped
 # again when sluice exits (Ctrl-C drains and stops everything).

@@ -69,7 +69,7 @@ fn the_dashboard_has_the_structure_grafana_expects() {
         .collect();
     assert_eq!(vars, ["datasource", "job", "instance"]);
     assert!(
-        d["templating"]["list"][1]["definition"]
+        d["templating"]["list"][1]["query"]["query"]
             .as_str()
             .unwrap()
             .contains("sluice_build_info")
@@ -162,6 +162,52 @@ fn the_dashboard_has_the_structure_grafana_expects() {
             "Config",
             "Process"
         ]
+    );
+}
+
+#[test]
+fn the_dashboard_type_checks_against_grafanas_published_schema() {
+    // `const d: Dashboard = {...}` under tsc --strict: a misspelled or misplaced field
+    // is an excess property, a missing required one an error.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/grafana-schema");
+    let tsc = dir.join("node_modules/.bin/tsc");
+    assert!(
+        tsc.exists(),
+        "make deps-test installs @grafana/schema and typescript into {}",
+        dir.display()
+    );
+    let json = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/sluice.json"),
+    )
+    .unwrap();
+    let file = dir.join(format!("check-{}.ts", std::process::id()));
+    std::fs::write(
+        &file,
+        format!("import type {{ Dashboard }} from \"@grafana/schema\";\nconst dashboard: Dashboard = {json};\nexport default dashboard;\n"),
+    )
+    .unwrap();
+    let out = Command::new(&tsc)
+        .args([
+            "--strict",
+            "--noEmit",
+            "--skipLibCheck",
+            "--moduleResolution",
+            "node",
+            "--module",
+            "commonjs",
+            "--target",
+            "es2020",
+        ])
+        .arg(&file)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        out.status.success(),
+        "tsc:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
