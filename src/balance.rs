@@ -531,6 +531,19 @@ mod tests {
     }
 
     #[test]
+    fn maglev_asks_each_backend_once_when_none_is_eligible() {
+        let m = Maglev::new(&backends(&[1, 1, 1, 1]));
+        let b = live(&[(1, 0); 4]);
+        let calls = std::cell::Cell::new(0);
+        let none = |_: usize| {
+            calls.set(calls.get() + 1);
+            false
+        };
+        assert_eq!(m.pick(&b, ip(1), &mut None, &none), None);
+        assert_eq!(calls.get(), 4, "not once per slot of the table");
+    }
+
+    #[test]
     fn common_factor_is_divided_out() {
         assert_eq!(RoundRobin::new(&backends(&[1000, 500])).cycle.len(), 3);
     }

@@ -319,3 +319,40 @@ async fn a_limit_added_by_reload_holds_and_slots_freed_by_older_connections_are_
         "the slot an old connection freed is handed on"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_held_back_by_what_it_tried_does_not_block_the_line() {
+    // b1 refuses at first; b2 takes one connection at a time.
+    let b1 = refusing();
+    let b2 = tagged(b'2').await;
+    let text = |comment: &str| {
+        format!(
+            "# {comment}\n{}",
+            weighted(
+                "retries = 1\nmax_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }\npassive_ejection = { failures = 0 }",
+                &[(b1.addr, 1), (b2.addr, 1)],
+            )
+        )
+    };
+    let sluice = Sluice::start(&text("first"));
+    // The holder: b1 refuses, so it lands on b2 and fills it.
+    let (_holder, tag) = connect_tagged(sluice.addr("front"), None).await;
+    assert_eq!(tag, b'2');
+    // x tries b1 (refused), finds b2 full, and waits, having tried b1.
+    let _x = enqueue(&sluice, 1.0).await;
+    // y finds someone waiting and lines up behind x, having tried nothing.
+    let mut y = enqueue(&sluice, 2.0).await;
+
+    // b1 comes to life; a reload makes the queue look again.
+    b1.listen_and_tag(b'1');
+    sluice.rewrite(&text("second"));
+    sluice.wait_generation(1).await;
+
+    assert_eq!(
+        read_n(&mut y, 1).await,
+        b"1",
+        "y got b1 although x, ahead of it, could not"
+    );
+    let m = sluice.metrics().await;
+    assert_eq!(queued(&m), 1.0, "x still waits for b2");
+}

@@ -493,6 +493,24 @@ pub struct Refusing {
     _socket: socket2::Socket,
 }
 
+impl Refusing {
+    /// Starts listening on the address, tagging each connection like [`tagged`].
+    pub fn listen_and_tag(&self, tag: u8) {
+        self._socket.listen(128).unwrap();
+        self._socket.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(self._socket.try_clone().unwrap().into()).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if s.write_all(&[tag]).await.is_ok() {
+                        echo(s).await;
+                    }
+                });
+            }
+        });
+    }
+}
+
 pub fn refusing() -> Refusing {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket
