@@ -232,7 +232,10 @@ fn retire_removed(previous: &Snapshot, next: &Snapshot) {
                     let (backend, after) = (Arc::clone(backend), next.config.drain_timeout);
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
-                        backend.removed.cancel();
+                        // Unless a later reload took it back into service.
+                        if backend.is_retired() {
+                            backend.removed.cancel();
+                        }
                     });
                 }
             }

@@ -10,7 +10,7 @@ use prometheus::IntGauge;
 use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::metrics::{ListenerMetrics, Metrics};
-use crate::upstream::Upstream;
+use crate::upstream::{Backend, Upstream};
 
 /// The handle every task reads the current snapshot through.
 pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
@@ -24,6 +24,9 @@ pub struct Snapshot {
     /// In config order; few enough that a linear search by name beats hashing.
     pub listeners: Vec<Route>,
     pub upstreams: Vec<Arc<Upstream>>,
+    /// Backends removed by a reload that still have open connections, by upstream name:
+    /// a later config that adds one back takes it over with its counts.
+    retired: Vec<(String, Arc<Backend>)>,
     /// Process-wide, started with the first snapshot and carried to every later one.
     pub access_log: Option<Arc<AccessLog>>,
     /// Counts snapshots alive, so a leak of old ones shows in the metrics.
@@ -53,16 +56,35 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         access_log: Option<Arc<AccessLog>>,
     ) -> Snapshot {
+        let mut retired = previous.map(|p| p.retired.clone()).unwrap_or_default();
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
                 let before = previous.and_then(|p| p.upstream(&u.name));
-                let upstream = Arc::new(Upstream::new(u, metrics, before.map(|b| &**b)));
+                let upstream = Arc::new(Upstream::new(
+                    u,
+                    metrics,
+                    before.map(|b| &**b),
+                    &mut retired,
+                ));
                 upstream.queue.adopt(&upstream);
                 upstream
             })
             .collect();
+        // Backends this config drops join the retired; those with no connection left
+        // have nothing to carry and are forgotten.
+        for old in previous.iter().flat_map(|p| p.upstreams.iter()) {
+            for b in &old.backends {
+                let kept = upstreams
+                    .iter()
+                    .any(|u| u.backends.iter().any(|nb| Arc::ptr_eq(nb, b)));
+                if !kept {
+                    retired.push((old.name.clone(), Arc::clone(b)));
+                }
+            }
+        }
+        retired.retain(|(_, b)| b.active() > 0);
         let listeners = config
             .listeners
             .iter()
@@ -86,6 +108,7 @@ impl Snapshot {
             listeners,
             upstreams,
             access_log,
+            retired,
         }
     }
 

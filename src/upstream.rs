@@ -91,7 +91,12 @@ pub enum ConnectError {
 impl Upstream {
     /// Builds the upstream for `cfg`, taking over the backends and the queue of
     /// `previous` (the same upstream in the snapshot before) where they still apply.
-    pub fn new(cfg: &config::Upstream, metrics: &Metrics, previous: Option<&Upstream>) -> Upstream {
+    pub fn new(
+        cfg: &config::Upstream,
+        metrics: &Metrics,
+        previous: Option<&Upstream>,
+        retired: &mut Vec<(String, Arc<Backend>)>,
+    ) -> Upstream {
         let m = metrics.upstream(&cfg.name);
         let queue = match previous {
             Some(p) => Arc::clone(&p.queue),
@@ -107,12 +112,14 @@ impl Upstream {
             .backends
             .iter()
             .map(|b| {
-                let kept =
-                    previous.and_then(|p| p.backends.iter().find(|old| old.address == b.address));
+                let kept = previous
+                    .and_then(|p| p.backends.iter().find(|old| old.address == b.address))
+                    .cloned()
+                    .or_else(|| revive(retired, &cfg.name, b.address));
                 match kept {
                     Some(old) => {
                         old.weight.store(b.weight, Ordering::Relaxed);
-                        Arc::clone(old)
+                        old
                     }
                     None => Arc::new(Backend::new(
                         b.address,
@@ -249,6 +256,22 @@ impl Upstream {
             upstream.availability_changed(&b);
         });
     }
+}
+
+/// Takes a backend that an earlier reload removed back into service, with its open
+/// connections still counted, unless its connections were already told to close.
+fn revive(
+    retired: &mut Vec<(String, Arc<Backend>)>,
+    upstream: &str,
+    address: SocketAddr,
+) -> Option<Arc<Backend>> {
+    let at = retired
+        .iter()
+        .position(|(u, b)| u == upstream && b.address == address && !b.removed.is_cancelled())?;
+    let (_, backend) = retired.swap_remove(at);
+    backend.retired.store(false, Ordering::Relaxed);
+    backend.metrics.up.set(i64::from(backend.available()));
+    Some(backend)
 }
 
 impl Backend {

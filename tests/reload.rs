@@ -569,3 +569,34 @@ async fn writes_beside_the_config_do_not_trigger_reloads() {
     assert_eq!(failures(&m), 1.0, "neighbour writes caused reloads");
     assert_eq!(connect_tagged(sluice.addr("front"), None).await.1, b'b');
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_removed_and_added_back_keeps_counting_its_open_connections() {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    let limited = "max_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }";
+    let sluice = Sluice::start(&weighted(limited, &[(a.addr, 1)]));
+    let (held, tag) = connect_tagged(sluice.addr("front"), None).await;
+    assert_eq!(tag, b'a');
+
+    // Remove a (its connection is kept), then add it back.
+    sluice.rewrite(&weighted(limited, &[(b.addr, 1)]));
+    sluice.wait_generation(1).await;
+    sluice.rewrite(&weighted(limited, &[(a.addr, 1)]));
+    sluice.wait_generation(2).await;
+
+    // a's one slot is still taken by the connection from before: a newcomer waits.
+    let mut newcomer = tokio::net::TcpStream::connect(sluice.addr("front"))
+        .await
+        .unwrap();
+    sluice
+        .wait_metrics("the newcomer queued", |m| {
+            m.value("sluice_queue_length", &[]) == 1.0
+                && m.value(
+                    "sluice_backend_connections_active",
+                    &[("backend", &a.addr.to_string())],
+                ) == 1.0
+        })
+        .await;
+    drop(held);
+    assert_eq!(read_n(&mut newcomer, 1).await, b"a");
+}
