@@ -191,7 +191,28 @@ async fn a_hundred_reloads_under_load_lose_nothing_and_leak_nothing() {
         m.value("sluice_config_reloads_total", &[("result", "failure")]),
         0.0
     );
-    assert_eq!(m.value("sluice_connections_rejected_total", &[]), 0.0);
+    // The connect loop resets each connection at once; when that reset beats the
+    // backend connect, sluice counts the client as gone (client_left), which no client
+    // sees. Every other reason would be a client turned away.
+    let rejected: Vec<&str> =
+        m.0.lines()
+            .filter(|l| l.starts_with("sluice_connections_rejected_total") && !l.ends_with(" 0"))
+            .filter(|l| !l.contains("reason=\"client_left\""))
+            .collect();
+    let errors: Vec<&str> =
+        m.0.lines()
+            .filter(|l| l.starts_with("sluice_upstream_connect_errors_total") && !l.ends_with(" 0"))
+            .collect();
+    assert!(
+        rejected.is_empty(),
+        "rejections: {rejected:?}; connect errors: {errors:?}; log: {:?}",
+        sluice
+            .log()
+            .iter()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
     sluice
         .wait_metrics("old snapshots released", |m| {
             m.value("sluice_config_snapshots", &[]) == 1.0
