@@ -91,7 +91,11 @@ impl Sluice {
             .args(["run", "--config"])
             .arg(&config_path)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            // SLUICE_LOG overrides the level, to measure the cost of logging in benchmarks.
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".to_string()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
