@@ -128,11 +128,16 @@ impl Sluice {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(line) => line,
-                Err(_) => panic!(
-                    "sluice did not become ready; status {:?}; output:\n{}",
-                    child.try_wait(),
-                    log.lock().unwrap().join("\n")
-                ),
+                Err(_) => {
+                    // No Sluice exists yet to stop it on drop: stop it here.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "sluice did not become ready; status {:?}; output:\n{}",
+                        child.try_wait(),
+                        log.lock().unwrap().join("\n")
+                    )
+                }
             };
             if line.contains("admin listening") {
                 admin = field(&line, "address").and_then(|a| a.parse().ok());
