@@ -11,7 +11,7 @@ DEMO      := target/demo
 SCHEMA    := target/grafana-schema
 CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml) deploy/kubernetes/sluice.toml
 
-.PHONY: help build run test check bench bench-quick deps-run deps-test clean
+.PHONY: help build run test check bench bench-quick deps-run deps-test deps-bench clean
 
 help:
 	@echo "make run          build, start two demo backends and sluice on config/sluice.toml"
@@ -77,10 +77,17 @@ check:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) run --locked --quiet -- check $(CONFIGS)
 
-bench: build
+# The peers sluice is compared with, from Debian: HAProxy, and nginx with its stream module.
+deps-bench:
+	$(call need,haproxy,haproxy)
+	@[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || { \
+	  echo "installing nginx with its stream module"; \
+	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends nginx libnginx-mod-stream >/dev/null; }
+
+bench: build deps-bench
 	$(CARGO) bench --locked --bench proxy
 
-bench-quick: build
+bench-quick: build deps-bench
 	SLUICE_BENCH_QUICK=1 $(CARGO) bench --locked --bench proxy
 
 clean:

@@ -1,6 +1,9 @@
 //! `make bench`: sluice against a direct connection on loopback, the same workload
 //! alternated direct / sluice for several rounds, medians reported.
 //!
+//! Targets: the direct path, sluice, and HAProxy and nginx (stream) with equivalent
+//! configs (benches/peers.rs), each started on loopback by the benchmark.
+//!
 //! Workloads: bulk throughput (one stream into a sink), new connections per second (with
 //! sluice's CPU time per connection), 64-byte ping-pong latency on one connection, and
 //! sluice's resident memory per idle proxied connection. The load generator and the
@@ -13,6 +16,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod peers;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -69,100 +73,176 @@ fn main() {
     eprintln!("written to {}", dir.join("results.md").display());
 }
 
+/// A proxy under test, or the direct path, with where its two routes listen.
+struct Target {
+    name: &'static str,
+    echo: SocketAddr,
+    sink: SocketAddr,
+    /// The process whose tree's CPU and memory are measured; `None` for direct.
+    pid: Option<u32>,
+}
+
 async fn run(plan: Plan) -> String {
     let echo = Backend::echo().await;
     let sink = Backend::start(sink).await;
     let config = format!(
-        "[[listener]]\nname = \"echo\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"echo\"\n\
+        "[[listener]]\nname = \"echo\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"echo\"\nmax_connections = 9000\n\
          [[listener]]\nname = \"sink\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"sink\"\n\
          [[upstream]]\nname = \"echo\"\n[[upstream.backend]]\naddress = \"{}\"\n\
          [[upstream]]\nname = \"sink\"\n[[upstream.backend]]\naddress = \"{}\"\n",
         echo.addr, sink.addr
     );
     let sluice = Sluice::start_quiet(&config);
-    let pid = sluice.pid();
-    let (via_echo, via_sink) = (sluice.addr("echo"), sluice.addr("sink"));
+    let peers = peers::start(echo.addr, sink.addr).await;
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            echo: echo.addr,
+            sink: sink.addr,
+            pid: None,
+        },
+        Target {
+            name: "sluice",
+            echo: sluice.addr("echo"),
+            sink: sluice.addr("sink"),
+            pid: Some(sluice.pid()),
+        },
+    ];
+    for p in &peers {
+        targets.push(Target {
+            name: p.name,
+            echo: p.echo,
+            sink: p.sink,
+            pid: Some(p.pid()),
+        });
+    }
 
-    let mut rows = Vec::new();
-    let mut bulk = Pair::default();
-    let mut conns = Pair::default();
-    let mut conn_cpu = Vec::new();
-    let mut p50 = Pair::default();
-    let mut p99 = Pair::default();
+    let n = targets.len();
+    let mut bulk = vec![Vec::new(); n];
+    let mut conns = vec![Vec::new(); n];
+    let mut cpu = vec![Vec::new(); n];
+    let mut p50 = vec![Vec::new(); n];
+    let mut p99 = vec![Vec::new(); n];
     for round in 0..plan.rounds {
         eprintln!("round {}/{}", round + 1, plan.rounds);
-        bulk.direct
-            .push(bulk_gbit(sink.addr, plan.bulk_bytes).await);
-        bulk.sluice.push(bulk_gbit(via_sink, plan.bulk_bytes).await);
-
-        conns
-            .direct
-            .push(connections_per_sec(echo.addr, plan.connections, plan.workers).await);
-        let cpu_before = cpu_seconds(pid);
-        conns
-            .sluice
-            .push(connections_per_sec(via_echo, plan.connections, plan.workers).await);
-        conn_cpu.push((cpu_seconds(pid) - cpu_before) * 1e6 / plan.connections as f64);
-
-        let (a, b) = ping_pong(echo.addr, plan.pings).await;
-        p50.direct.push(a);
-        p99.direct.push(b);
-        let (a, b) = ping_pong(via_echo, plan.pings).await;
-        p50.sluice.push(a);
-        p99.sluice.push(b);
+        for (i, t) in targets.iter().enumerate() {
+            bulk[i].push(bulk_gbit(t.sink, plan.bulk_bytes).await);
+            let before = t.pid.map(tree_cpu_seconds);
+            conns[i].push(connections_per_sec(t.echo, plan.connections, plan.workers).await);
+            if let (Some(pid), Some(before)) = (t.pid, before) {
+                cpu[i].push((tree_cpu_seconds(pid) - before) * 1e6 / plan.connections as f64);
+            }
+            let (a, b) = ping_pong(t.echo, plan.pings).await;
+            p50[i].push(a);
+            p99[i].push(b);
+        }
     }
-    rows.push(bulk.row("bulk, 1 stream: Gbit/s", 1));
-    rows.push(conns.row(
-        &format!(
-            "new connection per exchange ({} workers): conn/s",
-            plan.workers
-        ),
-        0,
-    ));
-    rows.push(format!(
-        "| sluice CPU per connection (µs) | – | {:.1} | – |",
-        median(&mut conn_cpu)
-    ));
-    rows.push(p50.row("ping-pong 64 B, p50 (µs)", 1));
-    rows.push(p99.row("ping-pong 64 B, p99 (µs)", 1));
-    let idle_kib = idle_memory(&sluice, via_echo, plan.idle).await;
-    rows.push(format!(
-        "| sluice memory per idle proxied connection ({} held, KiB) | – | {idle_kib:.1} | – |",
-        plan.idle
-    ));
+    let mut idle = vec![f64::NAN; n];
+    for (i, t) in targets.iter().enumerate() {
+        if let Some(pid) = t.pid {
+            idle[i] = idle_memory(pid, t.echo, plan.idle).await;
+        }
+    }
 
+    let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
     let mut out = String::new();
-    writeln!(out, "| workload | direct | sluice | sluice/direct |").unwrap();
-    writeln!(out, "|---|---|---|---|").unwrap();
-    for r in rows {
-        writeln!(out, "{r}").unwrap();
-    }
     writeln!(
         out,
-        "\nMedians of {} alternating rounds (direct, then sluice). {} cores; {}.",
+        "| workload | {} | sluice / best peer |",
+        names.join(" | ")
+    )
+    .unwrap();
+    writeln!(out, "|---|{}---|", "---|".repeat(n)).unwrap();
+    let medians = |v: &mut Vec<Vec<f64>>| -> Vec<f64> {
+        v.iter_mut()
+            .map(|x| if x.is_empty() { f64::NAN } else { median(x) })
+            .collect()
+    };
+    table_row(
+        &mut out,
+        "bulk, 1 stream: Gbit/s",
+        &medians(&mut bulk),
+        1,
+        true,
+    );
+    let label = format!(
+        "new connection per exchange ({} workers): conn/s",
+        plan.workers
+    );
+    table_row(&mut out, &label, &medians(&mut conns), 0, true);
+    table_row(
+        &mut out,
+        "proxy CPU per connection (µs)",
+        &medians(&mut cpu),
+        1,
+        false,
+    );
+    table_row(
+        &mut out,
+        "ping-pong 64 B, p50 (µs)",
+        &medians(&mut p50),
+        1,
+        false,
+    );
+    table_row(
+        &mut out,
+        "ping-pong 64 B, p99 (µs)",
+        &medians(&mut p99),
+        1,
+        false,
+    );
+    let label = format!(
+        "proxy memory per idle proxied connection ({} held, KiB)",
+        plan.idle
+    );
+    table_row(&mut out, &label, &idle, 1, false);
+    writeln!(
+        out,
+        "\nMedians of {} rounds, each running every target in turn. {} cores; {}. Peers: {}.",
         plan.rounds,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model()
+        cpu_model(),
+        peers
+            .iter()
+            .map(|p| p.version.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
     )
     .unwrap();
     out
 }
 
-#[derive(Default)]
-struct Pair {
-    direct: Vec<f64>,
-    sluice: Vec<f64>,
-}
-
-impl Pair {
-    fn row(mut self, name: &str, decimals: usize) -> String {
-        let d = median(&mut self.direct);
-        let s = median(&mut self.sluice);
-        format!(
-            "| {name} | {d:.decimals$} | {s:.decimals$} | {:.2} |",
-            s / d
-        )
-    }
+/// One row: the targets' values (direct first, sluice second, then the peers), and
+/// sluice's value over the best peer's.
+fn table_row(
+    out: &mut String,
+    name: &str,
+    values: &[f64],
+    decimals: usize,
+    higher_is_better: bool,
+) {
+    let cells: Vec<String> = values
+        .iter()
+        .map(|v| {
+            if v.is_nan() {
+                "–".to_string()
+            } else {
+                format!("{v:.decimals$}")
+            }
+        })
+        .collect();
+    let peers = values[2..].iter().copied().filter(|v| !v.is_nan());
+    let best = if higher_is_better {
+        peers.fold(f64::NAN, f64::max)
+    } else {
+        peers.fold(f64::NAN, f64::min)
+    };
+    let ratio = if best.is_nan() {
+        "–".to_string()
+    } else {
+        format!("{:.2}", values[1] / best)
+    };
+    writeln!(out, "| {name} | {} | {ratio} |", cells.join(" | ")).unwrap();
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -248,9 +328,10 @@ async fn ping_pong(addr: SocketAddr, count: usize) -> (f64, f64) {
 }
 
 /// Opens `n` proxied connections, each proven established by one echoed byte, and
-/// returns sluice's resident memory growth per connection in KiB.
-async fn idle_memory(sluice: &Sluice, addr: SocketAddr, n: usize) -> f64 {
-    let before = rss_kib(sluice.pid());
+/// returns the growth of the proxy's resident memory (its whole process tree) per
+/// connection in KiB.
+async fn idle_memory(pid: u32, addr: SocketAddr, n: usize) -> f64 {
+    let before = tree_rss_kib(pid);
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -261,9 +342,36 @@ async fn idle_memory(sluice: &Sluice, addr: SocketAddr, n: usize) -> f64 {
     }
     // Let the relays go back to waiting, then measure.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(sluice.pid());
+    let after = tree_rss_kib(pid);
     drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     (after - before) / n as f64
+}
+
+/// `pid` and its children (nginx's workers).
+fn tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        if rest.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            pids.push(child);
+        }
+    }
+    pids
+}
+
+fn tree_rss_kib(pid: u32) -> f64 {
+    tree(pid).into_iter().map(rss_kib).sum()
+}
+
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    tree(pid).into_iter().map(cpu_seconds).sum()
 }
 
 fn rss_kib(pid: u32) -> f64 {
