@@ -98,25 +98,9 @@ fn haproxy(echo: SocketAddr, sink: SocketAddr) -> Peer {
     );
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let peer = Peer {
-        name: "haproxy",
-        version: version("haproxy", "-v"),
-        echo: SocketAddr::from(([127, 0, 0, 1], e)),
-        sink: SocketAddr::from(([127, 0, 0, 1], s)),
-        child,
-        _dir: dir,
-    };
-    wait_listening(peer.echo);
-    wait_listening(peer.sink);
-    peer
+    let mut command = Command::new("haproxy");
+    command.arg("-db").arg("-f").arg(&path);
+    launch("haproxy", version("haproxy", "-v"), command, (e, s), dir)
 }
 
 fn nginx(echo: SocketAddr, sink: SocketAddr) -> Peer {
@@ -134,18 +118,27 @@ fn nginx(echo: SocketAddr, sink: SocketAddr) -> Peer {
     );
     let path = dir.path().join("nginx.conf");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&path)
-        .arg("-p")
-        .arg(dir.path())
+    let mut command = Command::new("nginx");
+    command.arg("-c").arg(&path).arg("-p").arg(dir.path());
+    launch("nginx", version("nginx", "-v"), command, (e, s), dir)
+}
+
+/// Starts a peer whose config is written, and waits until both of its routes listen.
+fn launch(
+    name: &'static str,
+    version: String,
+    mut command: Command,
+    (e, s): (u16, u16),
+    dir: tempfile::TempDir,
+) -> Peer {
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let peer = Peer {
-        name: "nginx",
-        version: version("nginx", "-v"),
+        name,
+        version,
         echo: SocketAddr::from(([127, 0, 0, 1], e)),
         sink: SocketAddr::from(([127, 0, 0, 1], s)),
         child,

@@ -230,17 +230,16 @@ impl Balance for Maglev {
         if self.table.is_empty() {
             return None;
         }
-        // Ask once per backend, not once per table slot: with nothing eligible, the
-        // walk below would otherwise call `eligible` 65,537 times.
-        let ok: Vec<bool> = (0..backends.len()).map(eligible).collect();
-        if !ok.contains(&true) {
+        // With nothing eligible, the walk below would ask all 65,537 slots; with
+        // something eligible it stops at the first slot that maps to it.
+        if !(0..backends.len()).any(eligible) {
             return None;
         }
         let start = *cursor.get_or_insert_with(|| Maglev::slot(client));
         let len = self.table.len();
         (0..len)
             .map(|k| usize::from(self.table[(start + k) % len]))
-            .find(|&i| ok.get(i).copied().unwrap_or(false))
+            .find(|&i| eligible(i))
     }
 }
 
