@@ -13,6 +13,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod edge;
+pub use edge::*;
+
 /// Admin (metrics and status) address: loopback, so nothing is exposed by accident.
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9555";
 /// How long in-flight connections may finish after SIGTERM before they are cut.
@@ -81,10 +84,17 @@ pub struct Admin {
 pub struct Listener {
     pub name: String,
     pub bind: Vec<SocketAddr>,
-    /// Name of an upstream that exists in the same config.
-    pub upstream: String,
+    /// Name of an upstream that exists in the same config. Always set unless the
+    /// listener has passthrough routes, where it takes what no route matches.
+    pub upstream: Option<String>,
     pub max_connections: usize,
     pub backlog: u32,
+    /// Terminate TLS; `None` relays the bytes as they come.
+    pub tls: Option<ListenerTls>,
+    /// Expect a PROXY header from trusted peers (and only them).
+    pub proxy_protocol: Option<ProxyAccept>,
+    /// Route TLS by SNI without terminating it. Never set together with `tls`.
+    pub passthrough: Option<Passthrough>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -110,6 +120,10 @@ pub struct Upstream {
     pub max_lifetime: Option<Lifetime>,
     /// What happens to open connections to a backend a reload removes.
     pub on_backend_removed: BackendRemoved,
+    /// TLS towards the backends (and their health checks).
+    pub tls: Option<UpstreamTls>,
+    /// A PROXY header sent first on every backend connection, carrying the client.
+    pub send_proxy_protocol: Option<ProxyVersion>,
 }
 
 /// What happens to the open connections of a backend that a reload removes. New
@@ -151,6 +165,8 @@ pub struct HealthCheck {
     /// The reply must start with these bytes; empty means a connect is enough.
     #[serde(serialize_with = "bytes_text")]
     pub expect: Vec<u8>,
+    /// Send the upstream's PROXY header version (as LOCAL: no client) before checking.
+    pub send_proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -313,9 +329,15 @@ struct RawAccessLog {
 struct RawListener {
     name: Spanned<String>,
     bind: Spanned<Vec<Spanned<String>>>,
-    upstream: Spanned<String>,
+    upstream: Option<Spanned<String>>,
     max_connections: Option<Spanned<u64>>,
     backlog: Option<Spanned<u32>>,
+    tls: Option<Spanned<RawListenerTls>>,
+    proxy_protocol: Option<RawProxyAccept>,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawSniRoute>,
+    hello_timeout: Option<Spanned<DurationValue>>,
+    max_hello_size: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -335,6 +357,8 @@ struct RawUpstream {
     max_lifetime_jitter: Option<Spanned<DurationValue>>,
     #[serde(default)]
     on_backend_removed: BackendRemoved,
+    tls: Option<Spanned<RawUpstreamTls>>,
+    send_proxy_protocol: Option<ProxyVersion>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -355,6 +379,8 @@ struct RawHealthCheck {
     fall: Option<Spanned<u32>>,
     send: Option<String>,
     expect: Option<String>,
+    #[serde(default)]
+    send_proxy_protocol: bool,
 }
 
 #[derive(Deserialize)]
@@ -444,6 +470,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 impl RawConfig {
     fn validate(self, path: &Path) -> Result<Config, Invalid> {
+        let base = path.parent().unwrap_or(Path::new("."));
         let drain_timeout = positive(self.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?;
         let admin_default = DEFAULT_ADMIN_BIND
             .parse()
@@ -464,7 +491,7 @@ impl RawConfig {
                     format!("duplicate upstream name {name:?}: each upstream needs its own name"),
                 ));
             }
-            upstreams.push(raw.validate(name)?);
+            upstreams.push(raw.validate(name, base)?);
         }
 
         if self.listeners.is_empty() {
@@ -482,16 +509,65 @@ impl RawConfig {
                     format!("duplicate listener name {name:?}: each listener needs its own name"),
                 ));
             }
-            let upstream = raw.upstream.get_ref();
-            if !upstreams.iter().any(|u| &u.name == upstream) {
+            let defined = |u: &Spanned<String>| -> Result<String, Invalid> {
+                let wanted = u.get_ref();
+                if upstreams.iter().any(|x| &x.name == wanted) {
+                    return Ok(wanted.clone());
+                }
                 let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
-                return Err((
-                    raw.upstream.span(),
+                Err((
+                    u.span(),
                     format!(
-                        "listener {name:?} names upstream {upstream:?}, which is not defined; expected one of {known:?}"
+                        "listener {name:?} names upstream {wanted:?}, which is not defined; expected one of {known:?}"
                     ),
-                ));
-            }
+                ))
+            };
+            let upstream = raw.upstream.as_ref().map(&defined).transpose()?;
+            let passthrough = if raw.routes.is_empty() {
+                if upstream.is_none() {
+                    return Err((
+                        raw.name.span(),
+                        format!(
+                            "listener {name:?} has no `upstream`: expected the name of an [[upstream]] (or [[listener.route]] entries for SNI routing)"
+                        ),
+                    ));
+                }
+                let misplaced = (raw.hello_timeout.as_ref().map(Spanned::span))
+                    .or(raw.max_hello_size.as_ref().map(Spanned::span));
+                if let Some(span) = misplaced {
+                    return Err((span, "`hello_timeout` and `max_hello_size` apply only to a listener with [[listener.route]] entries".to_string()));
+                }
+                None
+            } else {
+                if let Some(tls) = &raw.tls {
+                    return Err((
+                        tls.span(),
+                        "a listener either terminates TLS (`tls`) or routes it untouched by SNI ([[listener.route]]), not both".to_string(),
+                    ));
+                }
+                let mut routes = Vec::new();
+                for r in raw.routes {
+                    defined(&r.upstream)?;
+                    routes.push(r.validate()?);
+                }
+                Some(Passthrough {
+                    routes,
+                    hello_timeout: positive(
+                        raw.hello_timeout,
+                        DEFAULT_HELLO_TIMEOUT,
+                        "hello_timeout",
+                    )?,
+                    max_hello_size: edge::hello_size(raw.max_hello_size)?,
+                })
+            };
+            let tls = match raw.tls {
+                None => None,
+                Some(t) => Some(t.into_inner().validate(base)?),
+            };
+            let proxy_protocol = raw
+                .proxy_protocol
+                .map(RawProxyAccept::validate)
+                .transpose()?;
             if raw.bind.get_ref().is_empty() {
                 return Err((
                     raw.bind.span(),
@@ -532,9 +608,12 @@ impl RawConfig {
             listeners.push(Listener {
                 name,
                 bind,
-                upstream: upstream.clone(),
+                upstream,
                 max_connections,
                 backlog,
+                tls,
+                proxy_protocol,
+                passthrough,
             });
         }
 
@@ -562,7 +641,7 @@ impl RawConfig {
 }
 
 impl RawUpstream {
-    fn validate(self, name: String) -> Result<Upstream, Invalid> {
+    fn validate(self, name: String, base: &Path) -> Result<Upstream, Invalid> {
         if self.backends.is_empty() {
             return Err((
                 self.name.span(),
@@ -632,7 +711,14 @@ impl RawUpstream {
                     fall: count(h.fall, DEFAULT_FALL, "fall")?,
                     send: h.send.unwrap_or_default().into_bytes(),
                     expect: h.expect.unwrap_or_default().into_bytes(),
+                    send_proxy_protocol: h.send_proxy_protocol,
                 };
+                if check.send_proxy_protocol && self.send_proxy_protocol.is_none() {
+                    return Err((
+                        span,
+                        "health_check `send_proxy_protocol` needs the upstream's `send_proxy_protocol` (\"v1\" or \"v2\")".to_string(),
+                    ));
+                }
                 if check.timeout > check.interval {
                     return Err((
                         span,
@@ -693,6 +779,14 @@ impl RawUpstream {
             passive_ejection,
             max_lifetime,
             on_backend_removed: self.on_backend_removed,
+            tls: match self.tls {
+                None => None,
+                Some(t) => {
+                    let span = t.span();
+                    Some(t.into_inner().validate(base, span)?)
+                }
+            },
+            send_proxy_protocol: self.send_proxy_protocol,
             connect_timeout: positive(
                 self.connect_timeout,
                 DEFAULT_CONNECT_TIMEOUT,

@@ -1,19 +1,29 @@
-//! One client connection, from accept to close: pick a backend, connect, relay, record.
+//! One client connection, from accept to close: the edge (PROXY header, then TLS
+//! termination or a ClientHello peek for SNI routing), pick a backend, connect, relay,
+//! record.
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log;
+use crate::client_hello::{self, Peek};
+use crate::config::PROXY_MAX_HEADER;
 use crate::listener::Permit;
 use crate::metrics::RejectReason;
-use crate::relay::{self, Counters};
-use crate::snapshot::Snapshot;
-use crate::upstream::{ConnectError, KEEPALIVE};
+use crate::proxy_protocol::{self, Parsed};
+use crate::relay::{self, Counters, End, Outcome};
+use crate::snapshot::{Route, Snapshot};
+use crate::stream::{BackendStream, ClientStream, Prefixed, Stream};
+use crate::tls::HandshakeResult;
+use crate::upstream::{ConnectError, Ends, KEEPALIVE, Lease, Upstream};
 
 /// A connection's slots: the listener's `max_connections` and the process-wide cap.
 pub type Permits = (Permit, OwnedSemaphorePermit);
@@ -45,11 +55,34 @@ pub async fn handle(
     {
         tracing::debug!(listener = %listener, client = %peer, error = %e, "cannot set socket options");
     }
+    let record = Record {
+        snapshot: &snapshot,
+        route,
+        started,
+    };
+    let local = client.local_addr().unwrap_or(peer);
+    let ends = Ends {
+        client: peer,
+        local,
+    };
 
-    let upstream = &route.upstream;
+    let edge = tokio::select! {
+        e = edge(route, client, ends) => e,
+        () = stop.cancelled() => return,
+    };
+    let Edge {
+        client,
+        ends,
+        upstream,
+        preface,
+    } = match edge {
+        Ok(e) => e,
+        Err(refusal) => return record.refused(&refusal, None),
+    };
+
     let connected = tokio::select! {
-        c = upstream.connect(peer) => c.map_err(Some),
-        () = client_gone(&client) => Err(None),
+        c = upstream.connect(ends) => c.map_err(Some),
+        () = client_gone(client.tcp()) => Err(None),
         () = stop.cancelled() => return,
     };
     let (backend, lease) = match connected {
@@ -62,26 +95,16 @@ pub async fn handle(
                 Some(ConnectError::QueueTimeout) => RejectReason::QueueTimeout,
                 Some(ConnectError::Unavailable { .. }) => RejectReason::UpstreamUnavailable,
             };
-            let e = e.map_or_else(
+            let error = e.map_or_else(
                 || "the client closed its connection".to_string(),
                 |e| e.to_string(),
             );
-            m.rejected(reason).inc();
-            m.duration.observe(started.elapsed().as_secs_f64());
-            if let Some(log) = &snapshot.access_log {
-                log.record(&access_log::Entry {
-                    listener: &listener,
-                    client: peer,
-                    upstream: &upstream.name,
-                    backend: None,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    duration: started.elapsed(),
-                    reason: reason.as_str(),
-                });
-            }
-            tracing::warn!(listener = %listener, client = %peer, upstream = %upstream.name, reason = reason.as_str(), error = %e, "connection rejected");
-            return;
+            let refusal = Refusal {
+                reason,
+                error,
+                client: ends.client,
+            };
+            return record.refused(&refusal, Some(&upstream.name));
         }
     };
 
@@ -89,48 +112,332 @@ pub async fn handle(
     let lifetime = upstream
         .max_lifetime
         .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
-    let outcome = relay::relay(
-        &client,
-        &backend,
-        relay::Limits {
-            idle: upstream.idle_timeout,
-            lifetime,
+    let limits = relay::Limits {
+        idle: upstream.idle_timeout,
+        lifetime,
+    };
+    let stops = relay::Stops {
+        shutdown: &stop,
+        removed: &lease.backend().removed,
+    };
+    let counters = Counters {
+        client_to_backend: &m.client_to_backend,
+        backend_to_client: &m.backend_to_client,
+    };
+    let outcome = match (client, backend) {
+        (ClientStream::Plain(c), BackendStream::Plain(mut b)) => {
+            match forward_preface(&preface, &mut b, &upstream, &counters).await {
+                Ok(()) => relay::relay(&c, &b, limits, stops, counters).await,
+                Err(end) => end,
+            }
+        }
+        (c, mut b) => match forward_preface(&preface, &mut b, &upstream, &counters).await {
+            Ok(()) => relay::relay_streams(c, b, limits, stops, counters).await,
+            Err(end) => end,
         },
-        relay::Stops {
-            shutdown: &stop,
-            removed: &lease.backend().removed,
-        },
-        Counters {
-            client_to_backend: &m.client_to_backend,
-            backend_to_client: &m.backend_to_client,
-        },
-    )
-    .await;
-    let duration = started.elapsed();
-    m.duration.observe(duration.as_secs_f64());
-    if let Some(log) = &snapshot.access_log {
-        log.record(&access_log::Entry {
-            listener: &listener,
-            client: peer,
-            upstream: &upstream.name,
-            backend: Some(lease.backend().address),
-            bytes_in: outcome.client_to_backend,
-            bytes_out: outcome.backend_to_client,
-            duration,
-            reason: outcome.end.as_str(),
+    };
+    let outcome = Outcome {
+        client_to_backend: outcome.client_to_backend + preface.len() as u64,
+        ..outcome
+    };
+    record.closed(ends.client, &upstream.name, &lease, &outcome);
+}
+
+/// What the edge of a connection produced: the client stream to relay (TLS
+/// terminated if configured), the client as a PROXY header named it, the upstream, and
+/// bytes already read from the client that the backend must receive first.
+struct Edge {
+    client: ClientStream,
+    ends: Ends,
+    upstream: Arc<Upstream>,
+    preface: Vec<u8>,
+}
+
+/// Why a client was closed before it reached a backend.
+struct Refusal {
+    reason: RejectReason,
+    error: String,
+    /// The client as known so far (from a PROXY header once one was read).
+    client: SocketAddr,
+}
+
+/// Runs the stages before a backend is picked: the PROXY header, then TLS termination
+/// or the ClientHello peek, each under its own timeout.
+async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Refusal> {
+    let refuse = |reason, client, error: String| Refusal {
+        reason,
+        error,
+        client,
+    };
+    let mut preface = Vec::new();
+    if let Some(accept) = &route.proxy_protocol {
+        if !accept.trusted.iter().any(|c| c.contains(ends.client.ip())) {
+            let e = "the peer is not in proxy_protocol.trusted".to_string();
+            return Err(refuse(RejectReason::ProxyProtocol, ends.client, e));
+        }
+        let read = read_until(&tcp, &mut preface, PROXY_MAX_HEADER, |b| {
+            proxy_protocol::parse(b, PROXY_MAX_HEADER).map(|p| match p {
+                Parsed::Done { header, consumed } => Some((header, consumed)),
+                Parsed::Incomplete => None,
+            })
         });
+        let header = match timeout(accept.timeout, read).await {
+            Ok(Ok((header, consumed))) => {
+                preface.drain(..consumed);
+                header
+            }
+            Ok(Err(e)) => {
+                return Err(refuse(
+                    RejectReason::ProxyProtocol,
+                    ends.client,
+                    e.to_string(),
+                ));
+            }
+            Err(_) => {
+                let e = format!("no complete PROXY header within {:?}", accept.timeout);
+                return Err(refuse(RejectReason::ProxyProtocol, ends.client, e));
+            }
+        };
+        // LOCAL (a health check of the load balancer in front) keeps the socket's ends.
+        if let (Some(client), Some(local)) = (header.source, header.destination) {
+            ends = Ends { client, local };
+        }
     }
-    tracing::info!(
-        listener = %listener,
-        client = %peer,
-        upstream = %upstream.name,
-        backend = %lease.backend().address,
-        bytes_in = outcome.client_to_backend,
-        bytes_out = outcome.backend_to_client,
-        duration_ms = duration.as_millis() as u64,
-        reason = outcome.end.as_str(),
-        "connection closed"
-    );
+
+    if let Some((termination, tm)) = &route.tls {
+        let started = Instant::now();
+        let handshake = termination
+            .acceptor
+            .accept(Prefixed::new(std::mem::take(&mut preface), tcp));
+        let result = match timeout(termination.handshake_timeout, handshake).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err((
+                HandshakeResult::of(&e),
+                format!("TLS handshake failed: {e}"),
+            )),
+            Err(_) => Err((
+                HandshakeResult::Timeout,
+                format!(
+                    "no TLS handshake within {:?}",
+                    termination.handshake_timeout
+                ),
+            )),
+        };
+        return match result {
+            Ok(stream) => {
+                tm.handshake(HandshakeResult::Success).inc();
+                tm.handshake_duration
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(Edge {
+                    client: ClientStream::Tls(Box::new(stream)),
+                    ends,
+                    upstream: default_upstream(route, ends)?,
+                    preface,
+                })
+            }
+            Err((result, e)) => {
+                tm.handshake(result).inc();
+                Err(refuse(RejectReason::TlsHandshake, ends.client, e))
+            }
+        };
+    }
+
+    let upstream = match &route.passthrough {
+        None => default_upstream(route, ends)?,
+        Some(sni) => {
+            let max = preface.len() + sni.max_hello_size;
+            let read = read_until(&tcp, &mut preface, max, |b| {
+                client_hello::server_name(b, sni.max_hello_size).map(|p| match p {
+                    Peek::Done(name) => Some(name),
+                    Peek::Incomplete => None,
+                })
+            });
+            let name = match timeout(sni.hello_timeout, read).await {
+                Ok(Ok(name)) => name,
+                Ok(Err(e)) => {
+                    return Err(refuse(
+                        RejectReason::ClientHello,
+                        ends.client,
+                        e.to_string(),
+                    ));
+                }
+                Err(_) => {
+                    let e = format!("no complete ClientHello within {:?}", sni.hello_timeout);
+                    return Err(refuse(RejectReason::ClientHello, ends.client, e));
+                }
+            };
+            let routed = name.as_deref().and_then(|n| sni.pick(n));
+            match routed.or(route.upstream.as_ref()) {
+                Some(u) => Arc::clone(u),
+                None => {
+                    let e = match name {
+                        Some(n) => {
+                            format!("no route for server name {n:?} and no default upstream")
+                        }
+                        None => {
+                            "the ClientHello has no server name and there is no default upstream"
+                                .to_string()
+                        }
+                    };
+                    return Err(refuse(RejectReason::NoRoute, ends.client, e));
+                }
+            }
+        }
+    };
+    Ok(Edge {
+        client: ClientStream::Plain(tcp),
+        ends,
+        upstream,
+        preface,
+    })
+}
+
+fn default_upstream(route: &Route, ends: Ends) -> Result<Arc<Upstream>, Refusal> {
+    // The config requires an upstream on every listener without passthrough routes.
+    route.upstream.clone().ok_or_else(|| Refusal {
+        reason: RejectReason::NoRoute,
+        error: "the listener has no upstream".to_string(),
+        client: ends.client,
+    })
+}
+
+/// Why reading the edge's bytes stopped.
+#[derive(Debug, thiserror::Error)]
+enum EdgeError<E: std::error::Error> {
+    #[error("{0}")]
+    Parse(E),
+    #[error("the client closed the connection after {0} bytes")]
+    Closed(usize),
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+/// Reads from `tcp` into `buf`, never past `max` bytes in all, until `parse` of the
+/// whole buffer gives a result (`Some`) or fails. Each read takes what the socket has,
+/// so a header delivered a byte at a time costs a read per byte, a whole one one read.
+async fn read_until<T, E: std::error::Error>(
+    tcp: &TcpStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+    parse: impl Fn(&[u8]) -> Result<Option<T>, E>,
+) -> Result<T, EdgeError<E>> {
+    loop {
+        // Bytes left over from an earlier stage may already hold a complete message.
+        if let Some(done) = parse(buf).map_err(EdgeError::Parse)? {
+            return Ok(done);
+        }
+        if buf.len() >= max {
+            // The parsers refuse anything longer than `max` themselves; this keeps the
+            // loop finite whatever they do.
+            return Err(EdgeError::Closed(buf.len()));
+        }
+        tcp.readable().await.map_err(EdgeError::Io)?;
+        let start = buf.len();
+        buf.resize(max.min(start + 4096), 0);
+        match tcp.try_read(&mut buf[start..]) {
+            Ok(0) => {
+                buf.truncate(start);
+                return Err(EdgeError::Closed(start));
+            }
+            Ok(n) => buf.truncate(start + n),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => buf.truncate(start),
+            Err(e) => return Err(EdgeError::Io(e)),
+        }
+    }
+}
+
+/// Sends the bytes read from the client at the edge (the ClientHello of a passthrough
+/// connection, or data that followed a PROXY header) before the relay starts.
+async fn forward_preface<B>(
+    preface: &[u8],
+    backend: &mut B,
+    upstream: &Upstream,
+    counters: &Counters<'_>,
+) -> Result<(), Outcome>
+where
+    B: tokio::io::AsyncWrite + Unpin,
+{
+    if preface.is_empty() {
+        return Ok(());
+    }
+    let write = async {
+        backend.write_all(preface).await?;
+        backend.flush().await
+    };
+    match timeout(upstream.connect_timeout, write).await {
+        Ok(Ok(())) => {
+            counters.client_to_backend.inc_by(preface.len() as u64);
+            Ok(())
+        }
+        _ => Err(Outcome {
+            end: End::BackendReset,
+            // Added back by the caller, which counts the preface as sent either way.
+            client_to_backend: 0,
+            backend_to_client: 0,
+        }),
+    }
+}
+
+/// Records a connection's end in the metrics, the access log and the main log.
+struct Record<'a> {
+    snapshot: &'a Snapshot,
+    route: &'a Route,
+    started: Instant,
+}
+
+impl Record<'_> {
+    fn refused(&self, r: &Refusal, upstream: Option<&str>) {
+        let m = &self.route.metrics;
+        let duration = self.started.elapsed();
+        m.rejected(r.reason).inc();
+        m.duration.observe(duration.as_secs_f64());
+        let listener = &self.route.listener;
+        let upstream = upstream.unwrap_or("-");
+        if let Some(log) = &self.snapshot.access_log {
+            log.record(&access_log::Entry {
+                listener,
+                client: r.client,
+                upstream,
+                backend: None,
+                bytes_in: 0,
+                bytes_out: 0,
+                duration,
+                reason: r.reason.as_str(),
+            });
+        }
+        tracing::warn!(listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+    }
+
+    fn closed(&self, client: SocketAddr, upstream: &str, lease: &Lease, outcome: &Outcome) {
+        let m = &self.route.metrics;
+        let duration = self.started.elapsed();
+        m.duration.observe(duration.as_secs_f64());
+        let listener = &self.route.listener;
+        let backend = lease.backend().address;
+        if let Some(log) = &self.snapshot.access_log {
+            log.record(&access_log::Entry {
+                listener,
+                client,
+                upstream,
+                backend: Some(backend),
+                bytes_in: outcome.client_to_backend,
+                bytes_out: outcome.backend_to_client,
+                duration,
+                reason: outcome.end.as_str(),
+            });
+        }
+        tracing::info!(
+            listener = %listener,
+            client = %client,
+            upstream,
+            backend = %backend,
+            bytes_in = outcome.client_to_backend,
+            bytes_out = outcome.backend_to_client,
+            duration_ms = duration.as_millis() as u64,
+            reason = outcome.end.as_str(),
+            "connection closed"
+        );
+    }
 }
 
 /// Resolves when the client has left before a backend was reached: it reset, or it
@@ -146,7 +453,7 @@ async fn client_gone(client: &TcpStream) {
             // With data unread, peek keeps returning it even after a reset; the socket's
             // pending error shows the reset.
             Ok(_) if !matches!(client.take_error(), Ok(None)) => return,
-            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
 }

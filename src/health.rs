@@ -12,14 +12,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, PassiveEjection};
 use crate::metrics::CheckResult;
 use crate::snapshot::{Snapshot, SnapshotHandle};
-use crate::upstream::Backend;
+use crate::upstream::{Backend, Upstream};
 
 /// The health of one backend.
 #[derive(Debug)]
@@ -99,6 +98,10 @@ enum CheckFailure {
     Timeout,
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Connect(String),
+    #[error("the upstream was removed")]
+    Removed,
     #[error("reply {got:?} does not start with the expected {expected:?}")]
     Mismatch { got: String, expected: String },
 }
@@ -186,10 +189,13 @@ async fn check_loop(
     sleep(check.interval.mul_f64(fastrand::f64())).await;
     let (mut passes, mut fails) = (0u32, 0u32);
     loop {
-        let result = match timeout(check.timeout, probe(backend.address, &check)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(CheckFailure::Timeout),
+        // The upstream as configured now: its TLS and PROXY settings may have changed.
+        let result = match snapshots.load().upstream(&upstream).cloned() {
+            None => Err(CheckFailure::Removed),
+            Some(u) => match timeout(check.timeout, probe(&u, backend.address, &check)).await {
+                Ok(r) => r,
+                Err(_) => Err(CheckFailure::Timeout),
+            },
         };
         let counted = match &result {
             Ok(()) => CheckResult::Success,
@@ -223,12 +229,17 @@ async fn check_loop(
     }
 }
 
-/// One check: connect, then send and expect a reply prefix if configured.
+/// One check: connect (with the upstream's PROXY header and TLS), then send and expect
+/// a reply prefix if configured.
 async fn probe(
+    upstream: &Upstream,
     address: std::net::SocketAddr,
     check: &config::HealthCheck,
 ) -> Result<(), CheckFailure> {
-    let mut stream = TcpStream::connect(address).await?;
+    let mut stream = upstream
+        .open(address, None)
+        .await
+        .map_err(|(_, e)| CheckFailure::Connect(e))?;
     if !check.send.is_empty() {
         stream.write_all(&check.send).await?;
     }

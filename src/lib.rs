@@ -41,16 +41,20 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod client_hello;
 pub mod config;
 pub mod conn;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod queue;
 pub mod relay;
 pub mod reload;
 pub mod shutdown;
 pub mod snapshot;
+pub mod stream;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -82,6 +86,8 @@ pub enum Error {
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen for signals, watch the config file or start the access log: {0}")]
     Watch(std::io::Error),
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The running proxy: what a reload reconciles.
@@ -95,6 +101,8 @@ pub struct Server {
     checks: health::Checks,
     /// Stops every health check task at shutdown.
     checks_stop: CancellationToken,
+    /// The TLS files watched for changes, updated on each reload.
+    file_watch: reload::FileWatch,
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
@@ -121,12 +129,17 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         });
     }
     let config_path = config.source.clone();
+    let load = Arc::clone(&config);
+    let material = tokio::task::spawn_blocking(move || tls::load(&load))
+        .await
+        .map_err(|e| Error::Watch(std::io::Error::other(e)))??;
     let snapshots: SnapshotHandle = Arc::new(ArcSwap::from_pointee(Snapshot::build(
         Arc::clone(&config),
         0,
         &metrics,
         None,
         access_log,
+        material,
     )));
     metrics.config_last_reload_successful.set(1);
     metrics
@@ -164,7 +177,8 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
     );
     let bound = listeners.bind_new(&config)?;
     listeners.apply(&config, bound);
-    let mut triggers = reload::triggers(&config_path).map_err(Error::Watch)?;
+    let (mut triggers, file_watch) = reload::triggers(&config_path).map_err(Error::Watch)?;
+    file_watch.watch_files(&snapshots.load().tls_files);
 
     let status = Arc::new(Status {
         metrics: Arc::clone(&metrics),
@@ -180,6 +194,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         listeners,
         checks: health::Checks::default(),
         checks_stop: CancellationToken::new(),
+        file_watch,
     };
     server
         .checks

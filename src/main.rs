@@ -45,9 +45,22 @@ fn main() -> ExitCode {
 }
 
 fn check(files: &[PathBuf]) -> ExitCode {
+    // Warnings found while loading (a private key readable by others) go to stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .without_time()
+        .init();
     let mut ok = true;
     for file in files {
-        match Config::load(file) {
+        // Certificates and keys are part of a config: one that cannot load fails it.
+        let loaded = Config::load(file).map_err(|e| e.to_string()).and_then(|c| {
+            sluice::tls::load(&c)
+                .map(|_| c)
+                .map_err(|e| format!("{}: {e}", file.display()))
+        });
+        match loaded {
             Ok(c) => println!(
                 "{}: ok ({} listener(s), {} upstream(s))",
                 file.display(),
@@ -111,6 +124,11 @@ fn run(path: PathBuf) -> ExitCode {
     drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ sluice::Error::Tls(_)) => {
+            tracing::error!(error = %e, "sluice could not start");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
         Err(e) => {
             tracing::error!(error = %e, "sluice could not start");
             eprintln!("error: {e}");

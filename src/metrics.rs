@@ -6,6 +6,8 @@
 //! [`Metrics::upstream`], [`Metrics::backend`]); connections touch only the resolved
 //! handles, which are atomics.
 
+use crate::tls::HandshakeResult;
+
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -36,6 +38,9 @@ pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
 pub const QUEUE_LENGTH: &str = "sluice_queue_length";
 pub const QUEUE_WAIT: &str = "sluice_queue_wait_duration_seconds";
 pub const PROCESS_MAX_CONNECTIONS: &str = "sluice_process_max_connections";
+pub const TLS_HANDSHAKES: &str = "sluice_tls_handshakes_total";
+pub const TLS_HANDSHAKE_DURATION: &str = "sluice_tls_handshake_duration_seconds";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "sluice_tls_certificate_expiry_timestamp_seconds";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -44,6 +49,11 @@ const CONNECT_BUCKETS: &[f64] = &[
 /// Queue waits: from a blink to the longest sensible queue timeout.
 const QUEUE_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// TLS handshakes: a loopback handshake takes about a millisecond; a slow client up to
+/// the handshake timeout.
+const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 /// Connection lifetimes: a single request up to a day-long database session.
 const DURATION_BUCKETS: &[f64] = &[
@@ -63,15 +73,30 @@ pub enum RejectReason {
     QueueTimeout,
     /// The client closed its connection while waiting for a backend.
     ClientLeft,
+    /// The TLS handshake failed or timed out.
+    TlsHandshake,
+    /// A PROXY header was missing, malformed, too long or too slow, or the peer is
+    /// not trusted to send one.
+    ProxyProtocol,
+    /// On a passthrough listener: not TLS, a malformed or oversize ClientHello, or none
+    /// within `hello_timeout`.
+    ClientHello,
+    /// On a passthrough listener: no route matched the server name and there is no
+    /// default upstream.
+    NoRoute,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::UpstreamUnavailable,
         RejectReason::NoHealthyBackend,
         RejectReason::QueueFull,
         RejectReason::QueueTimeout,
         RejectReason::ClientLeft,
+        RejectReason::TlsHandshake,
+        RejectReason::ProxyProtocol,
+        RejectReason::ClientHello,
+        RejectReason::NoRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +106,10 @@ impl RejectReason {
             RejectReason::QueueFull => "queue_full",
             RejectReason::QueueTimeout => "queue_timeout",
             RejectReason::ClientLeft => "client_left",
+            RejectReason::TlsHandshake => "tls_handshake",
+            RejectReason::ProxyProtocol => "proxy_protocol",
+            RejectReason::ClientHello => "client_hello",
+            RejectReason::NoRoute => "no_route",
         }
     }
 }
@@ -116,15 +145,18 @@ pub enum ConnectFailure {
     Timeout,
     Reset,
     Unreachable,
+    /// The TCP connect worked but the TLS handshake failed (certificate, protocol).
+    Tls,
     Other,
 }
 
 impl ConnectFailure {
-    pub const ALL: [ConnectFailure; 5] = [
+    pub const ALL: [ConnectFailure; 6] = [
         ConnectFailure::Refused,
         ConnectFailure::Timeout,
         ConnectFailure::Reset,
         ConnectFailure::Unreachable,
+        ConnectFailure::Tls,
         ConnectFailure::Other,
     ];
 
@@ -134,6 +166,7 @@ impl ConnectFailure {
             ConnectFailure::Timeout => "timeout",
             ConnectFailure::Reset => "reset",
             ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Tls => "tls",
             ConnectFailure::Other => "other",
         }
     }
@@ -198,6 +231,9 @@ pub struct Metrics {
     backend_ejections: IntCounterVec,
     queue_length: IntGaugeVec,
     queue_wait: HistogramVec,
+    tls_handshakes: IntCounterVec,
+    tls_handshake_duration: HistogramVec,
+    tls_certificate_expiry: IntGaugeVec,
     pub config_generation: IntGauge,
     pub config_reloads_success: IntCounter,
     pub config_reloads_failure: IntCounter,
@@ -219,6 +255,19 @@ pub struct ListenerMetrics {
     pub client_to_backend: IntCounter,
     pub backend_to_client: IntCounter,
     accept_errors: [IntCounter; AcceptFailure::ALL.len()],
+}
+
+/// Handles for one listener that terminates TLS.
+#[derive(Clone)]
+pub struct TlsMetrics {
+    handshakes: [IntCounter; HandshakeResult::ALL.len()],
+    pub handshake_duration: Histogram,
+}
+
+impl TlsMetrics {
+    pub fn handshake(&self, result: HandshakeResult) -> &IntCounter {
+        &self.handshakes[result as usize]
+    }
 }
 
 impl ListenerMetrics {
@@ -335,7 +384,7 @@ impl Metrics {
             upstream_connect_duration: histogram_vec(
                 &registry,
                 UPSTREAM_CONNECT_DURATION,
-                "Time to establish a TCP connection to a backend (successful attempts)",
+                "Time to open a backend connection, TCP plus any PROXY header and TLS handshake (successful attempts)",
                 &["upstream"],
                 CONNECT_BUCKETS,
             )?,
@@ -375,6 +424,25 @@ impl Metrics {
                 "Time clients waited in the queue before getting a backend slot",
                 &["upstream"],
                 QUEUE_BUCKETS,
+            )?,
+            tls_handshakes: counter_vec(
+                &registry,
+                TLS_HANDSHAKES,
+                "TLS handshakes on listeners that terminate TLS, by result (success, timeout, protocol_error, client_certificate, incompatible, aborted)",
+                &["listener", "result"],
+            )?,
+            tls_handshake_duration: histogram_vec(
+                &registry,
+                TLS_HANDSHAKE_DURATION,
+                "Time from the first byte of TLS to a completed handshake (successful handshakes)",
+                &["listener"],
+                HANDSHAKE_BUCKETS,
+            )?,
+            tls_certificate_expiry: gauge_vec(
+                &registry,
+                TLS_CERTIFICATE_EXPIRY,
+                "notAfter of each certificate a listener serves, as Unix time",
+                &["listener", "certificate"],
             )?,
             config_generation: gauge(
                 &registry,
@@ -472,8 +540,37 @@ impl Metrics {
         }
     }
 
+    /// Handles for a TLS listener; sets the expiry gauge of each certificate.
+    pub fn listener_tls(&self, name: &str, expiries: &[(String, i64)]) -> TlsMetrics {
+        for (certificate, not_after) in expiries {
+            self.tls_certificate_expiry
+                .with_label_values(&[name, certificate])
+                .set(*not_after);
+        }
+        TlsMetrics {
+            handshakes: HandshakeResult::ALL
+                .map(|r| self.tls_handshakes.with_label_values(&[name, r.as_str()])),
+            handshake_duration: self.tls_handshake_duration.with_label_values(&[name]),
+        }
+    }
+
+    /// Drops the TLS series of a listener that no longer terminates TLS (or is gone),
+    /// and the expiry of a certificate it no longer serves.
+    pub fn forget_listener_tls(&self, name: &str, certificates: &[String], all: bool) {
+        for c in certificates {
+            let _ = self.tls_certificate_expiry.remove_label_values(&[name, c]);
+        }
+        if all {
+            let _ = self.tls_handshake_duration.remove_label_values(&[name]);
+            for r in HandshakeResult::ALL {
+                let _ = self.tls_handshakes.remove_label_values(&[name, r.as_str()]);
+            }
+        }
+    }
+
     /// Drops a removed listener's series from the exposition.
     pub fn forget_listener(&self, name: &str) {
+        self.forget_listener_tls(name, &[], true);
         let l = &[name];
         let _ = self.connections_accepted.remove_label_values(l);
         let _ = self.connections_active.remove_label_values(l);

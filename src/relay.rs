@@ -11,6 +11,10 @@
 //!   other early end (timeouts, lifetime, removal, shutdown) closes with FIN, so bytes
 //!   already relayed are still delivered.
 //! - The idle timeout counts from the last byte moved in either direction.
+//! - With TLS on either side, [`relay_streams`] does the same through the streams'
+//!   `AsyncRead`/`AsyncWrite`, with a 16 KiB buffer (one TLS record) per direction held
+//!   for the connection's life: the TLS state keeps decrypted bytes that readiness of
+//!   the socket cannot show.
 
 use std::cell::RefCell;
 use std::io::ErrorKind;
@@ -18,8 +22,13 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
+
 use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::stream::Stream;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 const BUFFER_SIZE: usize = 64 * 1024;
 /// Buffers kept per worker thread for reuse; the rest are freed.
 const POOL_PER_THREAD: usize = 64;
+/// Buffer per direction of a TLS relay: one TLS record of plaintext.
+const STREAM_BUFFER_SIZE: usize = 16 * 1024;
 
 /// How the relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +114,71 @@ pub async fn relay(
     let down = Direction::default();
     let c2b = pump(client, backend, &up, &clock, counters.client_to_backend);
     let b2c = pump(backend, client, &down, &clock, counters.backend_to_client);
+    let end = drive(c2b, b2c, &clock, limits, stops).await;
+    if matches!(end, End::ClientReset | End::BackendReset) {
+        // Pass the reset on: the other peer should not wait on a dead connection.
+        reset(client);
+        reset(backend);
+    }
+    // Any other end (a timeout, the lifetime, a removed backend, the shutdown cut)
+    // closes with FIN when the sockets drop, so bytes already relayed into the kernel's
+    // buffers still reach a slow reader; an RST would throw them away.
+    Outcome {
+        end,
+        client_to_backend: up.moved.load(Ordering::Relaxed),
+        backend_to_client: down.moved.load(Ordering::Relaxed),
+    }
+}
+
+/// [`relay`] for streams with TLS on either side.
+pub async fn relay_streams<C: Stream, B: Stream>(
+    client: C,
+    backend: B,
+    limits: Limits,
+    stops: Stops<'_>,
+    counters: Counters<'_>,
+) -> Outcome {
+    let clock = IdleClock::new();
+    let up = Direction::default();
+    let down = Direction::default();
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
+    let end = {
+        let c2b = pump_stream(
+            &mut client_rx,
+            &mut backend_tx,
+            &up,
+            &clock,
+            counters.client_to_backend,
+        );
+        let b2c = pump_stream(
+            &mut backend_rx,
+            &mut client_tx,
+            &down,
+            &clock,
+            counters.backend_to_client,
+        );
+        drive(c2b, b2c, &clock, limits, stops).await
+    };
+    if matches!(end, End::ClientReset | End::BackendReset) {
+        reset(client_rx.unsplit(client_tx).tcp());
+        reset(backend_rx.unsplit(backend_tx).tcp());
+    }
+    Outcome {
+        end,
+        client_to_backend: up.moved.load(Ordering::Relaxed),
+        backend_to_client: down.moved.load(Ordering::Relaxed),
+    }
+}
+
+/// Runs both directions until both have finished or something ends the relay.
+async fn drive(
+    c2b: impl Future<Output = Result<(), Failed>>,
+    b2c: impl Future<Output = Result<(), Failed>>,
+    clock: &IdleClock,
+    limits: Limits,
+    stops: Stops<'_>,
+) -> End {
     let idle = clock.expired(limits.idle);
     let stopped = stops.shutdown.cancelled();
     let removed = stops.removed.cancelled();
@@ -115,7 +191,7 @@ pub async fn relay(
     tokio::pin!(c2b, b2c, idle, stopped, lifetime, removed);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
-    let end = loop {
+    loop {
         tokio::select! {
             r = &mut c2b, if !c2b_done => match r {
                 Ok(()) => c2b_done = true,
@@ -134,19 +210,6 @@ pub async fn relay(
         if c2b_done && b2c_done {
             break End::Closed;
         }
-    };
-    if matches!(end, End::ClientReset | End::BackendReset) {
-        // Pass the reset on: the other peer should not wait on a dead connection.
-        reset(client);
-        reset(backend);
-    }
-    // Any other end (a timeout, the lifetime, a removed backend, the shutdown cut)
-    // closes with FIN when the sockets drop, so bytes already relayed into the kernel's
-    // buffers still reach a slow reader; an RST would throw them away.
-    Outcome {
-        end,
-        client_to_backend: up.moved.load(Ordering::Relaxed),
-        backend_to_client: down.moved.load(Ordering::Relaxed),
     }
 }
 
@@ -220,6 +283,44 @@ async fn pump(
                 Err(_) => return Err(Failed::Sink),
             }
         }
+    }
+}
+
+/// [`pump`] through `AsyncRead`/`AsyncWrite`; the end of `src` is passed on with
+/// `shutdown`, which for TLS sends close_notify and then FIN.
+async fn pump_stream<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    src: &mut R,
+    dst: &mut W,
+    dir: &Direction,
+    clock: &IdleClock,
+    counter: &IntCounter,
+) -> Result<(), Failed> {
+    let mut buf = vec![0u8; STREAM_BUFFER_SIZE];
+    loop {
+        let n = match src.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closed its socket without close_notify: many clients do,
+            // and the bytes before it were whole records, so it is an ordinary end.
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => 0,
+            Err(_) => return Err(Failed::Source),
+        };
+        if n == 0 {
+            let _ = dst.shutdown().await;
+            return Ok(());
+        }
+        clock.touch();
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            let written = dst.write(data).await.map_err(|_| Failed::Sink)?;
+            if written == 0 {
+                return Err(Failed::Sink);
+            }
+            data = &data[written..];
+            clock.touch();
+            dir.moved.fetch_add(written as u64, Ordering::Relaxed);
+            counter.inc_by(written as u64);
+        }
+        dst.flush().await.map_err(|_| Failed::Sink)?;
     }
 }
 

@@ -10,14 +10,14 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
 use crate::Server;
@@ -35,17 +35,36 @@ pub enum Trigger {
     Signal,
 }
 
-/// Reload triggers: settled changes in the config file's directory, and SIGHUP. The
-/// channel holds one pending trigger; more arriving meanwhile coalesce into it.
-pub fn triggers(path: &Path) -> io::Result<mpsc::Receiver<Trigger>> {
-    let (tx, rx) = mpsc::channel(1);
-    let dir = match path.parent() {
+/// Updates the set of TLS files watched besides the config file.
+pub struct FileWatch {
+    files: watch::Sender<Vec<PathBuf>>,
+}
+
+impl FileWatch {
+    /// Watches these TLS files too (replacing the previous set), so a rotated
+    /// certificate reloads even though the config file did not change.
+    pub fn watch_files(&self, files: &[PathBuf]) {
+        self.files.send_if_modified(|now| {
+            let changed = now.as_slice() != files;
+            if changed {
+                *now = files.to_vec();
+            }
+            changed
+        });
+    }
+}
+
+/// A file's directory, `.` for a bare name.
+fn directory(path: &Path) -> &Path {
+    match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
-    let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+    }
+}
+
+fn add_watch(fd: &OwnedFd, dir: &Path) -> io::Result<()> {
     inotify::add_watch(
-        &fd,
+        fd,
         dir,
         WatchFlags::CLOSE_WRITE
             | WatchFlags::MODIFY
@@ -55,18 +74,32 @@ pub fn triggers(path: &Path) -> io::Result<mpsc::Receiver<Trigger>> {
             | WatchFlags::DELETE
             | WatchFlags::ATTRIB,
     )?;
+    Ok(())
+}
+
+fn file_name(path: &Path) -> Vec<u8> {
+    path.file_name()
+        .map(|n| n.as_encoded_bytes().to_vec())
+        .unwrap_or_default()
+}
+
+/// Reload triggers: settled changes in the config file's directory (and those of the
+/// TLS files it names), and SIGHUP. The channel holds one pending trigger; more arriving
+/// meanwhile coalesce into it.
+pub fn triggers(path: &Path) -> io::Result<(mpsc::Receiver<Trigger>, FileWatch)> {
+    let (tx, rx) = mpsc::channel(1);
+    let fd = inotify::init(CreateFlags::NONBLOCK | CreateFlags::CLOEXEC)?;
+    add_watch(&fd, directory(path))?;
     // Deprecated because a registered fd might be closed by someone else while tokio
     // watches it; an OwnedFd moved in here is closed only when the AsyncFd drops. Its
     // replacement, `register`, is `unsafe`, which this crate forbids.
     #[allow(deprecated)]
     let fd = AsyncFd::new(fd)?;
     let file_tx = tx.clone();
-    let name = path
-        .file_name()
-        .map(|n| n.as_encoded_bytes().to_vec())
-        .unwrap_or_default();
+    let name = file_name(path);
+    let (files, files_rx) = watch::channel(Vec::new());
     tokio::spawn(async move {
-        if let Err(e) = watch(fd, &name, file_tx).await {
+        if let Err(e) = watch(fd, name, files_rx, file_tx).await {
             tracing::error!(error = %e, "config file watch stopped; SIGHUP still reloads");
         }
     });
@@ -76,14 +109,38 @@ pub fn triggers(path: &Path) -> io::Result<mpsc::Receiver<Trigger>> {
             let _ = tx.try_send(Trigger::Signal);
         }
     });
-    Ok(rx)
+    Ok((rx, FileWatch { files }))
 }
 
-async fn watch(fd: AsyncFd<OwnedFd>, name: &[u8], tx: mpsc::Sender<Trigger>) -> io::Result<()> {
+async fn watch(
+    fd: AsyncFd<OwnedFd>,
+    config_name: Vec<u8>,
+    mut files: watch::Receiver<Vec<PathBuf>>,
+    tx: mpsc::Sender<Trigger>,
+) -> io::Result<()> {
     let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+    // Names that matter in any watched directory. A file of the same name in another
+    // watched directory costs a read that finds nothing changed, nothing more.
+    let mut names = vec![config_name.clone(), b"..data".to_vec()];
     loop {
-        next_events(&fd, name, &mut buf).await?;
-        while let Ok(more) = timeout(DEBOUNCE, next_events(&fd, name, &mut buf)).await {
+        tokio::select! {
+            r = next_events(&fd, &names, &mut buf) => r?,
+            changed = files.changed() => {
+                if changed.is_err() {
+                    // The server is gone; nothing more to watch.
+                    return Ok(());
+                }
+                names.truncate(2);
+                for f in files.borrow_and_update().iter() {
+                    if let Err(e) = add_watch(fd.get_ref(), directory(f)) {
+                        tracing::warn!(file = %f.display(), error = %e, "cannot watch a TLS file's directory; SIGHUP reloads it");
+                    }
+                    names.push(file_name(f));
+                }
+                continue;
+            }
+        }
+        while let Ok(more) = timeout(DEBOUNCE, next_events(&fd, &names, &mut buf)).await {
             more?;
         }
         // Full means a reload is already pending, and it will read the latest file.
@@ -97,7 +154,7 @@ async fn watch(fd: AsyncFd<OwnedFd>, name: &[u8], tx: mpsc::Sender<Trigger>) -> 
 /// the config never triggers a reload.
 async fn next_events(
     fd: &AsyncFd<OwnedFd>,
-    name: &[u8],
+    names: &[Vec<u8>],
     buf: &mut [MaybeUninit<u8>],
 ) -> io::Result<()> {
     loop {
@@ -109,10 +166,9 @@ async fn next_events(
                 match reader.next() {
                     Ok(event) => {
                         let overflow = event.events().contains(ReadFlags::QUEUE_OVERFLOW);
-                        let ours = event.file_name().is_some_and(|n| {
-                            let n = n.to_bytes();
-                            n == name || n == b"..data"
-                        });
+                        let ours = event
+                            .file_name()
+                            .is_some_and(|n| names.iter().any(|w| w.as_slice() == n.to_bytes()));
                         if overflow || ours {
                             relevant += 1;
                         }
@@ -147,15 +203,27 @@ impl Server {
                 return self.reload_failed(&format!("{}: cannot read config: {e}", path.display()));
             }
         };
-        if text == self.applied_text {
-            tracing::debug!(?trigger, "config file unchanged");
+        let previous = self.snapshots.load_full();
+        let same_text = text == self.applied_text;
+        let config = if same_text {
+            (*previous.config).clone()
+        } else {
+            match Config::parse(&text, &path) {
+                Ok(c) => c,
+                Err(e) => return self.reload_failed(&e.to_string()),
+            }
+        };
+        let config = Arc::new(config);
+        let load = Arc::clone(&config);
+        let material = match tokio::task::spawn_blocking(move || crate::tls::load(&load)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return self.reload_failed(&e.to_string()),
+            Err(e) => return self.reload_failed(&format!("loading TLS files failed: {e}")),
+        };
+        if same_text && material.fingerprint == previous.tls_fingerprint {
+            tracing::debug!(?trigger, "config and TLS files unchanged");
             return;
         }
-        let config = match Config::parse(&text, &path) {
-            Ok(c) => c,
-            Err(e) => return self.reload_failed(&e.to_string()),
-        };
-        let previous = self.snapshots.load_full();
         if config.admin != previous.config.admin {
             tracing::warn!("a change of [admin] applies only after a restart");
         }
@@ -168,11 +236,12 @@ impl Server {
         };
         let summary = describe(&previous.config, &config);
         let snapshot = Arc::new(Snapshot::build(
-            Arc::new(config),
+            config,
             previous.generation + 1,
             &self.metrics,
             Some(&previous),
             previous.access_log.clone(),
+            material,
         ));
         retire_removed(&previous, &snapshot);
         let janitor = Janitor::new(&previous, &snapshot);
@@ -187,6 +256,7 @@ impl Server {
         self.checks
             .reconcile(&snapshot, &self.snapshots, &self.checks_stop);
         self.applied_text = text;
+        self.file_watch.watch_files(&snapshot.tls_files);
         let m = &self.metrics;
         m.config_reloads_success.inc();
         m.config_last_reload_successful.set(1);

@@ -8,8 +8,9 @@ use arc_swap::ArcSwap;
 use prometheus::IntGauge;
 
 use crate::access_log::AccessLog;
-use crate::config::Config;
-use crate::metrics::{ListenerMetrics, Metrics};
+use crate::config::{Config, ProxyAccept, SniPattern};
+use crate::metrics::{ListenerMetrics, Metrics, TlsMetrics};
+use crate::tls::{self, Termination};
 use crate::upstream::{Backend, Upstream};
 
 /// The handle every task reads the current snapshot through.
@@ -31,6 +32,11 @@ pub struct Snapshot {
     pub access_log: Option<Arc<AccessLog>>,
     /// Counts snapshots alive, so a leak of old ones shows in the metrics.
     alive: IntGauge,
+    /// Of the TLS files this snapshot was built from: a reload with the same config text
+    /// and the same fingerprint changes nothing.
+    pub tls_fingerprint: u64,
+    /// The TLS files read, for the watcher.
+    pub tls_files: Vec<std::path::PathBuf>,
 }
 
 impl Drop for Snapshot {
@@ -42,8 +48,31 @@ impl Drop for Snapshot {
 /// What a listener does with a connection it accepts.
 pub struct Route {
     pub listener: String,
-    pub upstream: Arc<Upstream>,
+    /// Where connections go; on a passthrough listener, those no SNI route takes
+    /// (`None`: they are closed).
+    pub upstream: Option<Arc<Upstream>>,
     pub metrics: ListenerMetrics,
+    pub proxy_protocol: Option<ProxyAccept>,
+    /// TLS termination, with its metric handles.
+    pub tls: Option<(Arc<Termination>, TlsMetrics)>,
+    pub passthrough: Option<SniRoutes>,
+}
+
+/// A passthrough listener's routes, with their upstreams resolved.
+pub struct SniRoutes {
+    routes: Vec<(Vec<SniPattern>, Arc<Upstream>)>,
+    pub hello_timeout: std::time::Duration,
+    pub max_hello_size: usize,
+}
+
+impl SniRoutes {
+    /// The first route (in config order) with a pattern matching `name`.
+    pub fn pick(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.routes
+            .iter()
+            .find(|(patterns, _)| patterns.iter().any(|p| p.matches(name)))
+            .map(|(_, u)| u)
+    }
 }
 
 impl Snapshot {
@@ -55,6 +84,7 @@ impl Snapshot {
         metrics: &Metrics,
         previous: Option<&Snapshot>,
         access_log: Option<Arc<AccessLog>>,
+        material: tls::Material,
     ) -> Snapshot {
         let mut retired = previous.map(|p| p.retired.clone()).unwrap_or_default();
         let upstreams: Vec<Arc<Upstream>> = config
@@ -67,6 +97,7 @@ impl Snapshot {
                     metrics,
                     before.map(|b| &**b),
                     &mut retired,
+                    material.upstreams.get(&u.name).cloned(),
                 ));
                 upstream.queue.adopt(&upstream);
                 upstream
@@ -85,19 +116,47 @@ impl Snapshot {
             }
         }
         retired.retain(|(_, b)| b.active() > 0);
-        let listeners = config
+        // The config guarantees that every upstream a listener names exists.
+        let find = |name: &str| upstreams.iter().find(|u| u.name == name).cloned();
+        let listeners: Vec<Route> = config
             .listeners
             .iter()
-            .filter_map(|l| {
-                // The config guarantees the upstream exists.
-                let upstream = upstreams.iter().find(|u| u.name == l.upstream)?;
-                Some(Route {
-                    listener: l.name.clone(),
-                    upstream: Arc::clone(upstream),
-                    metrics: metrics.listener(&l.name, l.max_connections),
-                })
+            .map(|l| Route {
+                listener: l.name.clone(),
+                upstream: l.upstream.as_deref().and_then(find),
+                metrics: metrics.listener(&l.name, l.max_connections),
+                proxy_protocol: l.proxy_protocol.clone(),
+                tls: material
+                    .listeners
+                    .get(&l.name)
+                    .map(|t| (Arc::clone(t), metrics.listener_tls(&l.name, &t.expiries))),
+                passthrough: l.passthrough.as_ref().map(|p| SniRoutes {
+                    routes: p
+                        .routes
+                        .iter()
+                        .filter_map(|r| Some((r.sni.clone(), find(&r.upstream)?)))
+                        .collect(),
+                    hello_timeout: p.hello_timeout,
+                    max_hello_size: p.max_hello_size,
+                }),
             })
             .collect();
+        // Expiry series of certificates no longer served go now; a listener that
+        // stopped terminating TLS loses its handshake series too.
+        for old in previous.iter().flat_map(|p| p.listeners.iter()) {
+            let Some((old_tls, _)) = &old.tls else {
+                continue;
+            };
+            let now = listeners.iter().find(|r| r.listener == old.listener);
+            let now_tls = now.and_then(|r| r.tls.as_ref());
+            let gone: Vec<String> = old_tls
+                .expiries
+                .iter()
+                .map(|(c, _)| c.clone())
+                .filter(|c| now_tls.is_none_or(|(t, _)| !t.expiries.iter().any(|(n, _)| n == c)))
+                .collect();
+            metrics.forget_listener_tls(&old.listener, &gone, now.is_some() && now_tls.is_none());
+        }
         metrics.config_generation.set(generation as i64);
         metrics.config_snapshots.inc();
         Snapshot {
@@ -109,6 +168,8 @@ impl Snapshot {
             upstreams,
             access_log,
             retired,
+            tls_fingerprint: material.fingerprint,
+            tls_files: material.files,
         }
     }
 

@@ -10,13 +10,17 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use tokio::net::{TcpSocket, TcpStream};
+
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::balance::{self, Balance};
-use crate::config;
+use crate::config::{self, ProxyVersion};
 use crate::health::Health;
 use crate::metrics::{BackendMetrics, ConnectFailure, Metrics, UpstreamMetrics};
+use crate::proxy_protocol;
 use crate::queue::Queue;
+use crate::stream::BackendStream;
+use crate::tls::Origination;
 
 /// Keepalive on both sides of a proxied connection, so a peer that vanished without a
 /// FIN (a rebooted host, a dropped NAT entry) is noticed within about three minutes.
@@ -43,7 +47,19 @@ pub struct Upstream {
     passive_ejection: Option<config::PassiveEjection>,
     pub max_lifetime: Option<config::Lifetime>,
     pub on_backend_removed: config::BackendRemoved,
+    /// TLS towards backends, loaded with the snapshot.
+    tls: Option<Arc<Origination>>,
+    send_proxy_protocol: Option<ProxyVersion>,
     metrics: UpstreamMetrics,
+}
+
+/// The two ends of a client's connection as sluice knows them, after any PROXY header:
+/// what a PROXY header to the backend carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Ends {
+    pub client: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
 }
 
 /// One backend server and its live state. Keyed by (upstream, address): a reload that
@@ -96,6 +112,7 @@ impl Upstream {
         metrics: &Metrics,
         previous: Option<&Upstream>,
         retired: &mut Vec<(String, Arc<Backend>)>,
+        tls: Option<Arc<Origination>>,
     ) -> Upstream {
         let m = metrics.upstream(&cfg.name);
         let queue = match previous {
@@ -142,15 +159,53 @@ impl Upstream {
             passive_ejection: cfg.passive_ejection,
             max_lifetime: cfg.max_lifetime,
             on_backend_removed: cfg.on_backend_removed,
+            tls,
+            send_proxy_protocol: cfg.send_proxy_protocol,
             metrics: m,
+        }
+    }
+
+    /// Opens a connection to the backend at `address`: TCP, then the PROXY header if the
+    /// upstream sends one (for `ends`, or LOCAL without them, as health checks do), then
+    /// TLS if the upstream speaks it. No timeout here: callers set their own.
+    pub async fn open(
+        &self,
+        address: SocketAddr,
+        ends: Option<Ends>,
+    ) -> Result<BackendStream, (ConnectFailure, String)> {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = connect_to(address)
+            .await
+            .map_err(|e| (ConnectFailure::of(&e), e.to_string()))?;
+        if let Some(version) = self.send_proxy_protocol {
+            let version = match version {
+                ProxyVersion::V1 => proxy_protocol::Version::V1,
+                ProxyVersion::V2 => proxy_protocol::Version::V2,
+            };
+            let mut header = Vec::with_capacity(64);
+            match ends {
+                Some(e) => proxy_protocol::encode(version, e.client, e.local, &mut header),
+                None => proxy_protocol::encode_local(version, &mut header),
+            }
+            tcp.write_all(&header)
+                .await
+                .map_err(|e| (ConnectFailure::of(&e), e.to_string()))?;
+        }
+        let Some(tls) = &self.tls else {
+            return Ok(BackendStream::Plain(tcp));
+        };
+        match tls.connector.connect(tls.server_name(address), tcp).await {
+            Ok(s) => Ok(BackendStream::Tls(Box::new(s))),
+            Err(e) => Err((ConnectFailure::Tls, format!("TLS handshake failed: {e}"))),
         }
     }
 
     /// Connects to a backend for `client`, trying a different backend after each failure.
     pub async fn connect(
         self: &Arc<Self>,
-        client: SocketAddr,
-    ) -> Result<(TcpStream, Lease), ConnectError> {
+        ends: Ends,
+    ) -> Result<(BackendStream, Lease), ConnectError> {
+        let client = ends.client;
         // Backends tried for this client; configs are small, so a linear scan is cheapest.
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<(SocketAddr, String)> = None;
@@ -178,7 +233,8 @@ impl Upstream {
             };
             let backend = &lease.backend;
             let started = Instant::now();
-            let failure = match timeout(self.connect_timeout, connect_to(backend.address)).await {
+            let opened = timeout(self.connect_timeout, self.open(backend.address, Some(ends)));
+            let failure = match opened.await {
                 Ok(Ok(stream)) => {
                     self.metrics
                         .connect_duration
@@ -186,7 +242,7 @@ impl Upstream {
                     backend.health.connect_succeeded();
                     return Ok((stream, lease));
                 }
-                Ok(Err(e)) => (ConnectFailure::of(&e), e.to_string()),
+                Ok(Err(failure)) => failure,
                 Err(_) => (
                     ConnectFailure::Timeout,
                     format!("connect timed out after {:?}", self.connect_timeout),

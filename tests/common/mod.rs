@@ -4,6 +4,8 @@
 //! no test picks a fixed port.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod pki;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -290,6 +292,20 @@ impl Sluice {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .unwrap()
             .count()
+    }
+
+    /// Waits until sluice holds at most `n` descriptors; fails after [`PROMPTLY`]. The
+    /// count is polled: closing is sluice's own business, with no event to wait on.
+    pub async fn wait_open_files_at_most(&self, n: usize) {
+        let deadline = Instant::now() + PROMPTLY;
+        while self.open_files() > n {
+            assert!(
+                Instant::now() < deadline,
+                "descriptors leaked: {} > {n}",
+                self.open_files()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Resident memory of the sluice process, in KiB.

@@ -1,0 +1,480 @@
+//! TLS material: certificates, keys and CA bundles read from their files into rustls
+//! configs, for listeners that terminate TLS and upstreams that speak TLS to backends.
+//!
+//! Loading reads files, so it runs off the event loop (`spawn_blocking`) at start and on
+//! every reload. A reload whose files fail to load changes nothing: the old material
+//! stays in use. The material carries a fingerprint of every byte read, so a reload
+//! triggered by a rotated certificate applies even though the config text is unchanged.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::{self, CertificateFiles, Config, TlsVersion};
+
+/// Why TLS material could not be loaded; always names the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {what}", path.display())]
+pub struct TlsError {
+    pub path: PathBuf,
+    pub what: String,
+}
+
+fn error(path: &Path, what: impl std::fmt::Display) -> TlsError {
+    TlsError {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    }
+}
+
+/// Everything TLS that a snapshot needs, loaded from the files a config names.
+#[derive(Default)]
+pub struct Material {
+    /// By listener name, for listeners with `tls`.
+    pub listeners: HashMap<String, Arc<Termination>>,
+    /// By upstream name, for upstreams with `tls`.
+    pub upstreams: HashMap<String, Arc<Origination>>,
+    /// Hash of every byte read: equal fingerprints mean nothing changed on disk.
+    pub fingerprint: u64,
+    /// Every file read, for the watcher.
+    pub files: Vec<PathBuf>,
+}
+
+/// A listener's TLS termination.
+pub struct Termination {
+    pub acceptor: TlsAcceptor,
+    pub handshake_timeout: Duration,
+    /// (certificate file, notAfter as Unix seconds), for the expiry gauge.
+    pub expiries: Vec<(String, i64)>,
+}
+
+/// An upstream's TLS towards its backends.
+pub struct Origination {
+    pub connector: TlsConnector,
+    /// `None`: verify each backend's IP address, send no SNI.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl Origination {
+    /// The name a backend at `address` is verified against.
+    pub fn server_name(&self, address: std::net::SocketAddr) -> ServerName<'static> {
+        self.server_name
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(address.ip().into()))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate, key and CA file `config` names. Blocking: call from
+/// `spawn_blocking` on a running server.
+pub fn load(config: &Config) -> Result<Material, TlsError> {
+    let mut reader = Reader::default();
+    let mut material = Material::default();
+    for l in &config.listeners {
+        if let Some(tls) = &l.tls {
+            let t = termination(tls, &mut reader)?;
+            material.listeners.insert(l.name.clone(), Arc::new(t));
+        }
+    }
+    for u in &config.upstreams {
+        if let Some(tls) = &u.tls {
+            let o = origination(tls, &mut reader)?;
+            material.upstreams.insert(u.name.clone(), Arc::new(o));
+        }
+    }
+    material.fingerprint = reader.hash.finish();
+    material.files = reader.files;
+    Ok(material)
+}
+
+/// Reads files, hashing what it reads.
+#[derive(Default)]
+struct Reader {
+    hash: std::collections::hash_map::DefaultHasher,
+    files: Vec<PathBuf>,
+}
+
+impl Reader {
+    fn read(&mut self, path: &Path) -> Result<Vec<u8>, TlsError> {
+        let bytes = std::fs::read(path).map_err(|e| error(path, format!("cannot read: {e}")))?;
+        path.hash(&mut self.hash);
+        bytes.hash(&mut self.hash);
+        self.files.push(path.to_path_buf());
+        Ok(bytes)
+    }
+
+    fn certificates(&mut self, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let bytes = self.read(path)?;
+        let certs = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| error(path, format!("invalid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(error(path, "no PEM certificate (BEGIN CERTIFICATE) found"));
+        }
+        Ok(certs)
+    }
+
+    fn key(&mut self, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+        let bytes = self.read(path)?;
+        warn_if_readable(path);
+        PrivateKeyDer::from_pem_slice(&bytes)
+            .map_err(|e| error(path, format!("no usable PEM private key: {e}")))
+    }
+
+    fn roots(&mut self, path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in self.certificates(path)? {
+            roots
+                .add(cert)
+                .map_err(|e| error(path, format!("invalid CA certificate: {e}")))?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    fn certified(&mut self, files: &CertificateFiles) -> Result<Arc<CertifiedKey>, TlsError> {
+        let chain = self.certificates(&files.cert)?;
+        let key = self.key(&files.key)?;
+        let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+            error(
+                &files.key,
+                format!("does not fit {}: {e}", files.cert.display()),
+            )
+        })?;
+        Ok(Arc::new(certified))
+    }
+}
+
+/// A private key that group or others can read is worth a warning, not a refusal: some
+/// deployments mount keys through a group on purpose.
+fn warn_if_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(key = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "private key is readable by group or others; chmod 600 it");
+    }
+}
+
+fn termination(tls: &config::ListenerTls, reader: &mut Reader) -> Result<Termination, TlsError> {
+    let mut resolver = SniResolver::default();
+    let mut expiries = Vec::new();
+    for files in &tls.certificates {
+        let key = reader.certified(files)?;
+        let leaf = key
+            .end_entity_cert()
+            .map_err(|e| error(&files.cert, e))?
+            .to_vec();
+        let (names, not_after) = describe(&leaf).map_err(|e| error(&files.cert, e))?;
+        expiries.push((files.cert.display().to_string(), not_after));
+        resolver.add(&names, key);
+    }
+    let provider = provider();
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::V1_3 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(versions)
+        .map_err(|e| error(&tls.certificates[0].cert, e))?;
+    let builder = match &tls.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => {
+            let roots = reader.roots(&auth.ca)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider);
+            let verifier = if auth.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier.build().map_err(|e| error(&auth.ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server = builder.with_cert_resolver(Arc::new(resolver));
+    server.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(Termination {
+        acceptor: TlsAcceptor::from(Arc::new(server)),
+        handshake_timeout: tls.handshake_timeout,
+        expiries,
+    })
+}
+
+fn origination(tls: &config::UpstreamTls, reader: &mut Reader) -> Result<Origination, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| error(Path::new("upstream tls"), e))?;
+    let builder = match (&tls.ca, tls.verify) {
+        (Some(ca), true) => builder.with_root_certificates(reader.roots(ca)?),
+        _ => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider()))),
+    };
+    let mut client = match &tls.client_certificate {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let chain = reader.certificates(&files.cert)?;
+            let key = reader.key(&files.key)?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                error(
+                    &files.key,
+                    format!("does not fit {}: {e}", files.cert.display()),
+                )
+            })?
+        }
+    };
+    client.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let server_name = match &tls.sni {
+        None => None,
+        Some(name) => Some(
+            ServerName::try_from(name.clone())
+                .map_err(|e| error(Path::new(name), format!("invalid server name: {e}")))?,
+        ),
+    };
+    Ok(Origination {
+        connector: TlsConnector::from(Arc::new(client)),
+        server_name,
+    })
+}
+
+/// The DNS names a certificate covers (subjectAltName, else the common name) and its
+/// notAfter time.
+fn describe(der: &[u8]) -> Result<(Vec<String>, i64), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_ascii_lowercase());
+            }
+        }
+    }
+    if names.is_empty() {
+        names.extend(
+            cert.subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok())
+                .map(str::to_ascii_lowercase),
+        );
+    }
+    Ok((names, cert.validity().not_after.timestamp()))
+}
+
+/// Picks a listener's certificate by the client's SNI: an exact name first, then a
+/// wildcard covering the name's first label, then the default (the first configured).
+#[derive(Debug, Default)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// By the suffix after `*.`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    fn add(&mut self, names: &[String], key: Arc<CertifiedKey>) {
+        for name in names {
+            let map = match name.strip_prefix("*.") {
+                Some(_) => &mut self.wildcard,
+                None => &mut self.exact,
+            };
+            let name = name.strip_prefix("*.").unwrap_or(name);
+            // The first certificate listed for a name wins, as the config reads.
+            map.entry(name.to_string())
+                .or_insert_with(|| Arc::clone(&key));
+        }
+        self.default.get_or_insert(key);
+    }
+
+    fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = name {
+            let name = name.to_ascii_lowercase();
+            if let Some(k) = self.exact.get(&name) {
+                return Some(Arc::clone(k));
+            }
+            if let Some((_, parent)) = name.split_once('.')
+                && let Some(k) = self.wildcard.get(parent)
+            {
+                return Some(Arc::clone(k));
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name())
+    }
+}
+
+/// `verify = false`: accepts any backend certificate, but still checks the handshake's
+/// signatures so the session keys belong to whoever holds the certificate's key.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// How a handshake ended, for `sluice_tls_handshakes_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeResult {
+    Success,
+    Timeout,
+    /// Not TLS, or broken TLS: garbage, plain HTTP, a malformed message.
+    Protocol,
+    /// A client certificate missing (when required) or not trusted.
+    ClientCertificate,
+    /// No common version, cipher suite or ALPN protocol.
+    Incompatible,
+    /// The client closed or reset the connection mid-handshake, or another failure.
+    Aborted,
+}
+
+impl HandshakeResult {
+    pub const ALL: [HandshakeResult; 6] = [
+        HandshakeResult::Success,
+        HandshakeResult::Timeout,
+        HandshakeResult::Protocol,
+        HandshakeResult::ClientCertificate,
+        HandshakeResult::Incompatible,
+        HandshakeResult::Aborted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Success => "success",
+            HandshakeResult::Timeout => "timeout",
+            HandshakeResult::Protocol => "protocol_error",
+            HandshakeResult::ClientCertificate => "client_certificate",
+            HandshakeResult::Incompatible => "incompatible",
+            HandshakeResult::Aborted => "aborted",
+        }
+    }
+
+    /// Classifies a failed handshake's error (tokio-rustls wraps rustls errors in io).
+    pub fn of(e: &std::io::Error) -> HandshakeResult {
+        use rustls::Error as E;
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+            Some(E::NoCertificatesPresented | E::InvalidCertificate(_)) => {
+                HandshakeResult::ClientCertificate
+            }
+            Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => {
+                HandshakeResult::Incompatible
+            }
+            Some(
+                E::InvalidMessage(_)
+                | E::InappropriateMessage { .. }
+                | E::InappropriateHandshakeMessage { .. }
+                | E::PeerMisbehaved(_)
+                | E::DecryptError,
+            ) => HandshakeResult::Protocol,
+            _ => HandshakeResult::Aborted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolver_prefers_exact_then_wildcard_then_default() {
+        let provider = provider();
+        // Keys are never used by `pick`; any signing key will do as a marker.
+        let key = |n: u8| {
+            let pkcs8 = test_key();
+            Arc::new(CertifiedKey::new(
+                vec![CertificateDer::from(vec![n])],
+                provider
+                    .key_provider
+                    .load_private_key(pkcs8)
+                    .expect("test key"),
+            ))
+        };
+        let (a, b, c) = (key(1), key(2), key(3));
+        let mut r = SniResolver::default();
+        r.add(&["a.example.com".into()], Arc::clone(&a));
+        r.add(&["*.example.com".into()], Arc::clone(&b));
+        r.add(
+            &["c.example.com".into(), "a.example.com".into()],
+            Arc::clone(&c),
+        );
+        let picked = |n: Option<&str>| r.pick(n).map(|k| k.cert[0].as_ref()[0]);
+        assert_eq!(picked(Some("A.example.com")), Some(1));
+        assert_eq!(picked(Some("x.example.com")), Some(2));
+        assert_eq!(
+            picked(Some("x.y.example.com")),
+            Some(1),
+            "a wildcard covers one label"
+        );
+        assert_eq!(picked(Some("c.example.com")), Some(3));
+        assert_eq!(picked(None), Some(1));
+    }
+
+    /// A fixed P-256 PKCS#8 key (made with `openssl genpkey`), so the test needs no key
+    /// generator.
+    fn test_key() -> PrivateKeyDer<'static> {
+        const PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgFelz8ya/xyB7uH+V
+fDCOCLoyv8kxTL8s2LQMbX6u01WhRANCAAR4Y2QeoO1iiL2dpcw0R4vvwD5j6vVg
+E2kjvux2G39cI9LUriWEDeCFG0dL68gfaiM8+K/Dj9cfV+c3Eh9TpGs0
+-----END PRIVATE KEY-----
+";
+        PrivateKeyDer::from_pem_slice(PEM.as_bytes()).expect("test key")
+    }
+}

@@ -1,0 +1,453 @@
+//! TLS termination (SNI certificates, mTLS), TLS to backends, and bad input on a TLS
+//! port, against real peers: `openssl s_client`, `openssl s_server` and `curl`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::pki::{self, Issued, Pki, SServer};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A listener terminating TLS with `certs` (the first is the default) in front of
+/// `backend`, plus `tls_extra` lines inside the listener's `tls` table.
+fn tls_config(certs: &[&Issued], tls_extra: &str, backend: SocketAddr) -> String {
+    let list: Vec<String> = certs
+        .iter()
+        .map(|c| format!("{{ cert = {:?}, key = {:?} }}", c.cert, c.key))
+        .collect();
+    format!(
+        "[[listener]]\nname = \"tls\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n[listener.tls]\ncertificates = [{}]\n{tls_extra}\n\n[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n",
+        list.join(", ")
+    )
+}
+
+/// Answers one HTTP request with a body naming the request's path.
+async fn http_backend() -> Backend {
+    Backend::start(|mut s: TcpStream| async move {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let line = String::from_utf8_lossy(&req)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let body = format!("you asked: {line}\n");
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = s.write_all(reply.as_bytes()).await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_chooses_the_certificate_and_data_passes_byte_exact() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    let first = pki.leaf("ca", "first", &["first.test"], 30);
+    let second = pki.leaf("ca", "second", &["second.test"], 30);
+    let wild = pki.leaf("ca", "wild", &["*.wild.test"], 30);
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&tls_config(&[&first, &second, &wild], "", backend.addr));
+    let addr = sluice.addr("tls");
+
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    for (sni, expected) in [
+        (Some("second.test"), "second.test"),
+        (Some("first.test"), "first.test"),
+        (Some("x.wild.test"), "*.wild.test"),
+        (Some("unknown.test"), "first.test"),
+        (None, "first.test"),
+    ] {
+        let mut args = vec!["-CAfile", ca, "-verify_return_error"];
+        match sni {
+            Some(n) => args.extend(["-servername", n]),
+            None => args.push("-noservername"),
+        }
+        let (_, out) = pki::s_client(addr, &args);
+        assert_eq!(
+            pki::served_name(&out).as_deref(),
+            Some(expected),
+            "SNI {sni:?}:\n{out}"
+        );
+    }
+
+    // 4 MiB each way through TLS termination to a plain echo backend.
+    let config = pki::client_config(&pki.path("ca.pem"), None);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = pki::tls_over(tcp, config, "second.test").await.unwrap();
+    assert_eq!(pki::peer_name(tls.get_ref().1), "second.test");
+    let payload = data(4 << 20, 7);
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        tx.write_all(&sent).await.unwrap();
+        tx.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(STUCK, rx.read_to_end(&mut got))
+        .await
+        .expect("echo finished")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), payload.len());
+    assert_eq!(sha256(&got), sha256(&payload));
+
+    let m = sluice
+        .wait_metrics("handshakes counted", |m| {
+            m.value(
+                "sluice_tls_handshakes_total",
+                &[("listener", "tls"), ("result", "success")],
+            ) >= 6.0
+        })
+        .await;
+    let c2b = m.value(
+        "sluice_bytes_total",
+        &[("listener", "tls"), ("direction", "client_to_backend")],
+    );
+    assert!(c2b >= payload.len() as f64, "{c2b}");
+    for cert in [&first, &second, &wild] {
+        let label = cert.cert.display().to_string();
+        let expiry = m.value(
+            "sluice_tls_certificate_expiry_timestamp_seconds",
+            &[("listener", "tls"), ("certificate", &label)],
+        );
+        assert_eq!(expiry as i64, pki::not_after(&cert.cert), "{label}");
+    }
+    assert!(m.0.contains("sluice_tls_handshake_duration_seconds_count{listener=\"tls\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_tls_termination_to_a_plain_http_backend() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    let cert = pki.leaf("ca", "web", &["web.test"], 30);
+    let backend = http_backend().await;
+    let sluice = Sluice::start(&tls_config(&[&cert], "alpn = [\"http/1.1\"]", backend.addr));
+    let addr = sluice.addr("tls");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(pki.path("ca.pem"))
+        .args(["--resolve", &format!("web.test:{}:127.0.0.1", addr.port())])
+        .arg(format!("https://web.test:{}/hello", addr.port()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "you asked: GET /hello HTTP/1.1\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    pki.ca("clients");
+    pki.ca("other");
+    let server = pki.leaf("ca", "server", &["mtls.test"], 30);
+    let good = pki.leaf("clients", "good", &["good-client"], 30);
+    let stranger = pki.leaf("other", "stranger", &["stranger"], 30);
+    let backend = http_backend().await;
+    let extra = format!("client_auth = {{ ca = {:?} }}", pki.path("clients.pem"));
+    let sluice = Sluice::start(&tls_config(&[&server], &extra, backend.addr));
+    let addr = sluice.addr("tls");
+    let curl = |client: Option<&Issued>| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(pki.path("ca.pem"))
+            .args(["--resolve", &format!("mtls.test:{}:127.0.0.1", addr.port())]);
+        if let Some(id) = client {
+            c.arg("--cert").arg(&id.cert).arg("--key").arg(&id.key);
+        }
+        c.arg(format!("https://mtls.test:{}/who", addr.port()));
+        c.output().unwrap()
+    };
+
+    let without = curl(None);
+    assert!(
+        !without.status.success(),
+        "no client certificate must be refused"
+    );
+    let wrong = curl(Some(&stranger));
+    assert!(
+        !wrong.status.success(),
+        "a certificate from another CA must be refused"
+    );
+    let with = curl(Some(&good));
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&with.stdout),
+        "you asked: GET /who HTTP/1.1\n"
+    );
+
+    let m = sluice
+        .wait_metrics("refusals counted", |m| {
+            m.value(
+                "sluice_tls_handshakes_total",
+                &[("listener", "tls"), ("result", "client_certificate")],
+            ) >= 2.0
+        })
+        .await;
+    assert_eq!(
+        m.value(
+            "sluice_connections_rejected_total",
+            &[("listener", "tls"), ("reason", "tls_handshake")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        backend.accepted(),
+        1,
+        "only the good client reached the backend"
+    );
+}
+
+/// An upstream speaking TLS to `backend` (an `openssl s_server`), verified against `ca`.
+fn upstream_tls_config(backend: SocketAddr, tls: &str, check: &str) -> String {
+    format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"secure\"\n\n[[upstream]]\nname = \"secure\"\nretries = 0\n{check}\n[upstream.tls]\n{tls}\n[[upstream.backend]]\naddress = \"{backend}\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_to_openssl_s_server_and_a_stranger_is_refused() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    pki.ca("other");
+    let good = pki.leaf("ca", "good", &["db.internal"], 30);
+    let bad = pki.leaf("other", "bad", &["db.internal"], 30);
+    let server = SServer::start(&good, &["-rev"]);
+    let tls = format!("sni = \"db.internal\"\nca = {:?}", pki.path("ca.pem"));
+    let sluice = Sluice::start(&upstream_tls_config(server.addr, &tls, ""));
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    s.write_all(b"hello through tls\n").await.unwrap();
+    // s_server -rev answers each line reversed.
+    let got = read_n(&mut s, 18).await;
+    assert_eq!(&got, b"slt hguorht olleh\n");
+    drop(s);
+
+    // The same CA check against a backend whose certificate another CA signed.
+    let stranger = SServer::start(&bad, &["-rev"]);
+    let sluice = Sluice::start(&upstream_tls_config(stranger.addr, &tls, ""));
+    let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
+    let closed = tokio::time::timeout(PROMPTLY, until_closed(&mut s)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    let backend = stranger.addr.to_string();
+    let m = sluice
+        .wait_metrics("tls connect error counted", |m| {
+            m.value(
+                "sluice_upstream_connect_errors_total",
+                &[
+                    ("upstream", "secure"),
+                    ("backend", &backend),
+                    ("reason", "tls"),
+                ],
+            ) >= 1.0
+        })
+        .await;
+    assert_eq!(
+        m.value(
+            "sluice_connections_rejected_total",
+            &[("listener", "front"), ("reason", "upstream_unavailable")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_speak_tls_to_the_backend() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    pki.ca("other");
+    let good = pki.leaf("ca", "good", &["127.0.0.1"], 30);
+    let bad = pki.leaf("other", "bad", &["127.0.0.1"], 30);
+    // No `sni`: the backend's IP address is verified, as its certificate names it.
+    let tls = format!("ca = {:?}", pki.path("ca.pem"));
+    let check = "health_check = { interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1, send = \"ping\\n\", expect = \"gnip\" }";
+    let trusted = SServer::start(&good, &["-rev"]);
+    let untrusted = SServer::start(&bad, &["-rev"]);
+
+    let sluice = Sluice::start(&upstream_tls_config(trusted.addr, &tls, check));
+    let a = trusted.addr.to_string();
+    sluice
+        .wait_metrics("a passing TLS check", |m| {
+            m.value(
+                "sluice_health_checks_total",
+                &[
+                    ("upstream", "secure"),
+                    ("backend", &a),
+                    ("result", "success"),
+                ],
+            ) >= 2.0
+        })
+        .await;
+
+    let sluice = Sluice::start(&upstream_tls_config(untrusted.addr, &tls, check));
+    let b = untrusted.addr.to_string();
+    let m = sluice
+        .wait_metrics("the untrusted backend down", |m| {
+            m.value(
+                "sluice_backend_up",
+                &[("upstream", "secure"), ("backend", &b)],
+            ) == 0.0
+                && m.value(
+                    "sluice_health_checks_total",
+                    &[
+                        ("upstream", "secure"),
+                        ("backend", &b),
+                        ("result", "failure"),
+                    ],
+                ) >= 1.0
+        })
+        .await;
+    assert_eq!(
+        m.value(
+            "sluice_health_checks_total",
+            &[
+                ("upstream", "secure"),
+                ("backend", &b),
+                ("result", "success")
+            ]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_plain_http_and_silence_on_a_tls_port_close_promptly_and_leak_nothing() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&tls_config(
+        &[&cert],
+        "handshake_timeout = \"500ms\"",
+        backend.addr,
+    ));
+    let addr = sluice.addr("tls");
+    let baseline = sluice.open_files();
+
+    let mut garbage = TcpStream::connect(addr).await.unwrap();
+    garbage.write_all(&data(4096, 3)).await.unwrap();
+    let mut http = TcpStream::connect(addr).await.unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: srv.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    for s in [&mut garbage, &mut http, &mut silent] {
+        let closed = tokio::time::timeout(PROMPTLY, until_closed(s)).await;
+        assert!(closed.is_ok(), "the connection must be closed promptly");
+    }
+    let m = sluice
+        .wait_metrics("three refusals", |m| {
+            m.value(
+                "sluice_connections_rejected_total",
+                &[("listener", "tls"), ("reason", "tls_handshake")],
+            ) >= 3.0
+        })
+        .await;
+    assert_eq!(
+        m.value(
+            "sluice_tls_handshakes_total",
+            &[("listener", "tls"), ("result", "timeout")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "sluice_tls_handshakes_total",
+            &[("listener", "tls"), ("result", "protocol_error")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m.value("sluice_connections_active", &[("listener", "tls")]),
+        0.0
+    );
+    assert_eq!(backend.accepted(), 0);
+    // The descriptors of the three connections are closed again.
+    sluice.wait_open_files_at_most(baseline).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_certificate_names_its_file_and_a_reload_keeps_the_old_one() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
+    let other = pki.leaf("ca", "other", &["other.test"], 30);
+    // A key that belongs to another certificate is refused by `sluice check`.
+    let mismatched = Issued {
+        cert: cert.cert.clone(),
+        key: other.key.clone(),
+    };
+    let backend = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, tls_config(&[&mismatched], "", backend.addr)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&other.key.display().to_string()) && err.contains("does not fit"),
+        "{err}"
+    );
+
+    // Rotating the certificate file in place reloads it, with no change to the config.
+    let sluice = Sluice::start(&tls_config(&[&cert], "", backend.addr));
+    let addr = sluice.addr("tls");
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let args = ["-CAfile", ca, "-servername", "srv.test"];
+    assert_eq!(
+        pki::served_name(&pki::s_client(addr, &args).1).as_deref(),
+        Some("srv.test")
+    );
+    std::fs::copy(&other.cert, &cert.cert).unwrap();
+    std::fs::copy(&other.key, &cert.key).unwrap();
+    sluice.wait_generation(1).await;
+    assert_eq!(
+        pki::served_name(&pki::s_client(addr, &args).1).as_deref(),
+        Some("other.test")
+    );
+
+    // A broken certificate file fails the reload and the last good one stays.
+    std::fs::write(&cert.cert, "not a certificate\n").unwrap();
+    sluice
+        .wait_metrics("the failed reload", |m| {
+            m.value("sluice_config_last_reload_successful", &[]) == 0.0
+        })
+        .await;
+    let line = sluice
+        .wait_log(|l| l.contains("config reload failed"))
+        .await;
+    assert!(line.contains(&cert.cert.display().to_string()), "{line}");
+    assert_eq!(
+        pki::served_name(&pki::s_client(addr, &args).1).as_deref(),
+        Some("other.test")
+    );
+}
