@@ -82,7 +82,9 @@ pub async fn handle(
 
     let connected = tokio::select! {
         c = upstream.connect(ends) => c.map_err(Some),
-        () = client_gone(client.tcp()) => Err(None),
+        // Bytes read at the edge, or a TLS session (whose reads may have taken the
+        // client's data off the socket already), mean a FIN may be a half-close.
+        () = client_gone(client.tcp(), !preface.is_empty() || matches!(client, ClientStream::Tls(_))) => Err(None),
         () = stop.cancelled() => return,
     };
     let (backend, lease) = match connected {
@@ -441,19 +443,25 @@ impl Record<'_> {
 }
 
 /// Resolves when the client has left before a backend was reached: it reset, or it
-/// sent FIN with nothing unread. A FIN after data may be a half-close by a client that
-/// still waits for its answer, so that client is kept; while its data waits unread,
-/// the check repeats every 250 ms (for a reset, through the socket's pending error)
-/// instead of spinning on readiness.
-async fn client_gone(client: &TcpStream) {
+/// sent FIN without having sent data. A FIN after data (`sent_data`, or bytes still
+/// unread) may be a half-close by a client that still waits for its answer, so that
+/// client is kept; while the socket stays readable, the check repeats every 250 ms
+/// (for a reset, through the socket's pending error) instead of spinning on readiness.
+async fn client_gone(client: &TcpStream, mut sent_data: bool) {
     let mut probe = [0u8; 1];
     loop {
         match client.peek(&mut probe).await {
-            Ok(0) | Err(_) => return,
+            Err(_) => return,
+            Ok(0) if !sent_data => return,
             // With data unread, peek keeps returning it even after a reset; the socket's
             // pending error shows the reset.
-            Ok(_) if !matches!(client.take_error(), Ok(None)) => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok(n) => {
+                sent_data |= n > 0;
+                if !matches!(client.take_error(), Ok(None)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
     }
 }

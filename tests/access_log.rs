@@ -9,31 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-async fn wait_lines(path: &Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + PROMPTLY;
-    loop {
-        let l = lines(path);
-        if l.len() >= n {
-            return l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} lines in {}",
-            l.len(),
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn with_log(path: &Path, extra: &str, backends: &[std::net::SocketAddr]) -> String {
     format!(
         "[access_log]\npath = \"{}\"\n{extra}\n{}",

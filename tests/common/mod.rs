@@ -626,3 +626,31 @@ pub fn weighted(upstream_extra: &str, backends: &[(SocketAddr, u32)]) -> String 
     }
     c
 }
+
+/// The lines of a text file (none if it does not exist yet).
+pub fn lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until `path` has at least `n` lines (sluice's access log writer is its own
+/// thread, with nothing to wait on but the file); fails after [`PROMPTLY`].
+pub async fn wait_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + PROMPTLY;
+    loop {
+        let l = lines(path);
+        if l.len() >= n {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} lines in {}",
+            l.len(),
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
