@@ -11,7 +11,7 @@ DEMO      := target/demo
 SCHEMA    := target/grafana-schema
 CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml) deploy/kubernetes/sluice.toml
 
-.PHONY: help build run test check bench bench-quick deps-run deps-test deps-bench clean
+.PHONY: help build run test check bench bench-quick deps-run deps-test deps-bench deps-nginx demo-keys clean
 
 help:
 	@echo "make run          build, start two demo backends and sluice on config/sluice.toml"
@@ -35,9 +35,10 @@ deps-run:
 	$(call need,python3,python3)
 	$(call need,curl,curl)
 
-deps-test:
+deps-test: deps-nginx
 	$(call need,promtool,prometheus)
 	$(call need,prometheus,prometheus)
+	$(call need,openssl,openssl)
 	$(call need,curl,curl)
 	$(call need,systemd-analyze,systemd)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
@@ -50,7 +51,7 @@ deps-test:
 
 # Two demo HTTP backends (python3 -m http.server) on 127.0.0.1:8081 and :8082, stopped
 # again when sluice exits (Ctrl-C drains and stops everything).
-run: build deps-run
+run: build deps-run demo-keys
 	@mkdir -p $(DEMO)/a $(DEMO)/b
 	@echo "hello from backend a (127.0.0.1:8081)" > $(DEMO)/a/index.html
 	@echo "hello from backend b (127.0.0.1:8082)" > $(DEMO)/b/index.html
@@ -72,17 +73,26 @@ test: deps-test
 	  $(CARGO) test --locked --no-fail-fast; \
 	fi
 
-check:
+# Git keeps no file modes beyond the executable bit: give the demo keys the mode sluice
+# expects of a private key, or it warns that others can read them.
+demo-keys:
+	@chmod 600 config/examples/certs/*.key
+
+check: demo-keys
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 	$(CARGO) run --locked --quiet -- check $(CONFIGS)
 
-# The peers sluice is compared with, from Debian: HAProxy, and nginx with its stream module.
-deps-bench:
-	$(call need,haproxy,haproxy)
+# nginx with its stream module: a benchmark peer, and in the tests a backend that reads
+# the PROXY headers sluice sends.
+deps-nginx:
 	@[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || { \
 	  echo "installing nginx with its stream module"; \
 	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends nginx libnginx-mod-stream >/dev/null; }
+
+# The peers sluice is compared with, from Debian: HAProxy, and nginx with its stream module.
+deps-bench: deps-nginx
+	$(call need,haproxy,haproxy)
 
 bench: build deps-bench
 	$(CARGO) bench --locked --bench proxy

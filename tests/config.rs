@@ -329,3 +329,57 @@ fn an_empty_file_is_invalid() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_untrusted_network_that_is_not_a_cidr() {
+    let text = format!(
+        "{LISTENER}proxy_protocol = {{ trusted = [\"10.0.0.0/8\", \"10.0.0.0/33\"] }}\n{UPSTREAM}"
+    );
+    assert_invalid(&text, 5, 45, "invalid network \"10.0.0.0/33\"");
+}
+
+#[test]
+fn tls_and_passthrough_routes_on_one_listener() {
+    let text = format!(
+        "{LISTENER}tls = {{ certificates = [{{ cert = \"a.pem\", key = \"a.key\" }}] }}\n[[listener.route]]\nsni = [\"a.test\"]\nupstream = \"app\"\n{UPSTREAM}"
+    );
+    assert_invalid(&text, 5, 7, "not both");
+}
+
+#[test]
+fn a_bad_server_name_in_a_route() {
+    let text = "[[listener]]\nname = \"sni\"\nbind = [\"127.0.0.1:7000\"]\n[[listener.route]]\nsni = [\"ok.test\", \"*.*.bad\"]\nupstream = \"app\"\n";
+    assert_invalid(
+        &format!("{text}{UPSTREAM}"),
+        5,
+        19,
+        "invalid server name \"*.*.bad\"",
+    );
+}
+
+#[test]
+fn a_listener_without_upstream_or_routes() {
+    let text = "[[listener]]\nname = \"lost\"\nbind = [\"127.0.0.1:7000\"]\n";
+    assert_invalid(&format!("{text}{UPSTREAM}"), 2, 8, "has no `upstream`");
+}
+
+#[test]
+fn upstream_tls_without_a_ca() {
+    let text = format!("{LISTENER}{UPSTREAM}[upstream.tls]\nsni = \"db.internal\"\n");
+    assert_invalid(&text, 9, 1, "needs `ca`");
+}
+
+#[test]
+fn a_missing_certificate_file_is_named() {
+    let text = format!(
+        "{LISTENER}tls = {{ certificates = [{{ cert = \"missing.pem\", key = \"missing.key\" }}] }}\n{UPSTREAM}"
+    );
+    let (code, stderr, path, _dir) = check("sluice.toml", &text);
+    assert_eq!(code, Some(64), "{stderr}");
+    // Resolved against the config file's directory.
+    let expected = path.parent().unwrap().join("missing.pem");
+    assert!(
+        stderr.contains(&format!("{}: cannot read", expected.display())),
+        "{stderr}"
+    );
+}
