@@ -451,3 +451,53 @@ async fn a_bad_certificate_names_its_file_and_a_reload_keeps_the_old_one() {
         Some("other.test")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_version_refuses_older_clients_and_a_readable_key_is_warned_about() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
+    let backend = Backend::echo().await;
+    let config = tls_config(&[&cert], "min_version = \"1.3\"", backend.addr);
+    let sluice = Sluice::start(&config);
+    let addr = sluice.addr("tls");
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let (_, out) = pki::s_client(addr, &["-CAfile", ca, "-servername", "srv.test", "-tls1_3"]);
+    assert!(
+        out.contains("Protocol  : TLSv1.3") || out.contains("TLSv1.3"),
+        "{out}"
+    );
+    let (_, out) = pki::s_client(addr, &["-CAfile", ca, "-servername", "srv.test", "-tls1_2"]);
+    assert_eq!(
+        pki::served_name(&out),
+        None,
+        "a TLS 1.2 client must be refused:\n{out}"
+    );
+    sluice
+        .wait_metrics("the refusal", |m| {
+            m.value(
+                "sluice_tls_handshakes_total",
+                &[("listener", "tls"), ("result", "incompatible")],
+            ) == 1.0
+        })
+        .await;
+
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, &config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "a warning, not an error");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("readable by group or others")
+            && err.contains(&cert.key.display().to_string()),
+        "{err}"
+    );
+}
