@@ -247,7 +247,7 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
     let upstream = match &route.passthrough {
         None => default_upstream(route, ends)?,
         Some(sni) => {
-            let max = preface.len() + sni.max_hello_size;
+            let max = sni.max_hello_size;
             let read = read_until(&tcp, &mut preface, max, |b| {
                 client_hello::server_name(b, sni.max_hello_size).map(|p| match p {
                     Peek::Done(name) => Some(name),
