@@ -1,7 +1,8 @@
 //! The dashboard and alert rules against the real thing: Debian's Prometheus scrapes a
-//! real sluice while traffic flows (with rejections, connect errors, a queue and a
-//! reload); every panel query must parse and return data, and every alert rule must
-//! load and evaluate. The dashboard's structure is checked field by field.
+//! real sluice while traffic flows (with rejections, connect errors, a queue, a reload,
+//! and TLS handshakes that succeed and fail); every panel query must parse and return
+//! data, and every alert rule must load and evaluate. The dashboard's structure is
+//! checked field by field.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,8 +13,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::pki::{self, Issued, Pki};
 use common::*;
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn dashboard() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/sluice.json");
@@ -32,6 +35,17 @@ fn queries(d: &Value) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// The expressions of the panel titled `title`.
+fn panel_queries(d: &Value, title: &str) -> Vec<String> {
+    let found: Vec<String> = queries(d)
+        .into_iter()
+        .filter(|(t, _)| t == title)
+        .map(|(_, e)| e)
+        .collect();
+    assert!(!found.is_empty(), "no panel titled {title}");
+    found
 }
 
 #[test]
@@ -100,6 +114,8 @@ fn the_dashboard_has_the_structure_grafana_expects() {
     ];
     let mut ids = std::collections::HashSet::new();
     let mut rows = Vec::new();
+    // (x, y, w, h, title) of every panel so far, to find overlaps.
+    let mut placed: Vec<(u64, u64, u64, u64, String)> = Vec::new();
     for p in d["panels"].as_array().unwrap() {
         for k in p.as_object().unwrap().keys() {
             assert!(
@@ -115,6 +131,22 @@ fn the_dashboard_has_the_structure_grafana_expects() {
             "{} overflows the grid",
             p["title"]
         );
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        let title = p["title"].as_str().unwrap().to_string();
+        // Listed in reading order, so each panel sits under the row listed before it.
+        if let Some(&(px, py, ..)) = placed.last() {
+            assert!((y, x) > (py, px), "{title} is listed out of grid order");
+        }
+        for (ox, oy, ow, oh, other) in &placed {
+            let apart = x + w <= *ox || *ox + *ow <= x || y + h <= *oy || *oy + *oh <= y;
+            assert!(apart, "{title} overlaps {other}");
+        }
+        placed.push((x, y, w, h, title));
         let kind = p["type"].as_str().unwrap();
         if kind == "row" {
             rows.push(p["title"].as_str().unwrap().to_string());
@@ -159,6 +191,7 @@ fn the_dashboard_has_the_structure_grafana_expects() {
             "Latency",
             "Saturation",
             "Backends",
+            "TLS",
             "Config",
             "Process"
         ]
@@ -283,6 +316,20 @@ impl Prometheus {
         v
     }
 
+    /// The labels and values of an instant query's result.
+    async fn series(&self, expr: &str) -> Vec<(Value, f64)> {
+        let v = self.query(expr).await;
+        v["data"]["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let value = r["value"][1].as_str().unwrap().parse().unwrap();
+                (r["metric"].clone(), value)
+            })
+            .collect()
+    }
+
     async fn wait_for(&self, expr: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -324,28 +371,40 @@ fn substitute(expr: &str, instance: &str) -> String {
         .replace("$instance", instance)
 }
 
-fn traffic_config(echo: SocketAddr, dead: SocketAddr, weight: u32) -> String {
+/// `front` (queueing at one connection per backend) and `broken` (a refusing backend),
+/// plus `tls` terminating TLS with `cert` in front of the same echo backend, through an
+/// upstream of its own so that its clients never take `front`'s one slot.
+fn traffic_config(echo: SocketAddr, dead: SocketAddr, weight: u32, cert: &Issued) -> String {
     format!(
         "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\
          [[listener]]\nname = \"broken\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"dead\"\n\
+         [[listener]]\nname = \"tls\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"secured\"\n\
+         [listener.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\nhandshake_timeout = \"10s\"\n\
          [[upstream]]\nname = \"app\"\nmax_connections_per_backend = 1\nqueue = {{ max = 10, timeout = \"30s\" }}\n\
          [[upstream.backend]]\naddress = \"{echo}\"\nweight = {weight}\n\
-         [[upstream]]\nname = \"dead\"\nretries = 0\n[[upstream.backend]]\naddress = \"{dead}\"\n"
+         [[upstream]]\nname = \"dead\"\nretries = 0\n[[upstream.backend]]\naddress = \"{dead}\"\n\
+         [[upstream]]\nname = \"secured\"\n[[upstream.backend]]\naddress = \"{echo}\"\n",
+        cert.cert, cert.key
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_query_returns_data_from_a_real_prometheus() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
+    let client = pki::client_config(&pki.path("ca.pem"), None);
     let echo = tagged(b'e').await;
     let dead = refusing();
-    let sluice = Sluice::start(&traffic_config(echo.addr, dead.addr, 1));
+    let sluice = Sluice::start(&traffic_config(echo.addr, dead.addr, 1, &cert));
     let prometheus = Prometheus::start(sluice.admin);
     let instance = sluice.admin.to_string();
     prometheus.ready().await;
     prometheus.wait_for("sluice_build_info").await;
 
-    // Traffic, rejections and connect errors, a queue, and a reload, spread over a few
-    // scrapes so that rates have samples on both sides.
+    // Traffic, rejections and connect errors, a queue, a reload, and TLS handshakes
+    // (one good, one failed per round), spread over a few scrapes so that rates have
+    // samples on both sides.
     for round in 0..3 {
         let (holder, _) = connect_tagged(sluice.addr("front"), None).await;
         let mut queued = tokio::net::TcpStream::connect(sluice.addr("front"))
@@ -363,8 +422,33 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .await
             .unwrap();
         until_closed(&mut s).await.ok();
+
+        // A verified handshake, then the echo backend's tag through TLS.
+        let tcp = tokio::net::TcpStream::connect(sluice.addr("tls"))
+            .await
+            .unwrap();
+        let mut tls = pki::tls_over(tcp, client.clone(), "srv.test")
+            .await
+            .expect("TLS handshake with sluice");
+        let mut tag = [0u8; 1];
+        tls.read_exact(&mut tag).await.unwrap();
+        assert_eq!(&tag, b"e");
+        drop(tls);
+        // Plain HTTP on the TLS port: a failed handshake (protocol_error), rejected.
+        let mut plain = tokio::net::TcpStream::connect(sluice.addr("tls"))
+            .await
+            .unwrap();
+        plain
+            .write_all(b"GET / HTTP/1.1\r\nHost: srv.test\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::timeout(PROMPTLY, until_closed(&mut plain))
+            .await
+            .expect("sluice closes a client that does not speak TLS")
+            .ok();
+
         if round == 1 {
-            sluice.rewrite(&traffic_config(echo.addr, dead.addr, 2));
+            sluice.rewrite(&traffic_config(echo.addr, dead.addr, 2, &cert));
             sluice.wait_generation(1).await;
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -373,15 +457,28 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     prometheus
         .wait_for("sluice_queue_wait_duration_seconds_count > 0")
         .await;
+    prometheus
+        .wait_for("sluice_tls_handshakes_total{listener=\"tls\",result=\"success\"} >= 3")
+        .await;
+    prometheus
+        .wait_for("sluice_tls_handshakes_total{listener=\"tls\",result=\"protocol_error\"} >= 3")
+        .await;
 
+    // Data means at least one sample that is a number: a query whose every sample is
+    // NaN (a quantile or ratio of nothing) shows an empty panel too.
     let mut failures = Vec::new();
     for (title, expr) in queries(&dashboard()) {
         let q = substitute(&expr, &instance);
         let v = prometheus.query(&q).await;
         let ok = v["status"] == "success"
-            && v["data"]["result"]
-                .as_array()
-                .is_some_and(|r| !r.is_empty());
+            && v["data"]["result"].as_array().is_some_and(|r| {
+                r.iter().any(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|x| x.parse::<f64>().ok())
+                        .is_some_and(f64::is_finite)
+                })
+            });
         if !ok {
             failures.push(format!("{title}: {q}\n  -> {v}"));
         }
@@ -390,6 +487,56 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
         failures.is_empty(),
         "panel queries without data:\n{}",
         failures.join("\n")
+    );
+
+    // The TLS panels show what happened: both results, a ratio strictly between 0 and
+    // 1, a handshake time, and the certificate's days left as openssl reads them.
+    let d = dashboard();
+    let tls_series = |title: &str, i: usize| substitute(&panel_queries(&d, title)[i], &instance);
+    let by_result = prometheus
+        .series(&tls_series("TLS handshakes /s by result", 0))
+        .await;
+    for result in ["success", "protocol_error"] {
+        assert!(
+            by_result
+                .iter()
+                .any(|(m, v)| m["listener"] == "tls" && m["result"] == result && *v > 0.0),
+            "no {result} handshakes: {by_result:?}"
+        );
+    }
+    let ratio = prometheus
+        .series(&tls_series("TLS handshake failure ratio", 0))
+        .await;
+    let [(m, r)] = ratio.as_slice() else {
+        panic!("one ratio, of listener tls: {ratio:?}")
+    };
+    assert!(m["listener"] == "tls" && *r > 0.0 && *r < 1.0, "{ratio:?}");
+    let p99 = prometheus
+        .series(&tls_series("TLS handshake time", 1))
+        .await;
+    let [(m, t)] = p99.as_slice() else {
+        panic!("one p99, of listener tls: {p99:?}")
+    };
+    assert!(m["listener"] == "tls" && *t > 0.0 && *t < 10.0, "{p99:?}");
+    let days = prometheus
+        .series(&tls_series("Days until certificate expiry", 0))
+        .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expected = (pki::not_after(&cert.cert) as f64 - now) / 86400.0;
+    let label = cert.cert.display().to_string();
+    let [(m, left)] = days.as_slice() else {
+        panic!("one certificate: {days:?}")
+    };
+    assert!(
+        m["listener"] == "tls" && m["certificate"] == label.as_str(),
+        "{days:?}"
+    );
+    assert!(
+        (left - expected).abs() < 0.01,
+        "expected {expected} days left for {label}: {days:?}"
     );
 
     // Every alert rule loaded and evaluated without error.
