@@ -287,6 +287,17 @@ impl Drop for Nginx {
     }
 }
 
+/// Everything nginx sends before it closes.
+async fn answer(s: &mut TcpStream) -> String {
+    let mut reply = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(s, &mut reply);
+    tokio::time::timeout(PROMPTLY, read)
+        .await
+        .expect("nginx answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_reads_the_v1_and_v2_headers_sluice_sends() {
     let nginx = Nginx::start();
@@ -300,16 +311,8 @@ async fn nginx_reads_the_v1_and_v2_headers_sluice_sends() {
         s.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443\r\n")
             .await
             .unwrap();
-        let mut reply = Vec::new();
-        tokio::time::timeout(
-            PROMPTLY,
-            tokio::io::AsyncReadExt::read_to_end(&mut s, &mut reply),
-        )
-        .await
-        .expect("nginx answers and closes")
-        .unwrap();
         assert_eq!(
-            String::from_utf8_lossy(&reply),
+            answer(&mut s).await,
             "203.0.113.7:40001>192.0.2.1:443\n",
             "{version}"
         );
@@ -323,16 +326,8 @@ async fn nginx_reads_the_v1_and_v2_headers_sluice_sends() {
         let front = sluice.addr("front");
         let mut s = TcpStream::connect(front).await.unwrap();
         let me = s.local_addr().unwrap();
-        let mut reply = Vec::new();
-        tokio::time::timeout(
-            PROMPTLY,
-            tokio::io::AsyncReadExt::read_to_end(&mut s, &mut reply),
-        )
-        .await
-        .expect("nginx answers and closes")
-        .unwrap();
         assert_eq!(
-            String::from_utf8_lossy(&reply),
+            answer(&mut s).await,
             format!(
                 "{}:{}>{}:{}\n",
                 me.ip(),
