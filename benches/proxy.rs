@@ -33,6 +33,9 @@ struct Plan {
     workers: usize,
     pings: usize,
     idle: usize,
+    /// Connections held through sluice at once in the scale run, and its rounds.
+    scale: usize,
+    scale_rounds: usize,
 }
 
 const FULL: Plan = Plan {
@@ -42,6 +45,8 @@ const FULL: Plan = Plan {
     workers: 16,
     pings: 20_000,
     idle: 8_000,
+    scale: 9_000,
+    scale_rounds: 10,
 };
 
 const QUICK: Plan = Plan {
@@ -51,6 +56,8 @@ const QUICK: Plan = Plan {
     workers: 16,
     pings: 5_000,
     idle: 1_000,
+    scale: 2_000,
+    scale_rounds: 3,
 };
 
 fn main() {
@@ -144,6 +151,14 @@ async fn run(plan: Plan) -> String {
         }
     }
 
+    let scaled = scale(
+        sluice.pid(),
+        sluice.addr("echo"),
+        plan.scale,
+        plan.scale_rounds,
+    )
+    .await;
+
     let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
     let mut out = String::new();
     writeln!(
@@ -209,6 +224,7 @@ async fn run(plan: Plan) -> String {
             .join("; ")
     )
     .unwrap();
+    writeln!(out, "\n{scaled}").unwrap();
     out
 }
 
@@ -346,6 +362,50 @@ async fn idle_memory(pid: u32, addr: SocketAddr, n: usize) -> f64 {
     drop(held);
     tokio::time::sleep(Duration::from_millis(500)).await;
     (after - before) / n as f64
+}
+
+/// Holds `n` proxied connections through sluice at once and, `rounds` times, sends 64
+/// bytes on every one and checks the echo. Reports errors and sluice's resident memory
+/// after each round: it must stay flat while the same connections keep working.
+async fn scale(pid: u32, addr: SocketAddr, n: usize, rounds: usize) -> String {
+    let before = rss_kib(pid);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut errors = 0usize;
+    let mut rss = Vec::new();
+    let started = Instant::now();
+    for round in 0..rounds {
+        let message = [round as u8; 64];
+        // In batches, so the burst stays within the kernel's socket buffers.
+        for batch in held.chunks_mut(500) {
+            for s in batch.iter_mut() {
+                if s.write_all(&message).await.is_err() {
+                    errors += 1;
+                }
+            }
+            for s in batch.iter_mut() {
+                let mut got = [0u8; 64];
+                let ok = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if !ok || got != message {
+                    errors += 1;
+                }
+            }
+        }
+        rss.push(rss_kib(pid));
+    }
+    let elapsed = started.elapsed();
+    drop(held);
+    let rounds_kib: Vec<String> = rss.iter().map(|r| format!("{r:.0}")).collect();
+    format!(
+        "Scale: {n} proxied connections held through sluice, {rounds} rounds of a 64-byte echo on every one ({} exchanges in {:.1} s): {errors} errors. sluice RSS {before:.0} KiB before; after each round (KiB): {}.",
+        n * rounds,
+        elapsed.as_secs_f64(),
+        rounds_kib.join(", ")
+    )
 }
 
 /// `pid` and its children (nginx's workers).
