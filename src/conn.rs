@@ -126,20 +126,23 @@ pub async fn handle(
         client_to_backend: &m.client_to_backend,
         backend_to_client: &m.backend_to_client,
     };
-    let outcome = match (client, backend) {
+    let (sent, outcome) = match (client, backend) {
         (ClientStream::Plain(c), BackendStream::Plain(mut b)) => {
-            match forward_preface(&preface, &mut b, &upstream, &counters).await {
-                Ok(()) => relay::relay(&c, &b, limits, stops, counters).await,
-                Err(end) => end,
+            match forward_preface(preface, &mut b, &upstream, &counters).await {
+                Ok(sent) => (sent, relay::relay(&c, &b, limits, stops, counters).await),
+                Err(end) => (0, end),
             }
         }
-        (c, mut b) => match forward_preface(&preface, &mut b, &upstream, &counters).await {
-            Ok(()) => relay::relay_streams(c, b, limits, stops, counters).await,
-            Err(end) => end,
+        (c, mut b) => match forward_preface(preface, &mut b, &upstream, &counters).await {
+            Ok(sent) => (
+                sent,
+                relay::relay_streams(c, b, limits, stops, counters).await,
+            ),
+            Err(end) => (0, end),
         },
     };
     let outcome = Outcome {
-        client_to_backend: outcome.client_to_backend + preface.len() as u64,
+        client_to_backend: outcome.client_to_backend + sent,
         ..outcome
     };
     record.closed(ends.client, &upstream.name, &lease, &outcome);
@@ -310,6 +313,8 @@ enum EdgeError<E: std::error::Error> {
     Parse(E),
     #[error("the client closed the connection after {0} bytes")]
     Closed(usize),
+    #[error("{0} bytes without a complete message")]
+    Limit(usize),
     #[error("{0}")]
     Io(std::io::Error),
 }
@@ -331,7 +336,7 @@ async fn read_until<T, E: std::error::Error>(
         if buf.len() >= max {
             // The parsers refuse anything longer than `max` themselves; this keeps the
             // loop finite whatever they do.
-            return Err(EdgeError::Closed(buf.len()));
+            return Err(EdgeError::Limit(buf.len()));
         }
         tcp.readable().await.map_err(EdgeError::Io)?;
         let start = buf.len();
@@ -349,31 +354,31 @@ async fn read_until<T, E: std::error::Error>(
 }
 
 /// Sends the bytes read from the client at the edge (the ClientHello of a passthrough
-/// connection, or data that followed a PROXY header) before the relay starts.
+/// connection, or data that followed a PROXY header) before the relay starts, and
+/// returns how many. The buffer is freed here: an idle connection keeps none.
 async fn forward_preface<B>(
-    preface: &[u8],
+    preface: Vec<u8>,
     backend: &mut B,
     upstream: &Upstream,
     counters: &Counters<'_>,
-) -> Result<(), Outcome>
+) -> Result<u64, Outcome>
 where
     B: tokio::io::AsyncWrite + Unpin,
 {
     if preface.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let write = async {
-        backend.write_all(preface).await?;
+        backend.write_all(&preface).await?;
         backend.flush().await
     };
     match timeout(upstream.connect_timeout, write).await {
         Ok(Ok(())) => {
             counters.client_to_backend.inc_by(preface.len() as u64);
-            Ok(())
+            Ok(preface.len() as u64)
         }
         _ => Err(Outcome {
             end: End::BackendReset,
-            // Added back by the caller, which counts the preface as sent either way.
             client_to_backend: 0,
             backend_to_client: 0,
         }),

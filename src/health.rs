@@ -18,7 +18,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, PassiveEjection};
 use crate::metrics::CheckResult;
 use crate::snapshot::{Snapshot, SnapshotHandle};
-use crate::upstream::{Backend, Upstream};
+use crate::stream::BackendStream;
+use crate::upstream::{Backend, Header, Upstream};
+
+/// How long a TLS check without `expect` waits for an alert after the handshake.
+const ALERT_WAIT: Duration = Duration::from_millis(200);
 
 /// The health of one backend.
 #[derive(Debug)]
@@ -102,6 +106,8 @@ enum CheckFailure {
     Connect(String),
     #[error("the upstream was removed")]
     Removed,
+    #[error("the backend closed the connection right after the TLS handshake")]
+    ClosedAfterHandshake,
     #[error("reply {got:?} does not start with the expected {expected:?}")]
     Mismatch { got: String, expected: String },
 }
@@ -236,12 +242,29 @@ async fn probe(
     address: std::net::SocketAddr,
     check: &config::HealthCheck,
 ) -> Result<(), CheckFailure> {
+    let header = if check.send_proxy_protocol {
+        Header::Local
+    } else {
+        Header::None
+    };
     let mut stream = upstream
-        .open(address, None)
+        .open(address, header)
         .await
         .map_err(|(_, e)| CheckFailure::Connect(e))?;
     if !check.send.is_empty() {
         stream.write_all(&check.send).await?;
+        stream.flush().await?;
+    }
+    if check.expect.is_empty() && matches!(stream, BackendStream::Tls(_)) {
+        // A TLS 1.3 server checks sluice's client certificate after sluice's side of
+        // the handshake is done, and refuses it with an alert: give the alert a moment
+        // to arrive, so an expired or untrusted client certificate fails the check.
+        let mut probe = [0u8; 1];
+        match timeout(ALERT_WAIT.min(check.timeout / 2), stream.read(&mut probe)).await {
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(0)) => return Err(CheckFailure::ClosedAfterHandshake),
+            Ok(Ok(_)) | Err(_) => {}
+        }
     }
     if !check.expect.is_empty() {
         let mut got = vec![0u8; check.expect.len()];

@@ -185,7 +185,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
     let bound = listeners.bind_new(&config)?;
     listeners.apply(&config, bound);
     let (mut triggers, file_watch) = reload::triggers(&config_path).map_err(Error::Watch)?;
-    file_watch.watch_files(&snapshots.load().tls_files);
+    file_watch.watch_files(&tls::files(&config));
 
     let status = Arc::new(Status {
         metrics: Arc::clone(&metrics),

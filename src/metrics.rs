@@ -428,7 +428,7 @@ impl Metrics {
             tls_handshakes: counter_vec(
                 &registry,
                 TLS_HANDSHAKES,
-                "TLS handshakes on listeners that terminate TLS, by result (success, timeout, protocol_error, client_certificate, incompatible, aborted)",
+                "TLS handshakes on listeners that terminate TLS, by result (success, timeout, protocol_error, client_certificate, incompatible, certificate_rejected, aborted)",
                 &["listener", "result"],
             )?,
             tls_handshake_duration: histogram_vec(

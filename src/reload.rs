@@ -214,6 +214,11 @@ impl Server {
             }
         };
         let config = Arc::new(config);
+        // Watch the files this config names even if it fails to load below: a reload
+        // refused for a missing certificate applies once the file appears.
+        let mut files = crate::tls::files(&previous.config);
+        files.extend(crate::tls::files(&config));
+        self.file_watch.watch_files(&files);
         let load = Arc::clone(&config);
         let material = match tokio::task::spawn_blocking(move || crate::tls::load(&load)).await {
             Ok(Ok(m)) => m,
@@ -221,6 +226,9 @@ impl Server {
             Err(e) => return self.reload_failed(&format!("loading TLS files failed: {e}")),
         };
         if same_text && material.fingerprint == previous.tls_fingerprint {
+            // What runs is what is on disk: a file that failed earlier and was restored
+            // no longer counts as a failed reload.
+            self.metrics.config_last_reload_successful.set(1);
             tracing::debug!(?trigger, "config and TLS files unchanged");
             return;
         }
@@ -256,7 +264,8 @@ impl Server {
         self.checks
             .reconcile(&snapshot, &self.snapshots, &self.checks_stop);
         self.applied_text = text;
-        self.file_watch.watch_files(&snapshot.tls_files);
+        self.file_watch
+            .watch_files(&crate::tls::files(&snapshot.config));
         let m = &self.metrics;
         m.config_reloads_success.inc();
         m.config_last_reload_successful.set(1);

@@ -35,8 +35,6 @@ pub struct Snapshot {
     /// Of the TLS files this snapshot was built from: a reload with the same config text
     /// and the same fingerprint changes nothing.
     pub tls_fingerprint: u64,
-    /// The TLS files read, for the watcher.
-    pub tls_files: Vec<std::path::PathBuf>,
 }
 
 impl Drop for Snapshot {
@@ -169,7 +167,6 @@ impl Snapshot {
             access_log,
             retired,
             tls_fingerprint: material.fingerprint,
-            tls_files: material.files,
         }
     }
 

@@ -46,8 +46,33 @@ pub struct Material {
     pub upstreams: HashMap<String, Arc<Origination>>,
     /// Hash of every byte read: equal fingerprints mean nothing changed on disk.
     pub fingerprint: u64,
-    /// Every file read, for the watcher.
-    pub files: Vec<PathBuf>,
+}
+
+/// Every certificate, key and CA file `config` names, and the target of each one that
+/// is a symlink: what the reload watcher watches besides the config file.
+pub fn files(config: &Config) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for tls in config.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+        for c in &tls.certificates {
+            files.extend([c.cert.clone(), c.key.clone()]);
+        }
+        files.extend(tls.client_auth.iter().map(|a| a.ca.clone()));
+    }
+    for tls in config.upstreams.iter().filter_map(|u| u.tls.as_ref()) {
+        if let Some(c) = &tls.client_certificate {
+            files.extend([c.cert.clone(), c.key.clone()]);
+        }
+        files.extend(tls.ca.iter().cloned());
+    }
+    let targets: Vec<PathBuf> = files
+        .iter()
+        .filter(|f| f.is_symlink())
+        .filter_map(|f| std::fs::canonicalize(f).ok())
+        .collect();
+    files.extend(targets);
+    files.sort();
+    files.dedup();
+    files
 }
 
 /// A listener's TLS termination.
@@ -96,7 +121,6 @@ pub fn load(config: &Config) -> Result<Material, TlsError> {
         }
     }
     material.fingerprint = reader.hash.finish();
-    material.files = reader.files;
     Ok(material)
 }
 
@@ -104,7 +128,6 @@ pub fn load(config: &Config) -> Result<Material, TlsError> {
 #[derive(Default)]
 struct Reader {
     hash: std::collections::hash_map::DefaultHasher,
-    files: Vec<PathBuf>,
 }
 
 impl Reader {
@@ -112,7 +135,6 @@ impl Reader {
         let bytes = std::fs::read(path).map_err(|e| error(path, format!("cannot read: {e}")))?;
         path.hash(&mut self.hash);
         bytes.hash(&mut self.hash);
-        self.files.push(path.to_path_buf());
         Ok(bytes)
     }
 
@@ -381,17 +403,21 @@ pub enum HandshakeResult {
     ClientCertificate,
     /// No common version, cipher suite or ALPN protocol.
     Incompatible,
+    /// The client refused sluice's certificate (unknown CA, expired, wrong name): the
+    /// most common failure after a certificate change.
+    CertificateRejected,
     /// The client closed or reset the connection mid-handshake, or another failure.
     Aborted,
 }
 
 impl HandshakeResult {
-    pub const ALL: [HandshakeResult; 6] = [
+    pub const ALL: [HandshakeResult; 7] = [
         HandshakeResult::Success,
         HandshakeResult::Timeout,
         HandshakeResult::Protocol,
         HandshakeResult::ClientCertificate,
         HandshakeResult::Incompatible,
+        HandshakeResult::CertificateRejected,
         HandshakeResult::Aborted,
     ];
 
@@ -402,6 +428,7 @@ impl HandshakeResult {
             HandshakeResult::Protocol => "protocol_error",
             HandshakeResult::ClientCertificate => "client_certificate",
             HandshakeResult::Incompatible => "incompatible",
+            HandshakeResult::CertificateRejected => "certificate_rejected",
             HandshakeResult::Aborted => "aborted",
         }
     }
@@ -415,6 +442,21 @@ impl HandshakeResult {
             }
             Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => {
                 HandshakeResult::Incompatible
+            }
+            Some(E::AlertReceived(alert)) => {
+                use rustls::AlertDescription as A;
+                match alert {
+                    A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA => HandshakeResult::CertificateRejected,
+                    A::ProtocolVersion | A::HandshakeFailure | A::InsufficientSecurity => {
+                        HandshakeResult::Incompatible
+                    }
+                    _ => HandshakeResult::Aborted,
+                }
             }
             Some(
                 E::InvalidMessage(_)

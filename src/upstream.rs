@@ -53,6 +53,16 @@ pub struct Upstream {
     metrics: UpstreamMetrics,
 }
 
+/// Which PROXY header [`Upstream::open`] sends, if the upstream sends them at all.
+#[derive(Debug, Clone, Copy)]
+pub enum Header {
+    /// For a client's connection.
+    Client(Ends),
+    /// LOCAL (v2) or UNKNOWN (v1): a connection of sluice's own, a health check.
+    Local,
+    None,
+}
+
 /// The two ends of a client's connection as sluice knows them, after any PROXY header:
 /// what a PROXY header to the backend carries.
 #[derive(Debug, Clone, Copy)]
@@ -166,28 +176,32 @@ impl Upstream {
     }
 
     /// Opens a connection to the backend at `address`: TCP, then the PROXY header if the
-    /// upstream sends one (for `ends`, or LOCAL without them, as health checks do), then
-    /// TLS if the upstream speaks it. No timeout here: callers set their own.
+    /// upstream sends one and `header` asks for it, then TLS if the upstream speaks it.
+    /// No timeout here: callers set their own.
     pub async fn open(
         &self,
         address: SocketAddr,
-        ends: Option<Ends>,
+        header: Header,
     ) -> Result<BackendStream, (ConnectFailure, String)> {
         use tokio::io::AsyncWriteExt;
         let mut tcp = connect_to(address)
             .await
             .map_err(|e| (ConnectFailure::of(&e), e.to_string()))?;
-        if let Some(version) = self.send_proxy_protocol {
-            let version = match version {
-                ProxyVersion::V1 => proxy_protocol::Version::V1,
-                ProxyVersion::V2 => proxy_protocol::Version::V2,
-            };
-            let mut header = Vec::with_capacity(64);
-            match ends {
-                Some(e) => proxy_protocol::encode(version, e.client, e.local, &mut header),
-                None => proxy_protocol::encode_local(version, &mut header),
+        let version = match self.send_proxy_protocol {
+            Some(ProxyVersion::V1) => Some(proxy_protocol::Version::V1),
+            Some(ProxyVersion::V2) => Some(proxy_protocol::Version::V2),
+            None => None,
+        };
+        let mut bytes = Vec::new();
+        match (version, header) {
+            (Some(v), Header::Client(e)) => {
+                proxy_protocol::encode(v, e.client, e.local, &mut bytes)
             }
-            tcp.write_all(&header)
+            (Some(v), Header::Local) => proxy_protocol::encode_local(v, &mut bytes),
+            (None, _) | (_, Header::None) => {}
+        }
+        if !bytes.is_empty() {
+            tcp.write_all(&bytes)
                 .await
                 .map_err(|e| (ConnectFailure::of(&e), e.to_string()))?;
         }
@@ -233,7 +247,10 @@ impl Upstream {
             };
             let backend = &lease.backend;
             let started = Instant::now();
-            let opened = timeout(self.connect_timeout, self.open(backend.address, Some(ends)));
+            let opened = timeout(
+                self.connect_timeout,
+                self.open(backend.address, Header::Client(ends)),
+            );
             let failure = match opened.await {
                 Ok(Ok(stream)) => {
                     self.metrics

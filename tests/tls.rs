@@ -153,6 +153,23 @@ async fn curl_through_tls_termination_to_a_plain_http_backend() {
         String::from_utf8_lossy(&out.stdout),
         "you asked: GET /hello HTTP/1.1\n"
     );
+
+    // Without the CA, curl refuses sluice's certificate, and says so in an alert.
+    let refused = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(["--resolve", &format!("web.test:{}:127.0.0.1", addr.port())])
+        .arg(format!("https://web.test:{}/hello", addr.port()))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    sluice
+        .wait_metrics("the rejected certificate", |m| {
+            m.value(
+                "sluice_tls_handshakes_total",
+                &[("listener", "tls"), ("result", "certificate_rejected")],
+            ) == 1.0
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,6 +467,33 @@ async fn a_bad_certificate_names_its_file_and_a_reload_keeps_the_old_one() {
         pki::served_name(&pki::s_client(addr, &args).1).as_deref(),
         Some("other.test")
     );
+
+    // Restoring the file that runs is not a reload, but the failure is over.
+    std::fs::copy(&other.cert, &cert.cert).unwrap();
+    let m = sluice
+        .wait_metrics("the failure cleared", |m| {
+            m.value("sluice_config_last_reload_successful", &[]) == 1.0
+        })
+        .await;
+    assert_eq!(m.value("sluice_config_generation", &[]), 1.0);
+
+    // A config naming files that do not exist yet fails, and applies once they appear.
+    let third = pki.leaf("ca", "third", &["srv.test"], 30);
+    let later = Issued {
+        cert: pki.path("later.pem"),
+        key: pki.path("later.key"),
+    };
+    sluice.rewrite(&tls_config(&[&later], "", backend.addr));
+    sluice
+        .wait_metrics("the reload refused", |m| {
+            m.value("sluice_config_last_reload_successful", &[]) == 0.0
+        })
+        .await;
+    std::fs::copy(&third.key, &later.key).unwrap();
+    std::fs::copy(&third.cert, &later.cert).unwrap();
+    sluice.wait_generation(2).await;
+    let out = pki::s_client(addr, &args).1;
+    assert_eq!(pki::served_name(&out).as_deref(), Some("srv.test"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,4 +544,55 @@ async fn min_version_refuses_older_clients_and_a_readable_key_is_warned_about() 
             && err.contains(&cert.key.display().to_string()),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_fails_when_the_backend_refuses_sluices_client_certificate() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    pki.ca("clients");
+    let server = pki.leaf("ca", "server", &["127.0.0.1"], 30);
+    let trusted = pki.leaf("clients", "trusted", &["sluice-trusted"], 30);
+    let stranger = pki.leaf("ca", "stranger", &["sluice-stranger"], 30);
+    // s_server demands a client certificate from the `clients` CA. Under TLS 1.3 it
+    // refuses a bad one only after sluice's side of the handshake is complete.
+    let clients_ca = pki.path("clients.pem");
+    let backend = SServer::start(
+        &server,
+        &[
+            "-rev",
+            "-Verify",
+            "1",
+            "-verify_return_error",
+            "-CAfile",
+            clients_ca.to_str().unwrap(),
+        ],
+    );
+    let check = "health_check = { interval = \"300ms\", timeout = \"300ms\", rise = 1, fall = 1 }";
+    let b = backend.addr.to_string();
+    for (client, up) in [(&stranger, 0.0), (&trusted, 1.0)] {
+        let tls = format!(
+            "ca = {:?}\ncertificate = {:?}\nkey = {:?}",
+            pki.path("ca.pem"),
+            client.cert,
+            client.key
+        );
+        let sluice = Sluice::start(&upstream_tls_config(backend.addr, &tls, check));
+        let verdict = if up == 0.0 { "failure" } else { "success" };
+        let m = sluice
+            .wait_metrics("three checks with one verdict", |m| {
+                m.value(
+                    "sluice_health_checks_total",
+                    &[("upstream", "secure"), ("backend", &b), ("result", verdict)],
+                ) >= 3.0
+            })
+            .await;
+        assert_eq!(
+            m.value(
+                "sluice_backend_up",
+                &[("upstream", "secure"), ("backend", &b)]
+            ),
+            up
+        );
+    }
 }
