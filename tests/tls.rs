@@ -172,6 +172,19 @@ async fn curl_through_tls_termination_to_a_plain_http_backend() {
         .await;
 }
 
+/// curl to `https://mtls.test:{port}{path}`, trusting the test CA, presenting `client`.
+fn curl_mtls(pki: &Pki, port: u16, path: &str, client: Option<&Issued>) -> std::process::Output {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(pki.path("ca.pem"))
+        .args(["--resolve", &format!("mtls.test:{port}:127.0.0.1")]);
+    if let Some(id) = client {
+        c.arg("--cert").arg(&id.cert).arg("--key").arg(&id.key);
+    }
+    c.arg(format!("https://mtls.test:{port}{path}"));
+    c.output().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let pki = Pki::new();
@@ -185,17 +198,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let extra = format!("client_auth = {{ ca = {:?} }}", pki.path("clients.pem"));
     let sluice = Sluice::start(&tls_config(&[&server], &extra, backend.addr));
     let addr = sluice.addr("tls");
-    let curl = |client: Option<&Issued>| {
-        let mut c = Command::new("curl");
-        c.args(["-sS", "--max-time", "20", "--cacert"])
-            .arg(pki.path("ca.pem"))
-            .args(["--resolve", &format!("mtls.test:{}:127.0.0.1", addr.port())]);
-        if let Some(id) = client {
-            c.arg("--cert").arg(&id.cert).arg("--key").arg(&id.key);
-        }
-        c.arg(format!("https://mtls.test:{}/who", addr.port()));
-        c.output().unwrap()
-    };
+    let curl = |client| curl_mtls(&pki, addr.port(), "/who", client);
 
     let without = curl(None);
     assert!(
@@ -238,6 +241,23 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         1,
         "only the good client reached the backend"
     );
+
+    // Optional client certificates: none is fine, a stranger's still is not.
+    let extra = format!(
+        "client_auth = {{ ca = {:?}, required = false }}",
+        pki.path("clients.pem")
+    );
+    let optional = Sluice::start(&tls_config(&[&server], &extra, backend.addr));
+    let port = optional.addr("tls").port();
+    let curl = |client| curl_mtls(&pki, port, "/optional", client);
+    let without = curl(None);
+    assert!(
+        without.status.success(),
+        "{}",
+        String::from_utf8_lossy(&without.stderr)
+    );
+    assert!(!curl(Some(&stranger)).status.success());
+    assert!(curl(Some(&good)).status.success());
 }
 
 /// An upstream speaking TLS to `backend` (an `openssl s_server`), verified against `ca`.
