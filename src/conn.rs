@@ -60,54 +60,20 @@ pub async fn handle(
         route,
         started,
     };
-    let local = client.local_addr().unwrap_or(peer);
-    let ends = Ends {
-        client: peer,
-        local,
-    };
-
-    let edge = tokio::select! {
-        e = edge(route, client, ends) => e,
-        () = stop.cancelled() => return,
-    };
-    let Edge {
+    // Boxed: the setup's state (the edge, a TLS handshake, the queue, the connect) is
+    // large and freed here, so an open connection's task holds only what the relay
+    // needs, for its whole life.
+    let ready = Box::pin(setup(route, client, peer, &stop, &record)).await;
+    let Some(Ready {
         client,
+        backend,
+        lease,
         ends,
         upstream,
         preface,
-    } = match edge {
-        Ok(e) => e,
-        Err(refusal) => return record.refused(&refusal, None),
-    };
-
-    let connected = tokio::select! {
-        c = upstream.connect(ends) => c.map_err(Some),
-        // Bytes read at the edge, or a TLS session (whose reads may have taken the
-        // client's data off the socket already), mean a FIN may be a half-close.
-        () = client_gone(client.tcp(), !preface.is_empty() || matches!(client, ClientStream::Tls(_))) => Err(None),
-        () = stop.cancelled() => return,
-    };
-    let (backend, lease) = match connected {
-        Ok(c) => c,
-        Err(e) => {
-            let reason = match &e {
-                None => RejectReason::ClientLeft,
-                Some(ConnectError::NoHealthyBackend) => RejectReason::NoHealthyBackend,
-                Some(ConnectError::QueueFull) => RejectReason::QueueFull,
-                Some(ConnectError::QueueTimeout) => RejectReason::QueueTimeout,
-                Some(ConnectError::Unavailable { .. }) => RejectReason::UpstreamUnavailable,
-            };
-            let error = e.map_or_else(
-                || "the client closed its connection".to_string(),
-                |e| e.to_string(),
-            );
-            let refusal = Refusal {
-                reason,
-                error,
-                client: ends.client,
-            };
-            return record.refused(&refusal, Some(&upstream.name));
-        }
+    }) = ready
+    else {
+        return;
     };
 
     // Spread the lifetimes so connections opened together do not all close together.
@@ -134,10 +100,11 @@ pub async fn handle(
             }
         }
         (c, mut b) => match forward_preface(preface, &mut b, &upstream, &counters).await {
-            Ok(sent) => (
-                sent,
-                relay::relay_streams(c, b, limits, stops, counters).await,
-            ),
+            Ok(sent) => {
+                // Boxed for the same reason: only TLS connections need this state.
+                let relay = Box::pin(relay::relay_streams(c, b, limits, stops, counters));
+                (sent, relay.await)
+            }
             Err(end) => (0, end),
         },
     };
@@ -146,6 +113,88 @@ pub async fn handle(
         ..outcome
     };
     record.closed(ends.client, &upstream.name, &lease, &outcome);
+}
+
+/// A connection ready to relay: both streams, the backend's slot, and what the edge
+/// learned and read.
+struct Ready {
+    client: ClientStream,
+    backend: BackendStream,
+    lease: Lease,
+    ends: Ends,
+    upstream: Arc<Upstream>,
+    preface: Vec<u8>,
+}
+
+/// The edge, then a backend: `None` when the client was refused (and recorded) or the
+/// shutdown cut came first.
+async fn setup(
+    route: &Route,
+    client: TcpStream,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+    record: &Record<'_>,
+) -> Option<Ready> {
+    let local = client.local_addr().unwrap_or(peer);
+    let ends = Ends {
+        client: peer,
+        local,
+    };
+    let edge = tokio::select! {
+        e = edge(route, client, ends) => e,
+        () = stop.cancelled() => return None,
+    };
+    let Edge {
+        client,
+        ends,
+        upstream,
+        preface,
+    } = match edge {
+        Ok(e) => e,
+        Err(refusal) => {
+            record.refused(&refusal, None);
+            return None;
+        }
+    };
+
+    // Bytes read at the edge, or a TLS session (whose reads may have taken the client's
+    // data off the socket already), mean a FIN may be a half-close.
+    let sent_data = !preface.is_empty() || matches!(client, ClientStream::Tls(_));
+    let connected = tokio::select! {
+        c = upstream.connect(ends) => c.map_err(Some),
+        () = client_gone(client.tcp(), sent_data) => Err(None),
+        () = stop.cancelled() => return None,
+    };
+    match connected {
+        Ok((backend, lease)) => Some(Ready {
+            client,
+            backend,
+            lease,
+            ends,
+            upstream,
+            preface,
+        }),
+        Err(e) => {
+            let reason = match &e {
+                None => RejectReason::ClientLeft,
+                Some(ConnectError::NoHealthyBackend) => RejectReason::NoHealthyBackend,
+                Some(ConnectError::QueueFull) => RejectReason::QueueFull,
+                Some(ConnectError::QueueTimeout) => RejectReason::QueueTimeout,
+                Some(ConnectError::Unavailable { .. }) => RejectReason::UpstreamUnavailable,
+            };
+            let error = e.map_or_else(
+                || "the client closed its connection".to_string(),
+                |e| e.to_string(),
+            );
+            let refusal = Refusal {
+                reason,
+                error,
+                client: ends.client,
+            };
+            record.refused(&refusal, Some(&upstream.name));
+            None
+        }
+    }
 }
 
 /// What the edge of a connection produced: the client stream to relay (TLS

@@ -114,6 +114,9 @@ pub async fn relay(
     let down = Direction::default();
     let c2b = pump(client, backend, &up, &clock, counters.client_to_backend);
     let b2c = pump(backend, client, &down, &clock, counters.backend_to_client);
+    // Pinned here and lent to `drive`, so the futures are not stored twice in the
+    // task: every byte of this state is held by every connection while it is open.
+    tokio::pin!(c2b, b2c);
     let end = drive(c2b, b2c, &clock, limits, stops).await;
     if matches!(end, End::ClientReset | End::BackendReset) {
         // Pass the reset on: the other peer should not wait on a dead connection.
@@ -158,6 +161,7 @@ pub async fn relay_streams<C: Stream, B: Stream>(
             &clock,
             counters.backend_to_client,
         );
+        tokio::pin!(c2b, b2c);
         drive(c2b, b2c, &clock, limits, stops).await
     };
     if matches!(end, End::ClientReset | End::BackendReset) {

@@ -208,7 +208,10 @@ impl Upstream {
         let Some(tls) = &self.tls else {
             return Ok(BackendStream::Plain(tcp));
         };
-        match tls.connector.connect(tls.server_name(address), tcp).await {
+        // Boxed: a handshake's state is large, and inline it would size every
+        // connection's task, TLS or not, for its whole life.
+        let handshake = Box::pin(tls.connector.connect(tls.server_name(address), tcp));
+        match handshake.await {
             Ok(s) => Ok(BackendStream::Tls(Box::new(s))),
             Err(e) => Err((ConnectFailure::Tls, format!("TLS handshake failed: {e}"))),
         }
