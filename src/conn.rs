@@ -229,29 +229,20 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
             let e = "the peer is not in proxy_protocol.trusted".to_string();
             return Err(refuse(RejectReason::ProxyProtocol, ends.client, e));
         }
-        let read = read_until(&tcp, &mut preface, PROXY_MAX_HEADER, |b| {
+        let phase = Phase {
+            what: "PROXY header",
+            max: PROXY_MAX_HEADER,
+            limit: accept.timeout,
+        };
+        let (header, consumed) = read_until(&tcp, &mut preface, phase, |b| {
             proxy_protocol::parse(b, PROXY_MAX_HEADER).map(|p| match p {
                 Parsed::Done { header, consumed } => Some((header, consumed)),
                 Parsed::Incomplete => None,
             })
-        });
-        let header = match timeout(accept.timeout, read).await {
-            Ok(Ok((header, consumed))) => {
-                preface.drain(..consumed);
-                header
-            }
-            Ok(Err(e)) => {
-                return Err(refuse(
-                    RejectReason::ProxyProtocol,
-                    ends.client,
-                    e.to_string(),
-                ));
-            }
-            Err(_) => {
-                let e = format!("no complete PROXY header within {:?}", accept.timeout);
-                return Err(refuse(RejectReason::ProxyProtocol, ends.client, e));
-            }
-        };
+        })
+        .await
+        .map_err(|e| refuse(RejectReason::ProxyProtocol, ends.client, e))?;
+        preface.drain(..consumed);
         // LOCAL (a health check of the load balancer in front) keeps the socket's ends.
         if let (Some(client), Some(local)) = (header.source, header.destination) {
             ends = Ends { client, local };
@@ -299,27 +290,19 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
     let upstream = match &route.passthrough {
         None => default_upstream(route, ends)?,
         Some(sni) => {
-            let max = sni.max_hello_size;
-            let read = read_until(&tcp, &mut preface, max, |b| {
+            let phase = Phase {
+                what: "ClientHello",
+                max: sni.max_hello_size,
+                limit: sni.hello_timeout,
+            };
+            let name = read_until(&tcp, &mut preface, phase, |b| {
                 client_hello::server_name(b, sni.max_hello_size).map(|p| match p {
                     Peek::Done(name) => Some(name),
                     Peek::Incomplete => None,
                 })
-            });
-            let name = match timeout(sni.hello_timeout, read).await {
-                Ok(Ok(name)) => name,
-                Ok(Err(e)) => {
-                    return Err(refuse(
-                        RejectReason::ClientHello,
-                        ends.client,
-                        e.to_string(),
-                    ));
-                }
-                Err(_) => {
-                    let e = format!("no complete ClientHello within {:?}", sni.hello_timeout);
-                    return Err(refuse(RejectReason::ClientHello, ends.client, e));
-                }
-            };
+            })
+            .await
+            .map_err(|e| refuse(RejectReason::ClientHello, ends.client, e))?;
             let routed = name.as_deref().and_then(|n| sni.pick(n));
             match routed.or(route.upstream.as_ref()) {
                 Some(u) => Arc::clone(u),
@@ -355,51 +338,62 @@ fn default_upstream(route: &Route, ends: Ends) -> Result<Arc<Upstream>, Refusal>
     })
 }
 
-/// Why reading the edge's bytes stopped.
-#[derive(Debug, thiserror::Error)]
-enum EdgeError<E: std::error::Error> {
-    #[error("{0}")]
-    Parse(E),
-    #[error("the client closed the connection after {0} bytes")]
-    Closed(usize),
-    #[error("{0} bytes without a complete message")]
-    Limit(usize),
-    #[error("{0}")]
-    Io(std::io::Error),
+/// One stage of the edge that reads a message: what it is, the most bytes it may take,
+/// and how long the client has to send them.
+struct Phase {
+    what: &'static str,
+    max: usize,
+    limit: Duration,
 }
 
-/// Reads from `tcp` into `buf`, never past `max` bytes in all, until `parse` of the
-/// whole buffer gives a result (`Some`) or fails. Each read takes what the socket has,
-/// so a header delivered a byte at a time costs a read per byte, a whole one one read.
-async fn read_until<T, E: std::error::Error>(
+/// Reads from `tcp` into `buf`, never past `phase.max` bytes in all and for no longer
+/// than `phase.limit`, until `parse` of the whole buffer gives a result (`Some`) or
+/// fails; a failure says why in one line. Each read takes what the socket has, so a
+/// header delivered a byte at a time costs a read per byte, a whole one one read.
+async fn read_until<T, E: std::fmt::Display>(
     tcp: &TcpStream,
     buf: &mut Vec<u8>,
-    max: usize,
+    phase: Phase,
     parse: impl Fn(&[u8]) -> Result<Option<T>, E>,
-) -> Result<T, EdgeError<E>> {
-    loop {
-        // Bytes left over from an earlier stage may already hold a complete message.
-        if let Some(done) = parse(buf).map_err(EdgeError::Parse)? {
-            return Ok(done);
-        }
-        if buf.len() >= max {
-            // The parsers refuse anything longer than `max` themselves; this keeps the
-            // loop finite whatever they do.
-            return Err(EdgeError::Limit(buf.len()));
-        }
-        tcp.readable().await.map_err(EdgeError::Io)?;
-        let start = buf.len();
-        buf.resize(max.min(start + 4096), 0);
-        match tcp.try_read(&mut buf[start..]) {
-            Ok(0) => {
-                buf.truncate(start);
-                return Err(EdgeError::Closed(start));
+) -> Result<T, String> {
+    let read = async {
+        loop {
+            // Bytes left over from an earlier stage may already hold a complete message.
+            if let Some(done) = parse(buf).map_err(|e| e.to_string())? {
+                return Ok(done);
             }
-            Ok(n) => buf.truncate(start + n),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => buf.truncate(start),
-            Err(e) => return Err(EdgeError::Io(e)),
+            if buf.len() >= phase.max {
+                // The parsers refuse anything longer than `max` themselves; this keeps
+                // the loop finite whatever they do.
+                return Err(format!(
+                    "{} bytes without a complete {}",
+                    buf.len(),
+                    phase.what
+                ));
+            }
+            tcp.readable().await.map_err(|e| e.to_string())?;
+            let start = buf.len();
+            buf.resize(phase.max.min(start + 4096), 0);
+            match tcp.try_read(&mut buf[start..]) {
+                Ok(0) => {
+                    buf.truncate(start);
+                    return Err(format!(
+                        "the client closed the connection after {start} bytes, before a complete {}",
+                        phase.what
+                    ));
+                }
+                Ok(n) => buf.truncate(start + n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => buf.truncate(start),
+                Err(e) => return Err(e.to_string()),
+            }
         }
-    }
+    };
+    timeout(phase.limit, read).await.unwrap_or_else(|_| {
+        Err(format!(
+            "no complete {} within {:?}",
+            phase.what, phase.limit
+        ))
+    })
 }
 
 /// Sends the bytes read from the client at the edge (the ClientHello of a passthrough
