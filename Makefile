@@ -59,8 +59,9 @@ run: build deps-run demo-keys
 	 python3 -m http.server --bind 127.0.0.1 --directory $(DEMO)/b 8082 >$(DEMO)/b.log 2>&1 & b=$$!; \
 	 trap 'kill $$a $$b 2>/dev/null' EXIT INT TERM; \
 	 echo; \
-	 echo "  sluice on 127.0.0.1:8080 -> demo backends 127.0.0.1:8081, 127.0.0.1:8082"; \
+	 echo "  sluice on 127.0.0.1:8080 (and TLS on :8443) -> demo backends 127.0.0.1:8081, 127.0.0.1:8082"; \
 	 echo "  try:  curl http://127.0.0.1:8080/    and    curl http://127.0.0.1:9555/metrics"; \
+	 echo "        curl --cacert config/examples/certs/ca.pem https://localhost:8443/   (TLS)"; \
 	 echo "  Ctrl-C to stop"; \
 	 echo; \
 	 $(RELEASE) run --config config/sluice.toml
