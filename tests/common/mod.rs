@@ -96,7 +96,16 @@ impl Sluice {
             // SLUICE_LOG overrides the level, to measure the cost of logging in benchmarks.
             .env(
                 "RUST_LOG",
-                std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".to_string()),
+                // Tests read the per-connection line, which is at debug; benchmarks
+                // (quiet) run at the production default.
+                std::env::var("SLUICE_LOG").unwrap_or_else(|_| {
+                    let level = if echo {
+                        "info,sluice::conn=debug"
+                    } else {
+                        "info"
+                    };
+                    level.to_string()
+                }),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
