@@ -39,6 +39,7 @@ deps-test: deps-nginx
 	$(call need,promtool,prometheus)
 	$(call need,prometheus,prometheus)
 	$(call need,openssl,openssl)
+	$(call need,ss,iproute2)
 	$(call need,curl,curl)
 	$(call need,systemd-analyze,systemd)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \

@@ -23,7 +23,7 @@ use crate::relay::{self, Counters, End, Outcome};
 use crate::snapshot::{Route, Snapshot};
 use crate::stream::{BackendStream, ClientStream, Prefixed, Stream};
 use crate::tls::HandshakeResult;
-use crate::upstream::{ConnectError, Ends, KEEPALIVE, Lease, Upstream};
+use crate::upstream::{ConnectError, Ends, Lease, Upstream};
 
 /// A connection's slots: the listener's `max_connections` and the process-wide cap.
 pub type Permits = (Permit, OwnedSemaphorePermit);
@@ -48,13 +48,6 @@ pub async fn handle(
     m.active.inc();
     let _active = scopeguard(|| m.active.dec());
 
-    let sock = socket2::SockRef::from(&client);
-    if let Err(e) = sock
-        .set_tcp_keepalive(&KEEPALIVE)
-        .and_then(|()| client.set_nodelay(true))
-    {
-        tracing::debug!(listener = %listener, client = %peer, error = %e, "cannot set socket options");
-    }
     let record = Record {
         snapshot: &snapshot,
         route,

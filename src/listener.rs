@@ -69,6 +69,10 @@ pub fn bind(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListen
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit these from the listening socket on Linux: set once here,
+    // they cost no system call per connection.
+    socket.set_tcp_keepalive(&crate::upstream::KEEPALIVE)?;
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&address.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())

@@ -325,3 +325,43 @@ async fn an_idle_timeout_still_delivers_what_was_relayed() {
         .wait_log(|l| l.contains("reason=\"idle_timeout\""))
         .await;
 }
+
+/// Sluice's own sockets (`ss` filter `filter`) that carry a keepalive timer.
+fn keepalive_sockets(filter: &str) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", filter])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("timer:(keepalive,"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_sides_of_a_proxied_connection_have_keepalive() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let front = sluice.addr("front");
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(b"ka").await.unwrap();
+    assert_eq!(
+        read_n(&mut s, 2).await,
+        b"ka",
+        "the connection is up and stays open"
+    );
+    // The accepted client socket (inherited from the listening socket) and the
+    // backend socket sluice opened: each shows a keepalive timer of about 2 minutes.
+    let client_side = keepalive_sockets(&format!("( sport = :{} )", front.port()));
+    let backend_side = keepalive_sockets(&format!("( dport = :{} )", backend.addr.port()));
+    for (side, found) in [("client", &client_side), ("backend", &backend_side)] {
+        assert_eq!(found.len(), 1, "{side} side: {found:?}");
+        assert!(
+            found[0].contains("timer:(keepalive,1min")
+                || found[0].contains("timer:(keepalive,2min"),
+            "{side}: {}",
+            found[0]
+        );
+    }
+}
