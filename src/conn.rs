@@ -128,7 +128,12 @@ async fn setup(
     stop: &CancellationToken,
     record: &Record<'_>,
 ) -> Option<Ready> {
-    let local = client.local_addr().unwrap_or(peer);
+    let local = if route.sends_proxy_protocol {
+        client.local_addr().unwrap_or(peer)
+    } else {
+        // Read only by a PROXY header sent on, which no upstream here sends.
+        SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0)
+    };
     let ends = Ends {
         client: peer,
         local,

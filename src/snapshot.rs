@@ -54,6 +54,9 @@ pub struct Route {
     /// TLS termination, with its metric handles.
     pub tls: Option<(Arc<Termination>, TlsMetrics)>,
     pub passthrough: Option<SniRoutes>,
+    /// Some upstream this listener reaches sends a PROXY header, which names the address
+    /// the client connected to: only then is it looked up (a system call).
+    pub sends_proxy_protocol: bool,
 }
 
 /// A passthrough listener's routes, with their upstreams resolved.
@@ -120,6 +123,19 @@ impl Snapshot {
             .listeners
             .iter()
             .map(|l| Route {
+                sends_proxy_protocol: {
+                    let reached = |name: &str| {
+                        l.upstream.as_deref() == Some(name)
+                            || l.passthrough
+                                .iter()
+                                .flat_map(|p| &p.routes)
+                                .any(|r| r.upstream == name)
+                    };
+                    config
+                        .upstreams
+                        .iter()
+                        .any(|u| u.send_proxy_protocol.is_some() && reached(&u.name))
+                },
                 listener: l.name.clone(),
                 upstream: l.upstream.as_deref().and_then(find),
                 metrics: metrics.listener(&l.name, l.max_connections),
