@@ -95,6 +95,8 @@ deps-nginx:
 # The peers sluice is compared with, from Debian: HAProxy, and nginx with its stream module.
 deps-bench: deps-nginx
 	$(call need,haproxy,haproxy)
+	$(call need,wrk,wrk)
+	$(call need,iperf3,iperf3)
 
 bench: build deps-bench
 	$(CARGO) bench --locked --bench proxy

@@ -1,5 +1,5 @@
-//! The peers sluice is compared with, started with configs equivalent to sluice's: two
-//! TCP routes (one to an echo backend, one to a byte-counting sink), two threads or
+//! The peers sluice is compared with, started with configs equivalent to sluice's: one
+//! TCP route per backend of the benchmark (echo, sink, iperf3, HTTP), two threads or
 //! workers, generous timeouts, half-close passed on (nginx needs `proxy_half_close on`;
 //! HAProxy and sluice do it by default), no logging of each connection.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 pub struct Peer {
     pub name: &'static str,
     pub version: String,
-    pub echo: SocketAddr,
-    pub sink: SocketAddr,
+    /// Where each route listens, by the route's name.
+    pub routes: Vec<(&'static str, SocketAddr)>,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -23,6 +23,9 @@ impl Peer {
         self.child.id()
     }
 }
+
+/// A route of the benchmark: its name and the backend it leads to.
+pub type Route = (&'static str, SocketAddr);
 
 impl Drop for Peer {
     /// SIGTERM first: nginx's master passes it on to its workers, which SIGKILL to the
@@ -72,63 +75,74 @@ fn version(cmd: &str, arg: &str) -> String {
     text.lines().next().unwrap_or(cmd).trim().to_string()
 }
 
-/// HAProxy and nginx, each in front of `echo` and `sink`; a peer whose binary is
-/// missing is left out (make bench installs both).
-pub async fn start(echo: SocketAddr, sink: SocketAddr) -> Vec<Peer> {
+/// HAProxy and nginx, each with one TCP route per entry of `routes`; a peer whose
+/// binary is missing is left out (make bench installs both).
+pub async fn start(routes: &[Route]) -> Vec<Peer> {
     let mut peers = Vec::new();
     if Command::new("haproxy").arg("-v").output().is_ok() {
-        peers.push(haproxy(echo, sink));
+        peers.push(haproxy(routes));
     }
     if Command::new("nginx").arg("-v").output().is_ok() {
-        peers.push(nginx(echo, sink));
+        peers.push(nginx(routes));
     }
     peers
 }
 
-fn haproxy(echo: SocketAddr, sink: SocketAddr) -> Peer {
+/// Each route with the port its frontend will listen on.
+fn with_ports(routes: &[Route]) -> Vec<(&'static str, SocketAddr, u16)> {
+    routes.iter().map(|&(n, b)| (n, b, free_port())).collect()
+}
+
+fn haproxy(routes: &[Route]) -> Peer {
     let dir = tempfile::tempdir().unwrap();
-    let (e, s) = (free_port(), free_port());
-    let config = format!(
+    let routes = with_ports(routes);
+    let mut config = String::from(
         "global\n  nbthread 2\n  maxconn 9000\n\
-         defaults\n  mode tcp\n  timeout connect 3s\n  timeout client 1h\n  timeout server 1h\n\
-         frontend echo\n  bind 127.0.0.1:{e}\n  default_backend echo\n\
-         backend echo\n  server s1 {echo}\n\
-         frontend sink\n  bind 127.0.0.1:{s}\n  default_backend sink\n\
-         backend sink\n  server s1 {sink}\n"
+         defaults\n  mode tcp\n  timeout connect 3s\n  timeout client 1h\n  timeout server 1h\n",
     );
+    for (name, backend, port) in &routes {
+        config.push_str(&format!(
+            "frontend {name}\n  bind 127.0.0.1:{port}\n  default_backend {name}\n\
+             backend {name}\n  server s1 {backend}\n"
+        ));
+    }
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
     let mut command = Command::new("haproxy");
     command.arg("-db").arg("-f").arg(&path);
-    launch("haproxy", version("haproxy", "-v"), command, (e, s), dir)
+    launch("haproxy", version("haproxy", "-v"), command, &routes, dir)
 }
 
-fn nginx(echo: SocketAddr, sink: SocketAddr) -> Peer {
+fn nginx(routes: &[Route]) -> Peer {
     let dir = tempfile::tempdir().unwrap();
-    let (e, s) = (free_port(), free_port());
+    let routes = with_ports(routes);
     let d = dir.path().display();
-    let config = format!(
+    let mut config = format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
          daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 19000;\n\
          pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 9000; }}\n\
-         stream {{\n  proxy_connect_timeout 3s;\n  proxy_timeout 1h;\n  proxy_half_close on;\n\
-           server {{ listen 127.0.0.1:{e}; proxy_pass {echo}; }}\n\
-           server {{ listen 127.0.0.1:{s}; proxy_pass {sink}; }}\n}}\n"
+         stream {{\n  proxy_connect_timeout 3s;\n  proxy_timeout 1h;\n  proxy_half_close on;\n"
     );
+    for (_, backend, port) in &routes {
+        config.push_str(&format!(
+            "  server {{ listen 127.0.0.1:{port}; proxy_pass {backend}; }}\n"
+        ));
+    }
+    config.push_str("}\n");
     let path = dir.path().join("nginx.conf");
     std::fs::write(&path, config).unwrap();
     let mut command = Command::new("nginx");
     command.arg("-c").arg(&path).arg("-p").arg(dir.path());
-    launch("nginx", version("nginx", "-v"), command, (e, s), dir)
+    launch("nginx", version("nginx", "-v"), command, &routes, dir)
 }
 
-/// Starts a peer whose config is written, and waits until both of its routes listen.
+/// Starts a peer whose config is written, and waits until all of its routes listen.
 fn launch(
     name: &'static str,
     version: String,
     mut command: Command,
-    (e, s): (u16, u16),
+    routes: &[(&'static str, SocketAddr, u16)],
     dir: tempfile::TempDir,
 ) -> Peer {
     let child = command
@@ -139,12 +153,58 @@ fn launch(
     let peer = Peer {
         name,
         version,
-        echo: SocketAddr::from(([127, 0, 0, 1], e)),
-        sink: SocketAddr::from(([127, 0, 0, 1], s)),
+        routes: routes
+            .iter()
+            .map(|&(n, _, port)| (n, SocketAddr::from(([127, 0, 0, 1], port))))
+            .collect(),
         child,
         _dir: dir,
     };
-    wait_listening(peer.echo);
-    wait_listening(peer.sink);
+    for (_, addr) in &peer.routes {
+        wait_listening(*addr);
+    }
     peer
+}
+
+/// An nginx HTTP server answering every request with a short body: the backend of the
+/// HTTP workloads (wrk), as in the reference figures of issue 6.
+pub fn http_backend() -> Peer {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = dir.path().display();
+    let config = format!(
+        "daemon off;\nmaster_process on;\nworker_processes 1;\n\
+         pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{ access_log off;\n  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000000;\n    \
+         location / {{ return 200 \"hello\\n\"; }} }} }}\n"
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, config).unwrap();
+    let mut command = Command::new("nginx");
+    command.arg("-c").arg(&path).arg("-p").arg(dir.path());
+    let backend = SocketAddr::from(([127, 0, 0, 1], port));
+    launch(
+        "nginx-http",
+        version("nginx", "-v"),
+        command,
+        &[("http", backend, port)],
+        dir,
+    )
+}
+
+/// An iperf3 server: the backend of the iperf3 bulk workloads.
+pub fn iperf3_server() -> Peer {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut command = Command::new("iperf3");
+    command.args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()]);
+    let backend = SocketAddr::from(([127, 0, 0, 1], port));
+    launch(
+        "iperf3",
+        version("iperf3", "-v"),
+        command,
+        &[("iperf", backend, port)],
+        dir,
+    )
 }

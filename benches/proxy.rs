@@ -33,6 +33,8 @@ struct Plan {
     workers: usize,
     pings: usize,
     idle: usize,
+    /// Length of each wrk and iperf3 run.
+    seconds: u32,
     /// Connections held through sluice at once in the scale run, and its rounds.
     scale: usize,
     scale_rounds: usize,
@@ -45,6 +47,7 @@ const FULL: Plan = Plan {
     workers: 16,
     pings: 20_000,
     idle: 8_000,
+    seconds: 2,
     scale: 9_000,
     scale_rounds: 10,
 };
@@ -56,6 +59,7 @@ const QUICK: Plan = Plan {
     workers: 16,
     pings: 5_000,
     idle: 1_000,
+    seconds: 1,
     scale: 2_000,
     scale_rounds: 3,
 };
@@ -80,48 +84,65 @@ fn main() {
     eprintln!("written to {}", dir.join("results.md").display());
 }
 
-/// A proxy under test, or the direct path, with where its two routes listen.
+/// A proxy under test, or the direct path, with where its routes listen.
 struct Target {
     name: &'static str,
     echo: SocketAddr,
     sink: SocketAddr,
+    iperf: SocketAddr,
+    http: SocketAddr,
     /// The process whose tree's CPU and memory are measured; `None` for direct.
     pid: Option<u32>,
+}
+
+impl Target {
+    fn new(name: &'static str, routes: &[(&'static str, SocketAddr)], pid: Option<u32>) -> Target {
+        let at = |route: &str| {
+            routes
+                .iter()
+                .find(|(n, _)| *n == route)
+                .map(|(_, a)| *a)
+                .unwrap()
+        };
+        Target {
+            name,
+            echo: at("echo"),
+            sink: at("sink"),
+            iperf: at("iperf"),
+            http: at("http"),
+            pid,
+        }
+    }
 }
 
 async fn run(plan: Plan) -> String {
     let echo = Backend::echo().await;
     let sink = Backend::start(sink).await;
-    let config = format!(
-        "[[listener]]\nname = \"echo\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"echo\"\nmax_connections = 9000\n\
-         [[listener]]\nname = \"sink\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"sink\"\n\
-         [[upstream]]\nname = \"echo\"\n[[upstream.backend]]\naddress = \"{}\"\n\
-         [[upstream]]\nname = \"sink\"\n[[upstream.backend]]\naddress = \"{}\"\n",
-        echo.addr, sink.addr
-    );
+    let iperf = peers::iperf3_server();
+    let http = peers::http_backend();
+    let routes: Vec<(&'static str, SocketAddr)> = vec![
+        ("echo", echo.addr),
+        ("sink", sink.addr),
+        iperf.routes[0],
+        http.routes[0],
+    ];
+    let mut config = String::new();
+    for (name, backend) in &routes {
+        config.push_str(&format!(
+            "[[listener]]\nname = \"{name}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"{name}\"\nmax_connections = 9000\n\
+             [[upstream]]\nname = \"{name}\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
+        ));
+    }
     let sluice = Sluice::start_quiet(&config);
-    let peers = peers::start(echo.addr, sink.addr).await;
+    let peers = peers::start(&routes).await;
+    let through_sluice: Vec<(&'static str, SocketAddr)> =
+        routes.iter().map(|(n, _)| (*n, sluice.addr(n))).collect();
     let mut targets = vec![
-        Target {
-            name: "direct",
-            echo: echo.addr,
-            sink: sink.addr,
-            pid: None,
-        },
-        Target {
-            name: "sluice",
-            echo: sluice.addr("echo"),
-            sink: sluice.addr("sink"),
-            pid: Some(sluice.pid()),
-        },
+        Target::new("direct", &routes, None),
+        Target::new("sluice", &through_sluice, Some(sluice.pid())),
     ];
     for p in &peers {
-        targets.push(Target {
-            name: p.name,
-            echo: p.echo,
-            sink: p.sink,
-            pid: Some(p.pid()),
-        });
+        targets.push(Target::new(p.name, &p.routes, Some(p.pid())));
     }
 
     let n = targets.len();
@@ -130,9 +151,23 @@ async fn run(plan: Plan) -> String {
     let mut cpu = vec![Vec::new(); n];
     let mut p50 = vec![Vec::new(); n];
     let mut p99 = vec![Vec::new(); n];
+    let mut iperf1 = vec![Vec::new(); n];
+    let mut iperf4 = vec![Vec::new(); n];
+    let mut keepalive = vec![Vec::new(); n];
+    let mut keepalive_cpu = vec![Vec::new(); n];
+    let mut per_request = vec![Vec::new(); n];
+    let mut per_request_cpu = vec![Vec::new(); n];
     for round in 0..plan.rounds {
         eprintln!("round {}/{}", round + 1, plan.rounds);
         for (i, t) in targets.iter().enumerate() {
+            iperf1[i].push(iperf3_gbit(t.iperf, 1, plan.seconds));
+            iperf4[i].push(iperf3_gbit(t.iperf, 4, plan.seconds));
+            let (rate, cpu_us) = wrk(t.http, t.pid, false, plan.seconds);
+            keepalive[i].push(rate);
+            keepalive_cpu[i].extend(cpu_us);
+            let (rate, cpu_us) = wrk(t.http, t.pid, true, plan.seconds);
+            per_request[i].push(rate);
+            per_request_cpu[i].extend(cpu_us);
             bulk[i].push(bulk_gbit(t.sink, plan.bulk_bytes).await);
             let before = t.pid.map(tree_cpu_seconds);
             conns[i].push(connections_per_sec(t.echo, plan.connections, plan.workers).await);
@@ -173,6 +208,48 @@ async fn run(plan: Plan) -> String {
             .map(|x| if x.is_empty() { f64::NAN } else { median(x) })
             .collect()
     };
+    let s = plan.seconds;
+    let rows: [(String, &mut Vec<Vec<f64>>, usize, bool); 6] = [
+        (
+            format!("HTTP keep-alive, wrk -t1 -c64 -d{s}s to nginx: req/s"),
+            &mut keepalive,
+            0,
+            true,
+        ),
+        (
+            "proxy CPU per request (µs)".to_string(),
+            &mut keepalive_cpu,
+            2,
+            false,
+        ),
+        (
+            format!("new connection per request, wrk -t1 -c64 -d{s}s, Connection: close: conn/s"),
+            &mut per_request,
+            0,
+            true,
+        ),
+        (
+            "proxy CPU per connection, wrk (µs)".to_string(),
+            &mut per_request_cpu,
+            1,
+            false,
+        ),
+        (
+            format!("bulk, iperf3 1 stream, {s} s: Gbit/s"),
+            &mut iperf1,
+            1,
+            true,
+        ),
+        (
+            format!("bulk, iperf3 4 streams, {s} s: Gbit/s"),
+            &mut iperf4,
+            1,
+            true,
+        ),
+    ];
+    for (label, values, digits, higher) in rows {
+        table_row(&mut out, &label, &medians(values), digits, higher);
+    }
     table_row(
         &mut out,
         "bulk, 1 stream: Gbit/s",
@@ -406,6 +483,57 @@ async fn scale(pid: u32, addr: SocketAddr, n: usize, rounds: usize) -> String {
         elapsed.as_secs_f64(),
         rounds_kib.join(", ")
     )
+}
+
+/// Throughput of `iperf3 -c` through `addr` with `streams` parallel streams for
+/// `seconds`, as the receiver counted it.
+fn iperf3_gbit(addr: SocketAddr, streams: u32, seconds: u32) -> f64 {
+    let out = std::process::Command::new("iperf3")
+        .args(["-c", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-P", &streams.to_string(), "-t", &seconds.to_string(), "-J"])
+        .output()
+        .expect("run iperf3 (make bench installs it)");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 failed: {v}"));
+    bps / 1e9
+}
+
+/// `wrk -t1 -c64` against `addr` for `seconds` (with `Connection: close` when `close`):
+/// requests per second, and the proxy's CPU time per request in µs when `pid` is set.
+/// Non-2xx answers or socket errors fail the benchmark rather than count.
+fn wrk(addr: SocketAddr, pid: Option<u32>, close: bool, seconds: u32) -> (f64, Option<f64>) {
+    let before = pid.map(tree_cpu_seconds);
+    let mut command = std::process::Command::new("wrk");
+    command.args(["-t1", "-c64", &format!("-d{seconds}s")]);
+    if close {
+        command.args(["-H", "Connection: close"]);
+    }
+    let out = command
+        .arg(format!("http://{addr}/"))
+        .output()
+        .expect("run wrk (make bench installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let cpu = pid.zip(before).map(|(p, b)| tree_cpu_seconds(p) - b);
+    assert!(
+        !text.contains("Non-2xx") && !text.contains("Socket errors: connect"),
+        "wrk saw errors through {addr}:\n{text}"
+    );
+    let field = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+    };
+    let rate = field("Requests/sec:").expect("wrk's Requests/sec");
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .expect("wrk's request count");
+    (rate, cpu.map(|c| c * 1e6 / requests))
 }
 
 /// `pid` and its children (nginx's workers).
