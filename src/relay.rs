@@ -126,11 +126,7 @@ pub async fn relay(
     // Any other end (a timeout, the lifetime, a removed backend, the shutdown cut)
     // closes with FIN when the sockets drop, so bytes already relayed into the kernel's
     // buffers still reach a slow reader; an RST would throw them away.
-    Outcome {
-        end,
-        client_to_backend: up.moved.load(Ordering::Relaxed),
-        backend_to_client: down.moved.load(Ordering::Relaxed),
-    }
+    Outcome::of(end, &up, &down)
 }
 
 /// [`relay`] for streams with TLS on either side.
@@ -168,11 +164,7 @@ pub async fn relay_streams<C: Stream, B: Stream>(
         reset(client_rx.unsplit(client_tx).tcp());
         reset(backend_rx.unsplit(backend_tx).tcp());
     }
-    Outcome {
-        end,
-        client_to_backend: up.moved.load(Ordering::Relaxed),
-        backend_to_client: down.moved.load(Ordering::Relaxed),
-    }
+    Outcome::of(end, &up, &down)
 }
 
 /// Runs both directions until both have finished or something ends the relay.
@@ -213,6 +205,16 @@ async fn drive(
         }
         if c2b_done && b2c_done {
             break End::Closed;
+        }
+    }
+}
+
+impl Outcome {
+    fn of(end: End, up: &Direction, down: &Direction) -> Outcome {
+        Outcome {
+            end,
+            client_to_backend: up.moved.load(Ordering::Relaxed),
+            backend_to_client: down.moved.load(Ordering::Relaxed),
         }
     }
 }

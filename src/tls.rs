@@ -106,7 +106,10 @@ fn provider() -> Arc<CryptoProvider> {
 /// Reads every certificate, key and CA file `config` names. Blocking: call from
 /// `spawn_blocking` on a running server.
 pub fn load(config: &Config) -> Result<Material, TlsError> {
-    let mut reader = Reader::default();
+    let mut reader = Reader {
+        hash: Default::default(),
+        provider: provider(),
+    };
     let mut material = Material::default();
     for l in &config.listeners {
         if let Some(tls) = &l.tls {
@@ -124,10 +127,10 @@ pub fn load(config: &Config) -> Result<Material, TlsError> {
     Ok(material)
 }
 
-/// Reads files, hashing what it reads.
-#[derive(Default)]
+/// Reads files, hashing what it reads; holds the one crypto provider a load uses.
 struct Reader {
     hash: std::collections::hash_map::DefaultHasher,
+    provider: Arc<CryptoProvider>,
 }
 
 impl Reader {
@@ -169,7 +172,7 @@ impl Reader {
     fn certified(&mut self, files: &CertificateFiles) -> Result<Arc<CertifiedKey>, TlsError> {
         let chain = self.certificates(&files.cert)?;
         let key = self.key(&files.key)?;
-        let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+        let certified = CertifiedKey::from_der(chain, key, &self.provider).map_err(|e| {
             error(
                 &files.key,
                 format!("does not fit {}: {e}", files.cert.display()),
@@ -203,7 +206,7 @@ fn termination(tls: &config::ListenerTls, reader: &mut Reader) -> Result<Termina
         expiries.push((files.cert.display().to_string(), not_after));
         resolver.add(&names, key);
     }
-    let provider = provider();
+    let provider = Arc::clone(&reader.provider);
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
@@ -235,14 +238,15 @@ fn termination(tls: &config::ListenerTls, reader: &mut Reader) -> Result<Termina
 }
 
 fn origination(tls: &config::UpstreamTls, reader: &mut Reader) -> Result<Origination, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
+    let provider = Arc::clone(&reader.provider);
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| error(Path::new("upstream tls"), e))?;
     let builder = match (&tls.ca, tls.verify) {
         (Some(ca), true) => builder.with_root_certificates(reader.roots(ca)?),
         _ => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider()))),
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider))),
     };
     let mut client = match &tls.client_certificate {
         None => builder.with_no_client_auth(),

@@ -19,6 +19,16 @@ pub struct Issued {
     pub key: PathBuf,
 }
 
+/// A new unencrypted P-256 key, written to the file named next.
+const NEW_KEY: [&str; 6] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+    "-keyout",
+];
+
 fn openssl(args: &[&str], dir: &Path) {
     let out = Command::new("openssl")
         .args(args)
@@ -45,28 +55,26 @@ impl Pki {
 
     /// A self-signed CA named `name` (files `name.pem`, `name.key`).
     pub fn ca(&self, name: &str) -> Issued {
+        let key = format!("{name}.key");
         openssl(
             &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "30",
-                "-subj",
-                &format!("/CN={name}"),
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
+                &["req", "-x509"][..],
+                &NEW_KEY,
+                &[
+                    &key,
+                    "-out",
+                    &format!("{name}.pem"),
+                    "-days",
+                    "30",
+                    "-subj",
+                    &format!("/CN={name}"),
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
             self.dir.path(),
         );
         self.issued(name)
@@ -91,22 +99,18 @@ impl Pki {
             ),
         )
         .unwrap();
+        let (key, csr, subject) = (
+            format!("{file}.key"),
+            format!("{file}.csr"),
+            format!("/CN={}", names[0]),
+        );
         openssl(
             &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{file}.key"),
-                "-out",
-                &format!("{file}.csr"),
-                "-subj",
-                &format!("/CN={}", names[0]),
-            ],
+                &["req", "-new"][..],
+                &NEW_KEY,
+                &[&key, "-out", &csr, "-subj", &subject],
+            ]
+            .concat(),
             self.dir.path(),
         );
         openssl(
