@@ -252,6 +252,10 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     for _ in 0..80 {
         hogs.push(TcpStream::connect(sluice.admin).await.unwrap());
     }
+    // Connecting completes in the kernel's backlog; only once the admin endpoint itself
+    // has run out are the descriptors surely gone (without this, the client below could
+    // be accepted first, under load).
+    sluice.wait_log(|l| l.contains("admin accept failed")).await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     let line = sluice
         .wait_log(|l| l.contains("accept failed") && l.contains("listener=front"))
