@@ -12,6 +12,11 @@
 //!
 //! `SLUICE_BENCH_QUICK=1` shortens every workload. Results go to stdout and to
 //! `target/bench/results.md`.
+//!
+//! For iteration, `SLUICE_BENCH_ONLY=wrk,ping` runs only the named workloads (`iperf`,
+//! `wrk`, `bulk`, `conns`, `ping`, `idle`, `scale`), and `SLUICE_BENCH_ALSO=copy`
+//! adds sluice variants as extra columns, each a second sluice process with one more
+//! config line (see [`VARIANTS`]); the ratio column stays the default sluice's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
@@ -63,6 +68,18 @@ const QUICK: Plan = Plan {
     scale: 2_000,
     scale_rounds: 3,
 };
+
+/// Extra sluice targets for `SLUICE_BENCH_ALSO`: a name and the top-level config it adds.
+const VARIANTS: &[(&str, &str)] = &[
+    ("copy", "[relay]\nsplice = false\n"),
+    ("splice", "[relay]\nsplice = true\n"),
+];
+
+/// Whether `SLUICE_BENCH_ONLY` (unset: every workload) names `workload`.
+fn runs(workload: &str) -> bool {
+    std::env::var("SLUICE_BENCH_ONLY")
+        .map_or(true, |only| only.split(',').any(|w| w.trim() == workload))
+}
 
 fn main() {
     // `cargo bench` passes --bench; nothing here is filtered.
@@ -134,13 +151,27 @@ async fn run(plan: Plan) -> String {
         ));
     }
     let sluice = Sluice::start_quiet(&config);
-    let peers = peers::start(&routes).await;
-    let through_sluice: Vec<(&'static str, SocketAddr)> =
-        routes.iter().map(|(n, _)| (*n, sluice.addr(n))).collect();
+    let through = |s: &Sluice| -> Vec<(&'static str, SocketAddr)> {
+        routes.iter().map(|(n, _)| (*n, s.addr(n))).collect()
+    };
     let mut targets = vec![
         Target::new("direct", &routes, None),
-        Target::new("sluice", &through_sluice, Some(sluice.pid())),
+        Target::new("sluice", &through(&sluice), Some(sluice.pid())),
     ];
+    // Variants before the peers: `table_row` takes every column after them as a peer.
+    let also = std::env::var("SLUICE_BENCH_ALSO").unwrap_or_default();
+    let mut variants = Vec::new();
+    for name in also.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let (name, extra) = VARIANTS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("SLUICE_BENCH_ALSO: no variant {name:?}; see VARIANTS"));
+        let variant = Sluice::start_quiet(&format!("{extra}{config}"));
+        targets.push(Target::new(name, &through(&variant), Some(variant.pid())));
+        variants.push(variant);
+    }
+    let first_peer = targets.len();
+    let peers = peers::start(&routes).await;
     for p in &peers {
         targets.push(Target::new(p.name, &p.routes, Some(p.pid())));
     }
@@ -160,39 +191,55 @@ async fn run(plan: Plan) -> String {
     for round in 0..plan.rounds {
         eprintln!("round {}/{}", round + 1, plan.rounds);
         for (i, t) in targets.iter().enumerate() {
-            iperf1[i].push(iperf3_gbit(t.iperf, 1, plan.seconds));
-            iperf4[i].push(iperf3_gbit(t.iperf, 4, plan.seconds));
-            let (rate, cpu_us) = wrk(t.http, t.pid, false, plan.seconds);
-            keepalive[i].push(rate);
-            keepalive_cpu[i].extend(cpu_us);
-            let (rate, cpu_us) = wrk(t.http, t.pid, true, plan.seconds);
-            per_request[i].push(rate);
-            per_request_cpu[i].extend(cpu_us);
-            bulk[i].push(bulk_gbit(t.sink, plan.bulk_bytes).await);
-            let before = t.pid.map(tree_cpu_seconds);
-            conns[i].push(connections_per_sec(t.echo, plan.connections, plan.workers).await);
-            if let (Some(pid), Some(before)) = (t.pid, before) {
-                cpu[i].push((tree_cpu_seconds(pid) - before) * 1e6 / plan.connections as f64);
+            if runs("iperf") {
+                iperf1[i].push(iperf3_gbit(t.iperf, 1, plan.seconds));
+                iperf4[i].push(iperf3_gbit(t.iperf, 4, plan.seconds));
             }
-            let (a, b) = ping_pong(t.echo, plan.pings).await;
-            p50[i].push(a);
-            p99[i].push(b);
+            if runs("wrk") {
+                let (rate, cpu_us) = wrk(t.http, t.pid, false, plan.seconds);
+                keepalive[i].push(rate);
+                keepalive_cpu[i].extend(cpu_us);
+                let (rate, cpu_us) = wrk(t.http, t.pid, true, plan.seconds);
+                per_request[i].push(rate);
+                per_request_cpu[i].extend(cpu_us);
+            }
+            if runs("bulk") {
+                bulk[i].push(bulk_gbit(t.sink, plan.bulk_bytes).await);
+            }
+            if runs("conns") {
+                let before = t.pid.map(tree_cpu_seconds);
+                conns[i].push(connections_per_sec(t.echo, plan.connections, plan.workers).await);
+                if let (Some(pid), Some(before)) = (t.pid, before) {
+                    cpu[i].push((tree_cpu_seconds(pid) - before) * 1e6 / plan.connections as f64);
+                }
+            }
+            if runs("ping") {
+                let (a, b) = ping_pong(t.echo, plan.pings).await;
+                p50[i].push(a);
+                p99[i].push(b);
+            }
         }
     }
     let mut idle = vec![f64::NAN; n];
     for (i, t) in targets.iter().enumerate() {
-        if let Some(pid) = t.pid {
+        if let Some(pid) = t.pid
+            && runs("idle")
+        {
             idle[i] = idle_memory(pid, t.echo, plan.idle).await;
         }
     }
 
-    let scaled = scale(
-        sluice.pid(),
-        sluice.addr("echo"),
-        plan.scale,
-        plan.scale_rounds,
-    )
-    .await;
+    let scaled = if runs("scale") {
+        scale(
+            sluice.pid(),
+            sluice.addr("echo"),
+            plan.scale,
+            plan.scale_rounds,
+        )
+        .await
+    } else {
+        "Scale: not run (SLUICE_BENCH_ONLY).".to_string()
+    };
 
     let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
     let mut out = String::new();
@@ -248,12 +295,20 @@ async fn run(plan: Plan) -> String {
         ),
     ];
     for (label, values, digits, higher) in rows {
-        table_row(&mut out, &label, &medians(values), digits, higher);
+        table_row(
+            &mut out,
+            &label,
+            &medians(values),
+            first_peer,
+            digits,
+            higher,
+        );
     }
     table_row(
         &mut out,
         "bulk, 1 stream: Gbit/s",
         &medians(&mut bulk),
+        first_peer,
         1,
         true,
     );
@@ -261,11 +316,12 @@ async fn run(plan: Plan) -> String {
         "new connection per exchange ({} workers): conn/s",
         plan.workers
     );
-    table_row(&mut out, &label, &medians(&mut conns), 0, true);
+    table_row(&mut out, &label, &medians(&mut conns), first_peer, 0, true);
     table_row(
         &mut out,
         "proxy CPU per connection (µs)",
         &medians(&mut cpu),
+        first_peer,
         1,
         false,
     );
@@ -273,6 +329,7 @@ async fn run(plan: Plan) -> String {
         &mut out,
         "ping-pong 64 B, p50 (µs)",
         &medians(&mut p50),
+        first_peer,
         1,
         false,
     );
@@ -280,6 +337,7 @@ async fn run(plan: Plan) -> String {
         &mut out,
         "ping-pong 64 B, p99 (µs)",
         &medians(&mut p99),
+        first_peer,
         1,
         false,
     );
@@ -287,7 +345,7 @@ async fn run(plan: Plan) -> String {
         "proxy memory per idle proxied connection ({} held, KiB)",
         plan.idle
     );
-    table_row(&mut out, &label, &idle, 1, false);
+    table_row(&mut out, &label, &idle, first_peer, 1, false);
     writeln!(
         out,
         "\nMedians of {} rounds, each running every target in turn. {} cores; {}. Peers: {}.",
@@ -305,12 +363,14 @@ async fn run(plan: Plan) -> String {
     out
 }
 
-/// One row: the targets' values (direct first, sluice second, then the peers), and
+/// One row: the targets' values (direct first, sluice second, then any variants, then
+/// the peers from `first_peer` on), and
 /// sluice's value over the best peer's.
 fn table_row(
     out: &mut String,
     name: &str,
     values: &[f64],
+    first_peer: usize,
     decimals: usize,
     higher_is_better: bool,
 ) {
@@ -324,7 +384,7 @@ fn table_row(
             }
         })
         .collect();
-    let peers = values[2..].iter().copied().filter(|v| !v.is_nan());
+    let peers = values[first_peer..].iter().copied().filter(|v| !v.is_nan());
     let best = if higher_is_better {
         peers.fold(f64::NAN, f64::max)
     } else {

@@ -43,6 +43,8 @@ pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_EJECT_FAILURES: u32 = 5;
 pub const DEFAULT_EJECT_DURATION: Duration = Duration::from_secs(10);
 pub const DEFAULT_EJECT_MAX_DURATION: Duration = Duration::from_secs(300);
+/// Whether plain relays use splice(2) unless the config says: see BENCHMARKS.md.
+pub const DEFAULT_SPLICE: bool = false;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -54,6 +56,7 @@ pub struct Config {
     pub admin: Admin,
     /// `None`: connections are recorded only in the main log.
     pub access_log: Option<AccessLogConfig>,
+    pub relay: Relay,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
 }
@@ -73,6 +76,13 @@ pub enum LogFormat {
     #[default]
     Logfmt,
     Json,
+}
+
+/// How plain (non-TLS) connections move bytes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Relay {
+    /// Through a pipe with splice(2) rather than through a user-space buffer.
+    pub splice: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -303,10 +313,17 @@ struct RawConfig {
     drain_timeout: Option<Spanned<DurationValue>>,
     admin: Option<RawAdmin>,
     access_log: Option<RawAccessLog>,
+    relay: Option<RawRelay>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
     #[serde(default, rename = "upstream")]
     upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    splice: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -629,11 +646,15 @@ impl RawConfig {
                 },
             }),
         };
+        let relay = Relay {
+            splice: self.relay.and_then(|r| r.splice).unwrap_or(DEFAULT_SPLICE),
+        };
         Ok(Config {
             source: path.to_path_buf(),
             drain_timeout,
             admin,
             access_log,
+            relay,
             listeners,
             upstreams,
         })

@@ -88,7 +88,11 @@ pub async fn handle(
     let (sent, outcome) = match (client, backend) {
         (ClientStream::Plain(c), BackendStream::Plain(mut b)) => {
             match forward_preface(preface, &mut b, &upstream, &counters).await {
-                Ok(sent) => (sent, relay::relay(&c, &b, limits, stops, counters).await),
+                Ok(sent) => {
+                    let splice = snapshot.config.relay.splice;
+                    let outcome = relay::relay(&c, &b, limits, stops, counters, splice).await;
+                    (sent, outcome)
+                }
                 Err(end) => (0, end),
             }
         }
