@@ -28,88 +28,134 @@ use crate::upstream::{ConnectError, Ends, Lease, Upstream};
 /// A connection's slots: the listener's `max_connections` and the process-wide cap.
 pub type Permits = (Permit, OwnedSemaphorePermit);
 
-/// Serves one accepted client connection to its end. `_permits` are released when this
-/// returns.
-pub async fn handle(
-    client: TcpStream,
-    peer: SocketAddr,
-    snapshot: Arc<Snapshot>,
-    listener: Arc<str>,
-    stop: CancellationToken,
-    _permits: Permits,
-) {
-    let Some(route) = snapshot.route(&listener) else {
-        // The listener was removed from the config between accept and here.
-        return;
-    };
-    let m = &route.metrics;
-    let started = Instant::now();
-    m.accepted.inc();
-    m.active.inc();
-    let _active = scopeguard(|| m.active.dec());
+/// A client connection as the accept loop hands it over.
+pub struct Accepted {
+    pub client: TcpStream,
+    pub peer: SocketAddr,
+    /// The snapshot in force at accept: the connection keeps it for its whole life.
+    pub snapshot: Arc<Snapshot>,
+    pub listener: Arc<str>,
+    /// The shutdown drain's deadline.
+    pub stop: CancellationToken,
+    pub permits: Permits,
+}
 
-    let record = Record {
-        snapshot: &snapshot,
-        route,
-        started,
-    };
-    // Boxed: the setup's state (the edge, a TLS handshake, the queue, the connect) is
-    // large and freed here, so an open connection's task holds only what the relay
-    // needs, for its whole life.
-    let ready = Box::pin(setup(route, client, peer, &stop, &record)).await;
-    let Some(Ready {
+/// Serves one accepted client connection to its end; its permits are released when
+/// this returns.
+///
+/// An open connection's task holds this future for its whole life, so it is kept
+/// small: `accepted` comes boxed and is unpacked inside the boxed setup, whose state
+/// (the edge, a TLS handshake, the queue, the connect) is freed when it ends; what is
+/// left is the relay and a pointer to one [`Open`] (boxed too: the future of an
+/// `.await` keeps its result and the binding it moves to, so an unboxed `Open` would
+/// be held twice, 208 bytes each, measured with `-Zprint-type-sizes`).
+pub async fn handle(accepted: Box<Accepted>) {
+    if let Some(mut open) = Box::pin(open(accepted)).await {
+        open.relay().await;
+    }
+}
+
+/// The edge, a backend, and the bytes the edge read sent on: `None` when the client
+/// was refused (and recorded), the listener is gone, or the shutdown cut came first.
+async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
+    let Accepted {
         client,
-        backend,
+        peer,
+        snapshot,
+        listener,
+        stop,
+        permits,
+    } = *accepted;
+    // `None`: the listener was removed from the config between accept and here.
+    let record = Record::start(snapshot, &listener)?;
+    let Ready {
+        client,
+        mut backend,
         lease,
         ends,
         upstream,
         preface,
-    }) = ready
-    else {
-        return;
-    };
-
-    // Spread the lifetimes so connections opened together do not all close together.
-    let lifetime = upstream
-        .max_lifetime
-        .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
-    let limits = relay::Limits {
-        idle: upstream.idle_timeout,
-        lifetime,
-    };
-    let stops = relay::Stops {
-        shutdown: &stop,
-        removed: &lease.backend().removed,
-    };
+    } = setup(record.route(), client, peer, &stop, &record).await?;
+    let m = &record.route().metrics;
     let counters = Counters {
         client_to_backend: &m.client_to_backend,
         backend_to_client: &m.backend_to_client,
     };
-    let (sent, outcome) = match (client, backend) {
-        (ClientStream::Plain(c), BackendStream::Plain(mut b)) => {
-            match forward_preface(preface, &mut b, &upstream, &counters).await {
-                Ok(sent) => {
-                    let splice = snapshot.config.relay.splice;
-                    let outcome = relay::relay(&c, &b, limits, stops, counters, splice).await;
-                    (sent, outcome)
-                }
-                Err(end) => (0, end),
-            }
+    let sent = match forward_preface(preface, &mut backend, &upstream, &counters).await {
+        Ok(sent) => sent,
+        Err(outcome) => {
+            record.closed(ends.client, &upstream.name, &lease, &outcome);
+            return None;
         }
-        (c, mut b) => match forward_preface(preface, &mut b, &upstream, &counters).await {
-            Ok(sent) => {
-                // Boxed for the same reason: only TLS connections need this state.
-                let relay = Box::pin(relay::relay_streams(c, b, limits, stops, counters));
-                (sent, relay.await)
+    };
+    Some(Box::new(Open {
+        client,
+        backend,
+        peer: ends.client,
+        lease,
+        upstream,
+        record,
+        stop,
+        sent,
+        _permits: permits,
+    }))
+}
+
+/// A connection with its backend, relaying: everything it holds while open.
+struct Open {
+    client: ClientStream,
+    backend: BackendStream,
+    /// The client, as a PROXY header named it or as accepted.
+    peer: SocketAddr,
+    lease: Lease,
+    upstream: Arc<Upstream>,
+    record: Record,
+    stop: CancellationToken,
+    /// Bytes the edge read from the client and sent on before the relay.
+    sent: u64,
+    _permits: Permits,
+}
+
+impl Open {
+    /// Relays to the end and records it. Borrowed, not consumed: an `async fn` taking
+    /// `self` keeps its argument and a copy.
+    async fn relay(&mut self) {
+        let m = &self.record.route().metrics;
+        // Spread the lifetimes so connections opened together do not all close together.
+        let lifetime = self
+            .upstream
+            .max_lifetime
+            .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
+        let limits = relay::Limits {
+            idle: self.upstream.idle_timeout,
+            lifetime,
+        };
+        let stops = relay::Stops {
+            shutdown: &self.stop,
+            removed: &self.lease.backend().removed,
+        };
+        let counters = Counters {
+            client_to_backend: &m.client_to_backend,
+            backend_to_client: &m.backend_to_client,
+        };
+        let outcome = match (&mut self.client, &mut self.backend) {
+            (ClientStream::Plain(c), BackendStream::Plain(b)) => {
+                let splice = self.record.snapshot.config.relay.splice;
+                relay::relay(c, b, limits, stops, counters, splice).await
             }
-            Err(end) => (0, end),
-        },
-    };
-    let outcome = Outcome {
-        client_to_backend: outcome.client_to_backend + sent,
-        ..outcome
-    };
-    record.closed(ends.client, &upstream.name, &lease, &outcome);
+            (c, b) => {
+                // Boxed for the same reason as the setup: only TLS connections need
+                // this state.
+                Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
+            }
+        };
+        let outcome = Outcome {
+            client_to_backend: outcome.client_to_backend + self.sent,
+            ..outcome
+        };
+        self.record
+            .closed(self.peer, &self.upstream.name, &self.lease, &outcome);
+    }
 }
 
 /// A connection ready to relay: both streams, the backend's slot, and what the edge
@@ -130,7 +176,7 @@ async fn setup(
     client: TcpStream,
     peer: SocketAddr,
     stop: &CancellationToken,
-    record: &Record<'_>,
+    record: &Record,
 ) -> Option<Ready> {
     let local = if route.sends_proxy_protocol {
         client.local_addr().unwrap_or(peer)
@@ -430,20 +476,45 @@ where
     }
 }
 
-/// Records a connection's end in the metrics, the access log and the main log.
-struct Record<'a> {
-    snapshot: &'a Snapshot,
-    route: &'a Route,
+/// Records a connection's end in the metrics, the access log and the main log, and
+/// keeps the listener's active-connections gauge while it lives.
+struct Record {
+    snapshot: Arc<Snapshot>,
+    /// The listener's place in `snapshot.listeners`.
+    route: usize,
     started: Instant,
 }
 
-impl Record<'_> {
+impl Record {
+    /// Counts a connection accepted on `listener`; `None` if the snapshot has no such
+    /// listener.
+    fn start(snapshot: Arc<Snapshot>, listener: &str) -> Option<Record> {
+        let route = snapshot
+            .listeners
+            .iter()
+            .position(|r| r.listener == listener)?;
+        let record = Record {
+            snapshot,
+            route,
+            started: Instant::now(),
+        };
+        let m = &record.route().metrics;
+        m.accepted.inc();
+        m.active.inc();
+        Some(record)
+    }
+
+    fn route(&self) -> &Route {
+        // The index came from this snapshot, whose listeners never change.
+        &self.snapshot.listeners[self.route]
+    }
+
     fn refused(&self, r: &Refusal, upstream: Option<&str>) {
-        let m = &self.route.metrics;
+        let m = &self.route().metrics;
         let duration = self.started.elapsed();
         m.rejected(r.reason).inc();
         m.duration.observe(duration.as_secs_f64());
-        let listener = &self.route.listener;
+        let listener = &self.route().listener;
         let upstream = upstream.unwrap_or("-");
         if let Some(log) = &self.snapshot.access_log {
             log.record(&access_log::Entry {
@@ -461,10 +532,10 @@ impl Record<'_> {
     }
 
     fn closed(&self, client: SocketAddr, upstream: &str, lease: &Lease, outcome: &Outcome) {
-        let m = &self.route.metrics;
+        let m = &self.route().metrics;
         let duration = self.started.elapsed();
         m.duration.observe(duration.as_secs_f64());
-        let listener = &self.route.listener;
+        let listener = &self.route().listener;
         let backend = lease.backend().address;
         if let Some(log) = &self.snapshot.access_log {
             log.record(&access_log::Entry {
@@ -495,6 +566,12 @@ impl Record<'_> {
     }
 }
 
+impl Drop for Record {
+    fn drop(&mut self) {
+        self.route().metrics.active.dec();
+    }
+}
+
 /// Resolves when the client has left before a backend was reached: it reset, or it
 /// sent FIN without having sent data. A FIN after data (`sent_data`, or bytes still
 /// unread) may be a half-close by a client that still waits for its answer, so that
@@ -517,17 +594,4 @@ async fn client_gone(client: &TcpStream, mut sent_data: bool) {
             }
         }
     }
-}
-
-/// Runs `f` when dropped, so a gauge is restored on every return path.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }

@@ -339,14 +339,14 @@ impl Acceptor {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = MIN_BACKOFF;
-                    tracker.spawn(conn::handle(
-                        stream,
+                    tracker.spawn(conn::handle(Box::new(conn::Accepted {
+                        client: stream,
                         peer,
-                        snapshots.load_full(),
-                        Arc::clone(&self.name),
-                        cut.clone(),
-                        (permit, process_permit),
-                    ));
+                        snapshot: snapshots.load_full(),
+                        listener: Arc::clone(&self.name),
+                        stop: cut.clone(),
+                        permits: (permit, process_permit),
+                    })));
                 }
                 Err(e) => {
                     drop((permit, process_permit));

@@ -21,6 +21,7 @@ use std::future::Future;
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,8 +30,8 @@ use prometheus::IntCounter;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, sleep, sleep_until};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep, sleep, sleep_until};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::stream::Stream;
 
@@ -111,81 +112,137 @@ pub struct Stops<'a> {
 /// Relays until both directions have closed, one side resets, a limit passes, or one
 /// of `stops` is cancelled. With `splice`, bytes move through a pipe with splice(2)
 /// and never enter user space; without, through a pooled buffer.
-///
-/// One hand-written poll loop drives both directions and every stop, rather than a
-/// future per direction under `select!`: the state an open connection holds for its
-/// whole life is this loop's, so it is kept to two [`Half`]s, one timer and the two
-/// cancellation waits.
-pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
+pub fn relay<'a>(
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
     limits: Limits,
-    stops: Stops<'_>,
-    counters: Counters<'_>,
+    stops: Stops<'a>,
+    counters: Counters<'a>,
     splice: bool,
-) -> Outcome {
-    let started = Instant::now();
-    let mut up = Half::new(splice);
-    let mut down = Half::new(splice);
-    let mut last = started;
-    let lifetime_end = limits.lifetime.map(|l| started + l);
-    let deadline = |last: Instant| {
-        let idle = last + limits.idle;
-        lifetime_end.map_or(idle, |end| end.min(idle))
+) -> Relay<'a> {
+    let now = Instant::now();
+    let lifetime_end = limits.lifetime.map(|l| now + l);
+    let relay = Relay {
+        client,
+        backend,
+        up: Half::new(splice),
+        down: Half::new(splice),
+        counters,
+        idle: limits.idle,
+        last: now,
+        lifetime_end,
+        timer: sleep_until(now),
+        stopped: stops.shutdown.cancelled(),
+        removed: stops.removed.cancelled(),
     };
-    let timer = sleep_until(deadline(last));
-    let stopped = stops.shutdown.cancelled();
-    let removed = stops.removed.cancelled();
-    tokio::pin!(timer, stopped, removed);
-    let end = std::future::poll_fn(|cx| {
-        if stopped.as_mut().poll(cx).is_ready() {
+    Relay {
+        timer: sleep_until(relay.deadline()),
+        ..relay
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`relay`]: one hand-written poll loop drives both directions and
+    /// every stop, rather than a future per direction under `select!`. This is the
+    /// state an open connection holds for its whole life, so it is kept to two
+    /// [`Half`]s, one timer and the two cancellation waits.
+    pub struct Relay<'a> {
+        client: &'a TcpStream,
+        backend: &'a TcpStream,
+        up: Half,
+        down: Half,
+        counters: Counters<'a>,
+        idle: Duration,
+        // When a byte last moved either way.
+        last: Instant,
+        lifetime_end: Option<Instant>,
+        // Fires at the idle or lifetime deadline, whichever is first.
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        stopped: WaitForCancellationFuture<'a>,
+        #[pin]
+        removed: WaitForCancellationFuture<'a>,
+    }
+}
+
+impl Relay<'_> {
+    fn deadline(&self) -> Instant {
+        let idle = self.last + self.idle;
+        self.lifetime_end.map_or(idle, |end| end.min(idle))
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let end = match self.as_mut().step(cx) {
+            Poll::Ready(end) => end,
+            Poll::Pending => return Poll::Pending,
+        };
+        if matches!(end, End::ClientReset | End::BackendReset) {
+            // Pass the reset on: the other peer should not wait on a dead connection.
+            reset(self.client);
+            reset(self.backend);
+        }
+        // Any other end (a timeout, the lifetime, a removed backend, the shutdown cut)
+        // closes with FIN when the sockets drop, so bytes already relayed into the
+        // kernel's buffers still reach a slow reader; an RST would throw them away.
+        // Bytes still in a half's buffer or pipe are dropped with it.
+        Poll::Ready(Outcome {
+            end,
+            client_to_backend: self.up.moved,
+            backend_to_client: self.down.moved,
+        })
+    }
+}
+
+impl Relay<'_> {
+    fn step(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
+        let mut this = self.as_mut().project();
+        if this.stopped.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::Shutdown);
         }
-        if removed.as_mut().poll(cx).is_ready() {
+        if this.removed.as_mut().poll(cx).is_ready() {
             return Poll::Ready(End::BackendRemoved);
         }
-        let moved_before = up.moved + down.moved;
-        if let Err(side) = up.poll(cx, client, backend, counters.client_to_backend) {
+        let moved_before = this.up.moved + this.down.moved;
+        let (client, backend) = (*this.client, *this.backend);
+        if let Err(side) = this
+            .up
+            .poll(cx, client, backend, this.counters.client_to_backend)
+        {
             return Poll::Ready(side.reset_end());
         }
-        if let Err(side) = down.poll(cx, backend, client, counters.backend_to_client) {
+        if let Err(side) = this
+            .down
+            .poll(cx, backend, client, this.counters.backend_to_client)
+        {
             // The backend was the source of this direction, the client the sink.
             return Poll::Ready(side.flip().reset_end());
         }
-        if up.done && down.done {
+        if this.up.done && this.down.done {
             return Poll::Ready(End::Closed);
         }
-        if up.moved + down.moved != moved_before {
-            last = Instant::now();
+        if this.up.moved + this.down.moved != moved_before {
+            *this.last = Instant::now();
         }
         // The timer is moved only when it fires, not on every byte: it then sleeps on
         // to the deadline that the last byte moved gives.
-        while timer.as_mut().poll(cx).is_ready() {
+        while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            if lifetime_end.is_some_and(|end| now >= end) {
+            if this.lifetime_end.is_some_and(|end| now >= end) {
                 return Poll::Ready(End::MaxLifetime);
             }
-            if now >= last + limits.idle {
+            if now >= *this.last + *this.idle {
                 return Poll::Ready(End::IdleTimeout);
             }
-            timer.as_mut().reset(deadline(last));
+            let deadline = self.deadline();
+            this = self.as_mut().project();
+            this.timer.as_mut().reset(deadline);
         }
         Poll::Pending
-    })
-    .await;
-    if matches!(end, End::ClientReset | End::BackendReset) {
-        // Pass the reset on: the other peer should not wait on a dead connection.
-        reset(client);
-        reset(backend);
-    }
-    // Any other end (a timeout, the lifetime, a removed backend, the shutdown cut)
-    // closes with FIN when the sockets drop, so bytes already relayed into the kernel's
-    // buffers still reach a slow reader; an RST would throw them away. Bytes still in
-    // a half's buffer or pipe are dropped with it.
-    Outcome {
-        end,
-        client_to_backend: up.moved,
-        backend_to_client: down.moved,
     }
 }
 

@@ -95,6 +95,13 @@ impl Stream for BackendStream {
     }
 }
 
+/// A borrowed stream, so a relay can run on streams its caller keeps.
+impl<S: Stream> Stream for &mut S {
+    fn tcp(&self) -> &TcpStream {
+        (**self).tcp()
+    }
+}
+
 /// Forwards the `AsyncRead`/`AsyncWrite` calls of an enum to whichever stream it holds.
 macro_rules! delegate_io {
     ($ty:ident) => {
