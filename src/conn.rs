@@ -88,8 +88,17 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
             return None;
         }
     };
+    // Spread the lifetimes so connections opened together do not all close together.
+    let lifetime = upstream
+        .max_lifetime
+        .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
+    let limits = relay::Limits {
+        idle: upstream.idle_timeout,
+        lifetime_end: lifetime.map(|l| Instant::now() + l),
+    };
     Some(Box::new(Open {
         client,
+        limits,
         backend,
         peer: ends.client,
         lease,
@@ -104,6 +113,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
 /// A connection with its backend, relaying: everything it holds while open.
 struct Open {
     client: ClientStream,
+    limits: relay::Limits,
     backend: BackendStream,
     /// The client, as a PROXY header named it or as accepted.
     peer: SocketAddr,
@@ -121,15 +131,6 @@ impl Open {
     /// `self` keeps its argument and a copy.
     async fn relay(&mut self) {
         let m = &self.record.route().metrics;
-        // Spread the lifetimes so connections opened together do not all close together.
-        let lifetime = self
-            .upstream
-            .max_lifetime
-            .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
-        let limits = relay::Limits {
-            idle: self.upstream.idle_timeout,
-            lifetime,
-        };
         let stops = relay::Stops {
             shutdown: &self.stop,
             removed: &self.lease.backend().removed,
@@ -141,11 +142,12 @@ impl Open {
         let outcome = match (&mut self.client, &mut self.backend) {
             (ClientStream::Plain(c), BackendStream::Plain(b)) => {
                 let splice = self.record.snapshot.config.relay.splice;
-                relay::relay(c, b, limits, stops, counters, splice).await
+                relay::relay(c, b, &self.limits, stops, counters, splice).await
             }
             (c, b) => {
                 // Boxed for the same reason as the setup: only TLS connections need
                 // this state.
+                let limits = &self.limits;
                 Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
             }
         };

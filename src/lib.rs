@@ -110,6 +110,8 @@ pub struct Server {
     checks_stop: CancellationToken,
     /// The TLS files watched for changes, updated on each reload.
     file_watch: reload::FileWatch,
+    /// The shutdown drain's deadline, parent of every backend's `removed` token.
+    cut: CancellationToken,
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
@@ -140,6 +142,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
     let material = tokio::task::spawn_blocking(move || tls::load(&load))
         .await
         .map_err(|e| Error::Watch(std::io::Error::other(e)))??;
+    let shutdown = Shutdown::default();
     let snapshots: SnapshotHandle = Arc::new(ArcSwap::from_pointee(Snapshot::build(
         Arc::clone(&config),
         0,
@@ -147,6 +150,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         None,
         access_log,
         material,
+        &shutdown.cut,
     )));
     metrics.config_last_reload_successful.set(1);
     metrics
@@ -174,7 +178,6 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
             source,
         })?;
     tracing::info!(address = %local_addr(&admin_socket), "admin listening");
-    let shutdown = Shutdown::default();
     let tracker = TaskTracker::new();
     let mut listeners = Listeners::new(
         process_cap,
@@ -202,6 +205,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         checks: health::Checks::default(),
         checks_stop: CancellationToken::new(),
         file_watch,
+        cut: shutdown.cut.clone(),
     };
     server
         .checks

@@ -30,7 +30,7 @@ use prometheus::IntCounter;
 use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep, sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::stream::Stream;
@@ -93,20 +93,39 @@ pub struct Counters<'a> {
     pub backend_to_client: &'a IntCounter,
 }
 
-/// Time limits on one relay.
+/// Time limits on one relay. The relay borrows them: the connection keeps them for
+/// its life in its own (boxed) state, where they cost the task nothing.
 pub struct Limits {
     /// Close when no byte has moved either way for this long.
     pub idle: Duration,
-    /// Close this long after the relay began, if set.
-    pub lifetime: Option<Duration>,
+    /// Close at this time, if set (the upstream's `max_lifetime`).
+    pub lifetime_end: Option<Instant>,
+}
+
+impl Limits {
+    /// The time the relay must end if nothing moves after `last`.
+    fn deadline(&self, last: Instant) -> Instant {
+        let idle = last + self.idle;
+        self.lifetime_end.map_or(idle, |end| end.min(idle))
+    }
 }
 
 /// What can end a relay from outside.
 pub struct Stops<'a> {
     /// The shutdown drain's deadline.
     pub shutdown: &'a CancellationToken,
-    /// The backend's removal by a reload.
+    /// The backend's removal by a reload; a child of `shutdown`, so the relay waits on
+    /// this one token for both, and tells them apart by whether `shutdown` is cancelled.
     pub removed: &'a CancellationToken,
+}
+
+/// Why a relay was stopped, once `Stops::removed` has fired.
+fn stopped_by(shutdown: &CancellationToken) -> End {
+    if shutdown.is_cancelled() {
+        End::Shutdown
+    } else {
+        End::BackendRemoved
+    }
 }
 
 /// Relays until both directions have closed, one side resets, a limit passes, or one
@@ -115,29 +134,23 @@ pub struct Stops<'a> {
 pub fn relay<'a>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
-    limits: Limits,
+    limits: &'a Limits,
     stops: Stops<'a>,
     counters: Counters<'a>,
     splice: bool,
 ) -> Relay<'a> {
     let now = Instant::now();
-    let lifetime_end = limits.lifetime.map(|l| now + l);
-    let relay = Relay {
+    Relay {
         client,
         backend,
         up: Half::new(splice),
         down: Half::new(splice),
         counters,
-        idle: limits.idle,
+        limits,
         last: now,
-        lifetime_end,
-        timer: sleep_until(now),
-        stopped: stops.shutdown.cancelled(),
-        removed: stops.removed.cancelled(),
-    };
-    Relay {
-        timer: sleep_until(relay.deadline()),
-        ..relay
+        timer: sleep_until(limits.deadline(now)),
+        stopped: stops.removed.cancelled(),
+        shutdown: stops.shutdown,
     }
 }
 
@@ -145,31 +158,23 @@ pin_project_lite::pin_project! {
     /// The future of [`relay`]: one hand-written poll loop drives both directions and
     /// every stop, rather than a future per direction under `select!`. This is the
     /// state an open connection holds for its whole life, so it is kept to two
-    /// [`Half`]s, one timer and the two cancellation waits.
+    /// [`Half`]s, one timer and one cancellation wait.
     pub struct Relay<'a> {
         client: &'a TcpStream,
         backend: &'a TcpStream,
         up: Half,
         down: Half,
         counters: Counters<'a>,
-        idle: Duration,
+        limits: &'a Limits,
         // When a byte last moved either way.
         last: Instant,
-        lifetime_end: Option<Instant>,
         // Fires at the idle or lifetime deadline, whichever is first.
         #[pin]
         timer: Sleep,
+        shutdown: &'a CancellationToken,
+        // Fires on the backend's removal or the shutdown cut.
         #[pin]
         stopped: WaitForCancellationFuture<'a>,
-        #[pin]
-        removed: WaitForCancellationFuture<'a>,
-    }
-}
-
-impl Relay<'_> {
-    fn deadline(&self) -> Instant {
-        let idle = self.last + self.idle;
-        self.lifetime_end.map_or(idle, |end| end.min(idle))
     }
 }
 
@@ -202,10 +207,7 @@ impl Relay<'_> {
     fn step(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let mut this = self.as_mut().project();
         if this.stopped.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Shutdown);
-        }
-        if this.removed.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::BackendRemoved);
+            return Poll::Ready(stopped_by(this.shutdown));
         }
         let moved_before = this.up.moved + this.down.moved;
         let (client, backend) = (*this.client, *this.backend);
@@ -232,15 +234,13 @@ impl Relay<'_> {
         // to the deadline that the last byte moved gives.
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            if this.lifetime_end.is_some_and(|end| now >= end) {
+            if this.limits.lifetime_end.is_some_and(|end| now >= end) {
                 return Poll::Ready(End::MaxLifetime);
             }
-            if now >= *this.last + *this.idle {
+            if now >= *this.last + this.limits.idle {
                 return Poll::Ready(End::IdleTimeout);
             }
-            let deadline = self.deadline();
-            this = self.as_mut().project();
-            this.timer.as_mut().reset(deadline);
+            this.timer.as_mut().reset(this.limits.deadline(*this.last));
         }
         Poll::Pending
     }
@@ -256,18 +256,16 @@ struct Half {
     moved: u64,
 }
 
-/// Bytes in flight in one direction: a borrowed buffer, or a borrowed pipe.
+/// Bytes in flight in one direction: a borrowed buffer, or a borrowed pipe. Offsets
+/// are `u32` (a chunk is at most 64 KiB) to keep every open connection's state small.
+/// An emptied chunk is handed back to its pool with [`Chunk::give_back`]; one dropped
+/// with bytes still in it is freed (a pipe holding bytes is never reused).
 enum Chunk {
-    Buffer {
-        buf: Buffer,
-        start: usize,
-        end: usize,
-    },
-    Pipe {
-        pipe: Pipe,
-        len: usize,
-    },
+    Buffer { buf: Buffer, start: u32, end: u32 },
+    Pipe { pipe: Pipe, len: u32 },
 }
+
+const _: () = assert!(BUFFER_SIZE <= u32::MAX as usize && PIPE_SIZE <= u32::MAX as usize);
 
 impl Half {
     fn new(splice: bool) -> Half {
@@ -301,12 +299,9 @@ impl Half {
                     Ok(n) => {
                         written += n as u64;
                         if chunk.is_empty()
-                            && let Some(Chunk::Pipe { pipe, .. }) = self.pending.take()
+                            && let Some(chunk) = self.pending.take()
                         {
-                            // An empty buffer goes back to its pool when dropped; an
-                            // empty pipe is handed back here. A pipe still holding bytes
-                            // is never reused: it is closed with the relay.
-                            pipe.give_back();
+                            chunk.give_back();
                         }
                     }
                     // Readiness is cleared: the next poll_write_ready waits.
@@ -347,49 +342,73 @@ impl Chunk {
     /// Reads what `src` has into a borrowed buffer or pipe: `None` at FIN. The buffer
     /// or pipe goes back to the pool if nothing was read.
     fn read_from(src: &TcpStream, splice: bool) -> io::Result<Option<Chunk>> {
-        if splice && let Some(pipe) = Pipe::take() {
-            let filled = fill(src, Interest::READABLE, PIPE_SIZE, |max| {
-                rustix::pipe::splice(src, None, &pipe.write, None, max, SPLICE_FLAGS)
-                    .map_err(io::Error::from)
-            });
-            let len = match filled {
-                Ok(len) => len,
-                Err(e) => {
-                    pipe.give_back();
-                    return Err(e);
-                }
-            };
-            if len == 0 {
-                pipe.give_back();
-                return Ok(None);
+        let (chunk, read) = match splice.then(Pipe::take).flatten() {
+            Some(pipe) => {
+                let read = fill(src, Interest::READABLE, PIPE_SIZE, |max| {
+                    rustix::pipe::splice(src, None, &pipe.write, None, max, SPLICE_FLAGS)
+                        .map_err(io::Error::from)
+                });
+                (Chunk::Pipe { pipe, len: 0 }, read)
             }
-            return Ok(Some(Chunk::Pipe { pipe, len }));
+            None => {
+                let mut buf = Buffer::from_pool();
+                let read = fill(src, Interest::READABLE, BUFFER_SIZE, |max| {
+                    rustix::io::read(src, &mut buf[..max]).map_err(io::Error::from)
+                });
+                (
+                    Chunk::Buffer {
+                        buf,
+                        start: 0,
+                        end: 0,
+                    },
+                    read,
+                )
+            }
+        };
+        match read {
+            Ok(n) if n > 0 => Ok(Some(chunk.filled(n as u32))),
+            other => {
+                chunk.give_back();
+                other.map(|_| None)
+            }
         }
-        let mut buf = Buffer::take();
-        let data = buf.as_mut();
-        let end = fill(src, Interest::READABLE, data.len(), |max| {
-            rustix::io::read(src, &mut data[..max]).map_err(io::Error::from)
-        })?;
-        Ok((end > 0).then_some(Chunk::Buffer { buf, start: 0, end }))
+    }
+
+    fn filled(self, n: u32) -> Chunk {
+        match self {
+            Chunk::Buffer { buf, .. } => Chunk::Buffer {
+                buf,
+                start: 0,
+                end: n,
+            },
+            Chunk::Pipe { pipe, .. } => Chunk::Pipe { pipe, len: n },
+        }
+    }
+
+    fn give_back(self) {
+        match self {
+            Chunk::Buffer { buf, .. } => buf.give_back(),
+            Chunk::Pipe { pipe, .. } => pipe.give_back(),
+        }
     }
 
     /// Writes what it can of the chunk to `dst`.
     fn write_to(&mut self, dst: &TcpStream) -> io::Result<usize> {
         match self {
             Chunk::Buffer { buf, start, end } => {
-                let data = &buf.as_mut()[*start..*end];
+                let data = &buf[*start as usize..*end as usize];
                 let n = fill(dst, Interest::WRITABLE, data.len(), |max| {
                     rustix::io::write(dst, &data[..max]).map_err(io::Error::from)
                 })?;
-                *start += n;
+                *start += n as u32;
                 Ok(n)
             }
             Chunk::Pipe { pipe, len } => {
-                let n = fill(dst, Interest::WRITABLE, *len, |max| {
+                let n = fill(dst, Interest::WRITABLE, *len as usize, |max| {
                     rustix::pipe::splice(&pipe.read, None, dst, None, max, SPLICE_FLAGS)
                         .map_err(io::Error::from)
                 })?;
-                *len -= n;
+                *len -= n as u32;
                 Ok(n)
             }
         }
@@ -433,7 +452,7 @@ fn fill(
 pub async fn relay_streams<C: Stream, B: Stream>(
     client: C,
     backend: B,
-    limits: Limits,
+    limits: &Limits,
     stops: Stops<'_>,
     counters: Counters<'_>,
 ) -> Outcome {
@@ -472,19 +491,18 @@ async fn drive(
     c2b: impl Future<Output = Result<(), Failed>>,
     b2c: impl Future<Output = Result<(), Failed>>,
     clock: &IdleClock,
-    limits: Limits,
+    limits: &Limits,
     stops: Stops<'_>,
 ) -> End {
     let idle = clock.expired(limits.idle);
-    let stopped = stops.shutdown.cancelled();
-    let removed = stops.removed.cancelled();
+    let stopped = stops.removed.cancelled();
     let lifetime = async {
-        match limits.lifetime {
-            Some(l) => sleep(l).await,
+        match limits.lifetime_end {
+            Some(end) => sleep_until(end).await,
             None => std::future::pending().await,
         }
     };
-    tokio::pin!(c2b, b2c, idle, stopped, lifetime, removed);
+    tokio::pin!(c2b, b2c, idle, stopped, lifetime);
 
     let (mut c2b_done, mut b2c_done) = (false, false);
     loop {
@@ -500,8 +518,7 @@ async fn drive(
             },
             () = &mut idle => break End::IdleTimeout,
             () = &mut lifetime => break End::MaxLifetime,
-            () = &mut stopped => break End::Shutdown,
-            () = &mut removed => break End::BackendRemoved,
+            () = &mut stopped => break stopped_by(stops.shutdown),
         }
         if c2b_done && b2c_done {
             break End::Closed;
@@ -630,35 +647,32 @@ impl IdleClock {
 }
 
 thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static POOL: RefCell<Vec<Buffer>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A relay buffer borrowed from the worker thread's pool and returned on drop.
-struct Buffer(Option<Box<[u8]>>);
+/// A relay buffer, borrowed from the worker thread's pool.
+type Buffer = Box<[u8; BUFFER_SIZE]>;
 
-impl Buffer {
-    fn take() -> Buffer {
-        let reused = POOL.with(|p| p.borrow_mut().pop());
-        Buffer(Some(
-            reused.unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice()),
-        ))
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().unwrap_or_default()
-    }
+/// What the relay borrows from a per-thread pool while bytes are in flight.
+trait Pooled: Sized {
+    fn from_pool() -> Self;
+    /// Returns it to the pool, or frees it when the pool is full.
+    fn give_back(self);
 }
 
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        if let Some(b) = self.0.take() {
-            POOL.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < POOL_PER_THREAD {
-                    p.push(b);
-                }
-            });
-        }
+impl Pooled for Buffer {
+    fn from_pool() -> Buffer {
+        POOL.with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| Box::new([0u8; BUFFER_SIZE]))
+    }
+
+    fn give_back(self) {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOL_PER_THREAD {
+                p.push(self);
+            }
+        });
     }
 }
 

@@ -250,6 +250,7 @@ impl Server {
             Some(&previous),
             previous.access_log.clone(),
             material,
+            &self.cut,
         ));
         retire_removed(&previous, &snapshot);
         let janitor = Janitor::new(&previous, &snapshot);

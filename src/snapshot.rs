@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use prometheus::IntGauge;
+use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::config::{Config, ProxyAccept, SniPattern};
@@ -86,6 +87,7 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         access_log: Option<Arc<AccessLog>>,
         material: tls::Material,
+        cut: &CancellationToken,
     ) -> Snapshot {
         let mut retired = previous.map(|p| p.retired.clone()).unwrap_or_default();
         let upstreams: Vec<Arc<Upstream>> = config
@@ -99,6 +101,7 @@ impl Snapshot {
                     before.map(|b| &**b),
                     &mut retired,
                     material.upstreams.get(&u.name).cloned(),
+                    cut,
                 ));
                 upstream.queue.adopt(&upstream);
                 upstream

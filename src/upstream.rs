@@ -87,7 +87,8 @@ pub struct Backend {
     /// Set once the backend is no longer in the config: it takes no new connections.
     retired: AtomicBool,
     /// Cancelled when the connections still open to a removed backend must close
-    /// (`on_backend_removed`).
+    /// (`on_backend_removed`), and, as a child of the shutdown cut, at the drain's
+    /// deadline: a relay waits on this one token for both.
     pub removed: CancellationToken,
 }
 
@@ -123,6 +124,7 @@ impl Upstream {
         previous: Option<&Upstream>,
         retired: &mut Vec<(String, Arc<Backend>)>,
         tls: Option<Arc<Origination>>,
+        cut: &CancellationToken,
     ) -> Upstream {
         let m = metrics.upstream(&cfg.name);
         let queue = match previous {
@@ -152,6 +154,7 @@ impl Upstream {
                         b.address,
                         b.weight,
                         metrics.backend(&cfg.name, &b.address.to_string()),
+                        cut,
                     )),
                 }
             })
@@ -351,7 +354,13 @@ fn revive(
 }
 
 impl Backend {
-    fn new(address: SocketAddr, weight: u32, metrics: BackendMetrics) -> Backend {
+    /// `cut` is the shutdown drain's deadline: [`Backend::removed`] is its child.
+    fn new(
+        address: SocketAddr,
+        weight: u32,
+        metrics: BackendMetrics,
+        cut: &CancellationToken,
+    ) -> Backend {
         metrics.up.set(1);
         Backend {
             address,
@@ -360,7 +369,7 @@ impl Backend {
             health: Health::default(),
             metrics,
             retired: AtomicBool::new(false),
-            removed: CancellationToken::new(),
+            removed: cut.child_token(),
         }
     }
 
@@ -371,6 +380,7 @@ impl Backend {
             address,
             weight,
             Metrics::new().expect("a fresh registry").backend("t", "t"),
+            &CancellationToken::new(),
         );
         b.active.store(active, Ordering::Relaxed);
         b
