@@ -1,4 +1,5 @@
-//! Bytes through sluice: integrity, concurrency, half-close, resets, idle timeout.
+//! Bytes through sluice: integrity, concurrency, half-close, resets, idle timeout,
+//! through both relays: the buffered copy and splice(2).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,10 +12,24 @@ use tokio::net::TcpStream;
 
 const MIB: usize = 1024 * 1024;
 
+/// The top-level config of each plain relay: the default, then splice(2) and the
+/// buffered copy named explicitly.
+const RELAYS: [&str; 3] = [
+    "",
+    "[relay]\nsplice = true\n",
+    "[relay]\nsplice = false\n",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_mib_each_way_is_byte_exact() {
+    for relay in RELAYS {
+        sixteen_mib_each_way(relay).await;
+    }
+}
+
+async fn sixteen_mib_each_way(relay: &str) {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
     let sent = data(16 * MIB, 1);
 
     let got = exchange(sluice.addr("front"), &sent).await;
@@ -101,6 +116,12 @@ async fn concurrent_connections_are_byte_exact_and_weighted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_half_close_still_gets_the_whole_answer() {
+    for relay in RELAYS {
+        client_half_close(relay).await;
+    }
+}
+
+async fn client_half_close(relay: &str) {
     // The backend answers only after it has read the client's EOF.
     let answer = data(3 * MIB, 7);
     let expected = answer.clone();
@@ -115,7 +136,7 @@ async fn client_half_close_still_gets_the_whole_answer() {
         }
     })
     .await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
     let request = data(MIB + 3, 8);
 
     let got = exchange(sluice.addr("front"), &request).await;
@@ -131,6 +152,12 @@ async fn client_half_close_still_gets_the_whole_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_half_close_still_gets_the_whole_request() {
+    for relay in RELAYS {
+        backend_half_close(relay).await;
+    }
+}
+
+async fn backend_half_close(relay: &str) {
     // The backend speaks first and half-closes; the client then sends and half-closes.
     let greeting = data(2 * MIB, 9);
     let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -147,7 +174,7 @@ async fn backend_half_close_still_gets_the_whole_request() {
         }
     })
     .await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
 
     let mut got = Vec::new();
@@ -167,6 +194,12 @@ async fn backend_half_close_still_gets_the_whole_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reset_resets_the_client_promptly() {
+    for relay in RELAYS {
+        backend_reset(relay).await;
+    }
+}
+
+async fn backend_reset(relay: &str) {
     let backend = Backend::start(|mut s: TcpStream| async move {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await.unwrap();
@@ -174,7 +207,7 @@ async fn backend_reset_resets_the_client_promptly() {
         drop(s);
     })
     .await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"x").await.unwrap();
 
@@ -190,6 +223,12 @@ async fn backend_reset_resets_the_client_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_closes_the_backend_promptly() {
+    for relay in RELAYS {
+        client_reset(relay).await;
+    }
+}
+
+async fn client_reset(relay: &str) {
     let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = Backend::start(move |mut s: TcpStream| {
         let ended = ended_tx.clone();
@@ -205,7 +244,7 @@ async fn client_reset_closes_the_backend_promptly() {
         }
     })
     .await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     assert_eq!(read_n(&mut s, 4).await, b"ping");
@@ -364,4 +403,91 @@ async fn both_sides_of_a_proxied_connection_have_keepalive() {
             found[0]
         );
     }
+}
+
+/// Sluice in front of a backend that sends `payload` and half-closes.
+async fn sending_backend(relay: &str, payload: Vec<u8>) -> (Backend, Sluice) {
+    let backend = Backend::start(move |mut s: TcpStream| {
+        let payload = payload.clone();
+        async move {
+            let _ = s.write_all(&payload).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
+    (backend, sluice)
+}
+
+/// A client that reads only when told: what the kernel's buffers (about 128 KiB
+/// each side before anything is read) cannot take waits in sluice, in a pipe or a
+/// buffer. (With the receive buffer shrunk to 16 KiB after connect, 2 of 16 runs
+/// stalled for 37 and 53 s, in either relay; zero-window probes backing off are the
+/// likely cause.)
+async fn slow_client(sluice: &Sluice) -> TcpStream {
+    TcpStream::connect(sluice.addr("front")).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_parks_what_a_slow_reader_has_not_taken_in_a_pipe_and_delivers_it_all() {
+    let payload = data(8 * MIB, 41);
+    let expected = sha256(&payload);
+    let (_backend, sluice) = sending_backend(RELAYS[1], payload).await;
+    // Sluice's stdout and stderr, before any relay took a pipe.
+    let baseline = sluice.open_pipes();
+    let mut s = slow_client(&sluice).await;
+
+    // The client reads nothing yet: the bytes sluice could not write wait in a pipe.
+    let deadline = Instant::now() + PROMPTLY;
+    while sluice.open_pipes() <= baseline {
+        assert!(Instant::now() < deadline, "no pipe ever held the payload");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut got = Vec::new();
+    tokio::time::timeout(STUCK, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.len(), 8 * MIB);
+    assert_eq!(sha256(&got), expected);
+    s.shutdown().await.unwrap();
+    sluice
+        .wait_log(|l| l.contains("connection closed") && l.contains("reason=\"closed\""))
+        .await;
+    // Emptied pipes stay pooled for the next connection (at most 16 per worker
+    // thread, two descriptors each), never one per connection.
+    assert!(
+        sluice.open_pipes() <= baseline + 2 * 16 * 2,
+        "{} pipes",
+        sluice.open_pipes()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffered_relay_takes_no_pipe() {
+    let payload = data(8 * MIB, 42);
+    let expected = sha256(&payload);
+    let (_backend, sluice) = sending_backend(RELAYS[2], payload).await;
+    let baseline = sluice.open_pipes();
+    let mut s = slow_client(&sluice).await;
+
+    sluice
+        .wait_metrics("bytes relayed toward the client", |m| {
+            m.value(
+                "sluice_bytes_total",
+                &[("listener", "front"), ("direction", "backend_to_client")],
+            ) > 0.0
+        })
+        .await;
+    assert_eq!(sluice.open_pipes(), baseline, "no pipe while bytes are held");
+
+    let mut got = Vec::new();
+    tokio::time::timeout(STUCK, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sha256(&got), expected);
+    // A pipe taken at any point would still be open, in the pool.
+    assert_eq!(sluice.open_pipes(), baseline);
 }

@@ -317,6 +317,15 @@ impl Sluice {
         }
     }
 
+    /// Pipes sluice holds open (its stdout and stderr to the test are pipes too).
+    pub fn open_pipes(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+            .count()
+    }
+
     /// Resident memory of the sluice process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
