@@ -45,6 +45,9 @@ pub const DEFAULT_EJECT_DURATION: Duration = Duration::from_secs(10);
 pub const DEFAULT_EJECT_MAX_DURATION: Duration = Duration::from_secs(300);
 /// Whether plain relays use splice(2) unless the config says: see BENCHMARKS.md.
 pub const DEFAULT_SPLICE: bool = false;
+/// Most worker threads `[runtime] worker_threads` may ask for: more is a typo, not a
+/// machine (and each per-core worker binds a socket per listening address).
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -54,6 +57,8 @@ pub struct Config {
     #[serde(serialize_with = "duration_text")]
     pub drain_timeout: Duration,
     pub admin: Admin,
+    /// Read at start only; a reload keeps the one in force.
+    pub runtime: Runtime,
     /// `None`: connections are recorded only in the main log.
     pub access_log: Option<AccessLogConfig>,
     pub relay: Relay,
@@ -88,6 +93,37 @@ pub struct Relay {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Admin {
     pub bind: SocketAddr,
+}
+
+/// How connections are spread over threads.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Runtime {
+    pub mode: RuntimeMode,
+    /// 0: one per CPU core the process may use.
+    pub worker_threads: usize,
+}
+
+impl Runtime {
+    /// The number of worker threads to start: `worker_threads`, or with 0 the CPU cores
+    /// this process may run on (its affinity and cgroup quota included).
+    pub fn threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeMode {
+    /// One tokio multi-thread runtime: its workers share the listening sockets and move
+    /// tasks between them.
+    #[default]
+    MultiThread,
+    /// One current-thread runtime per worker thread, each with its own SO_REUSEPORT
+    /// socket per listening address; a connection stays on the thread that accepted it.
+    PerCore,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -312,6 +348,7 @@ type Invalid = (Range<usize>, String);
 struct RawConfig {
     drain_timeout: Option<Spanned<DurationValue>>,
     admin: Option<RawAdmin>,
+    runtime: Option<RawRuntime>,
     access_log: Option<RawAccessLog>,
     relay: Option<RawRelay>,
     #[serde(default, rename = "listener")]
@@ -330,6 +367,14 @@ struct RawRelay {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     bind: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    #[serde(default)]
+    mode: RuntimeMode,
+    worker_threads: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -498,6 +543,9 @@ impl RawConfig {
                 None => admin_default,
             },
         };
+        let runtime = self
+            .runtime
+            .map_or(Ok(Runtime::default()), RawRuntime::validate)?;
 
         let mut upstreams: Vec<Upstream> = Vec::with_capacity(self.upstreams.len());
         for raw in self.upstreams {
@@ -653,10 +701,43 @@ impl RawConfig {
             source: path.to_path_buf(),
             drain_timeout,
             admin,
+            runtime,
             access_log,
             relay,
             listeners,
             upstreams,
+        })
+    }
+}
+
+impl Default for Runtime {
+    fn default() -> Runtime {
+        Runtime {
+            mode: RuntimeMode::default(),
+            worker_threads: 0,
+        }
+    }
+}
+
+impl RawRuntime {
+    fn validate(self) -> Result<Runtime, Invalid> {
+        let worker_threads = match self.worker_threads {
+            None => 0,
+            Some(n) => usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| *n <= MAX_WORKER_THREADS)
+                .ok_or_else(|| {
+                    (
+                        n.span(),
+                        format!(
+                            "`worker_threads` must be between 0 (one per CPU core) and {MAX_WORKER_THREADS}"
+                        ),
+                    )
+                })?,
+        };
+        Ok(Runtime {
+            mode: self.mode,
+            worker_threads,
         })
     }
 }
@@ -908,6 +989,9 @@ address = "127.0.0.1:1"
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.admin.bind.to_string(), DEFAULT_ADMIN_BIND);
         assert_eq!(c.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.runtime.mode, RuntimeMode::MultiThread);
+        assert_eq!(c.runtime.worker_threads, 0);
+        assert!(c.runtime.threads() >= 1);
         let u = &c.upstreams[0];
         assert_eq!(u.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(u.idle_timeout, DEFAULT_IDLE_TIMEOUT);
@@ -944,5 +1028,31 @@ address = "127.0.0.1:1"
         };
         assert_eq!((located.line, located.column), (6, 19));
         assert!(located.message.contains("invalid duration"), "{located}");
+    }
+
+    #[test]
+    fn runtime_table() {
+        let text = r#"
+[runtime]
+mode = "per_core"
+worker_threads = 3
+
+[[listener]]
+name = "front"
+bind = ["127.0.0.1:0"]
+upstream = "app"
+
+[[upstream]]
+name = "app"
+[[upstream.backend]]
+address = "127.0.0.1:1"
+"#;
+        let c = Config::parse(text, Path::new("t.toml")).expect("valid");
+        assert_eq!(c.runtime.mode, RuntimeMode::PerCore);
+        assert_eq!(c.runtime.worker_threads, 3);
+        assert_eq!(c.runtime.threads(), 3);
+        let mode_only = text.replace("worker_threads = 3\n", "");
+        let c = Config::parse(&mode_only, Path::new("t.toml")).expect("valid");
+        assert_eq!(c.runtime.worker_threads, 0);
     }
 }

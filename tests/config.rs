@@ -383,3 +383,55 @@ fn a_missing_certificate_file_is_named() {
         "{stderr}"
     );
 }
+
+/// LISTENER + UPSTREAM and a `[runtime]` table with `keys` (from line 10).
+fn with_runtime(keys: &str) -> String {
+    format!("{LISTENER}{UPSTREAM}[runtime]\n{keys}\n")
+}
+
+#[test]
+fn a_runtime_table_passes() {
+    let text = with_runtime("mode = \"per_core\"\nworker_threads = 2");
+    let (code, stderr, _, _dir) = check("ok.toml", &text);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn unknown_runtime_mode() {
+    assert_invalid(
+        &with_runtime("mode = \"per_cpu\""),
+        10,
+        8,
+        "unknown variant `per_cpu`, expected `multi_thread` or `per_core`",
+    );
+}
+
+#[test]
+fn unknown_key_in_runtime() {
+    assert_invalid(
+        &with_runtime("workers = 2"),
+        10,
+        1,
+        "unknown field `workers`, expected `mode` or `worker_threads`",
+    );
+}
+
+#[test]
+fn too_many_worker_threads() {
+    assert_invalid(
+        &with_runtime("worker_threads = 5000"),
+        10,
+        18,
+        "`worker_threads` must be between 0 (one per CPU core) and 1024",
+    );
+}
+
+#[test]
+fn negative_worker_threads() {
+    assert_invalid(
+        &with_runtime("worker_threads = -1"),
+        10,
+        18,
+        "invalid value: integer `-1`, expected u64",
+    );
+}
