@@ -95,8 +95,9 @@ pub struct Admin {
     pub bind: SocketAddr,
 }
 
-/// How connections are spread over threads.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// How connections are spread over threads. The default: `multi_thread`, one worker
+/// thread per CPU core.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Runtime {
     pub mode: RuntimeMode,
     /// 0: one per CPU core the process may use.
@@ -124,6 +125,16 @@ pub enum RuntimeMode {
     /// One current-thread runtime per worker thread, each with its own SO_REUSEPORT
     /// socket per listening address; a connection stays on the thread that accepted it.
     PerCore,
+}
+
+impl RuntimeMode {
+    /// As written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeMode::MultiThread => "multi_thread",
+            RuntimeMode::PerCore => "per_core",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -707,15 +718,6 @@ impl RawConfig {
             listeners,
             upstreams,
         })
-    }
-}
-
-impl Default for Runtime {
-    fn default() -> Runtime {
-        Runtime {
-            mode: RuntimeMode::default(),
-            worker_threads: 0,
-        }
     }
 }
 

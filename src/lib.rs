@@ -58,6 +58,7 @@ pub mod proxy_protocol;
 pub mod queue;
 pub mod relay;
 pub mod reload;
+pub mod runtime;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stream;
@@ -77,6 +78,7 @@ use crate::admin::Status;
 use crate::config::Config;
 use crate::listener::Listeners;
 use crate::metrics::Metrics;
+use crate::runtime::Workers;
 use crate::shutdown::Shutdown;
 use crate::snapshot::{Snapshot, SnapshotHandle};
 
@@ -116,7 +118,10 @@ pub struct Server {
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
 /// on changes to its file and on SIGHUP, then drains and returns.
-pub async fn run(config: Config, text: String) -> Result<(), Error> {
+///
+/// Listening sockets, their accept loops and the connections run on `workers`; the rest
+/// (reload, admin, health checks, signals) runs on the runtime that polls this future.
+pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new()?);
     let config = Arc::new(config);
     let access_log = match &config.access_log {
@@ -184,6 +189,7 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         Arc::clone(&snapshots),
         shutdown.clone(),
         tracker.clone(),
+        workers.clone(),
     );
     let bound = listeners.bind_new(&config)?;
     listeners.apply(&config, bound);
@@ -217,6 +223,8 @@ pub async fn run(config: Config, text: String) -> Result<(), Error> {
         listeners = config.listeners.len(),
         upstreams = config.upstreams.len(),
         process_cap,
+        runtime = config.runtime.mode.as_str(),
+        worker_threads = workers.threads(),
         "sluice ready"
     );
 

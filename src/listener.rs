@@ -4,6 +4,12 @@
 //! is therefore not refused: the kernel completes its handshake and holds it in the
 //! listen backlog (`backlog`), where it waits, data unread, until a slot frees. Once the
 //! backlog is full too, the kernel drops new SYNs and clients see their connect time out.
+//!
+//! Each configured address gets one socket per worker runtime ([`Workers`]): one in
+//! `multi_thread` mode, one per thread in `per_core` mode. Several sockets for one
+//! address share it through SO_REUSEPORT, and the kernel spreads new connections over
+//! them; each socket's accept loop runs on its own worker, and so do the connections
+//! it accepts.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -15,6 +21,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::conn;
 use crate::metrics::AcceptFailure;
+use crate::runtime::Workers;
 use crate::shutdown::Shutdown;
 use crate::snapshot::SnapshotHandle;
 
@@ -59,14 +67,19 @@ pub fn fit_file_limit() -> usize {
 /// Binds a listening socket: SO_REUSEADDR so a restart does not wait out TIME_WAIT, and
 /// IPV6_V6ONLY so `0.0.0.0:p` and `[::]:p` can be bound side by side.
 pub fn bind(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if address.is_ipv6() {
-        socket.set_only_v6(true)?;
+    bind_shared(address, backlog, false)
+}
+
+/// [`bind`], with SO_REUSEPORT when `shared`: then other sockets with it (of the same
+/// user) may bind the same address, and the kernel spreads connections over them.
+fn bind_shared(
+    address: SocketAddr,
+    backlog: u32,
+    shared: bool,
+) -> io::Result<std::net::TcpListener> {
+    let socket = unbound(address)?;
+    if shared {
+        socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
     // Accepted sockets inherit these from the listening socket on Linux: set once here,
@@ -76,6 +89,53 @@ pub fn bind(address: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListen
     socket.bind(&address.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
+}
+
+fn unbound(address: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    Ok(socket)
+}
+
+/// Binds one listening socket per worker to `address`, each registered with its
+/// worker's reactor. With several workers the sockets share the address through
+/// SO_REUSEPORT; with port 0 the first gets a port from the kernel and the rest join it.
+fn bind_group(
+    address: SocketAddr,
+    backlog: u32,
+    workers: &Workers,
+) -> io::Result<(SocketAddr, Vec<WorkerSocket>)> {
+    let shared = workers.handles().len() > 1;
+    if shared && address.port() != 0 {
+        // SO_REUSEPORT would let these sockets join one that another process (of the
+        // same user: a second sluice, say) listens on, and share its traffic. A socket
+        // without it cannot bind where anything listens, so this bind fails as a
+        // plain one would. It is closed before the group binds.
+        unbound(address)?.bind(&address.into())?;
+    }
+    let mut at = address;
+    let mut sockets = Vec::with_capacity(workers.handles().len());
+    for handle in workers.handles() {
+        let socket = bind_shared(at, backlog, shared)?;
+        if at.port() == 0 {
+            at.set_port(socket.local_addr()?.port());
+        }
+        // Registers with the reactor of the runtime entered, which must be the worker's:
+        // its accept loop polls the socket there.
+        let _entered = handle.enter();
+        // Deprecated for fds the AsyncFd does not own; this one owns it.
+        #[allow(deprecated)]
+        let socket = AsyncFd::new(socket)?;
+        sockets.push((handle.clone(), socket));
+    }
+    Ok((at, sockets))
 }
 
 /// A listener's `max_connections`, resizable by a reload while connections are open.
@@ -154,16 +214,29 @@ pub struct Listeners {
     snapshots: SnapshotHandle,
     shutdown: Shutdown,
     tracker: TaskTracker,
+    /// Where accept loops and their connections run: one socket per worker per address.
+    workers: Workers,
 }
 
+/// The accept loops of one configured address, one per worker.
 struct Running {
-    /// Stops this socket's accept loop alone (a child of the shutdown token).
+    /// Stops these accept loops alone (a child of the shutdown token).
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// A socket bound for a listener and not yet serving: (listener, configured address, socket).
-pub type Bound = (String, SocketAddr, AsyncFd<std::net::TcpListener>);
+/// The sockets bound for one configured address of a listener, not yet serving.
+pub struct Bound {
+    listener: String,
+    /// As configured (the key across reloads), which may have port 0.
+    address: SocketAddr,
+    /// As bound: port 0 resolved.
+    local: SocketAddr,
+    sockets: Vec<WorkerSocket>,
+}
+
+/// A listening socket registered with a worker's reactor, and that worker.
+type WorkerSocket = (Handle, AsyncFd<std::net::TcpListener>);
 
 /// What a reconcile changed, for the reload log line.
 #[derive(Debug, Default)]
@@ -178,6 +251,7 @@ impl Listeners {
         snapshots: SnapshotHandle,
         shutdown: Shutdown,
         tracker: TaskTracker,
+        workers: Workers,
     ) -> Listeners {
         Listeners {
             running: HashMap::new(),
@@ -186,6 +260,7 @@ impl Listeners {
             snapshots,
             shutdown,
             tracker,
+            workers,
         }
     }
 
@@ -198,18 +273,20 @@ impl Listeners {
                 if self.running.contains_key(&(l.name.clone(), address)) {
                     continue;
                 }
-                let socket = bind(address, l.backlog)
-                    // Deprecated for fds the AsyncFd does not own; this one owns it.
-                    .and_then(|s| {
-                        #[allow(deprecated)]
-                        AsyncFd::new(s)
-                    })
-                    .map_err(|source| crate::Error::Bind {
-                        what: format!("listener {:?}", l.name),
-                        address,
-                        source,
+                let (local, sockets) =
+                    bind_group(address, l.backlog, &self.workers).map_err(|source| {
+                        crate::Error::Bind {
+                            what: format!("listener {:?}", l.name),
+                            address,
+                            source,
+                        }
                     })?;
-                bound.push((l.name.clone(), address, socket));
+                bound.push(Bound {
+                    listener: l.name.clone(),
+                    address,
+                    local,
+                    sockets,
+                });
             }
         }
         Ok(bound)
@@ -228,27 +305,33 @@ impl Listeners {
                 }
             }
         }
-        for (name, address, socket) in bound {
-            let local = socket
-                .get_ref()
-                .local_addr()
-                .map_or_else(|_| address.to_string(), |a| a.to_string());
+        for b in bound {
+            let (name, local) = (b.listener, b.local);
+            // Once per address, however many sockets: tests and operators read this line.
             tracing::info!(listener = %name, address = %local, "listening");
             changes.bound.push(format!("{name}@{local}"));
             let stop = self.shutdown.stop_accepting.child_token();
-            let acceptor = Acceptor {
-                name: Arc::from(name.as_str()),
-                socket,
-                limit: Arc::clone(&self.limits[&name]),
-                process_limit: Arc::clone(&self.process_limit),
-            };
-            let task = tokio::spawn(acceptor.serve(
-                Arc::clone(&self.snapshots),
-                stop.clone(),
-                self.shutdown.cut.clone(),
-                self.tracker.clone(),
-            ));
-            self.running.insert((name, address), Running { stop, task });
+            let shared_name: Arc<str> = Arc::from(name.as_str());
+            let tasks = b
+                .sockets
+                .into_iter()
+                .map(|(worker, socket)| {
+                    let acceptor = Acceptor {
+                        name: Arc::clone(&shared_name),
+                        socket,
+                        limit: Arc::clone(&self.limits[&name]),
+                        process_limit: Arc::clone(&self.process_limit),
+                    };
+                    worker.spawn(acceptor.serve(
+                        Arc::clone(&self.snapshots),
+                        stop.clone(),
+                        self.shutdown.cut.clone(),
+                        self.tracker.clone(),
+                    ))
+                })
+                .collect();
+            self.running
+                .insert((name, b.address), Running { stop, tasks });
         }
         let wanted: HashSet<(String, SocketAddr)> = config
             .listeners
@@ -276,8 +359,10 @@ impl Listeners {
     /// Waits for every accept loop to return (after shutdown began).
     pub async fn stopped(&mut self) {
         for (_, r) in self.running.drain() {
-            // An accept loop only ends by returning; a panic there is already logged.
-            let _ = r.task.await;
+            for task in r.tasks {
+                // An accept loop only ends by returning; a panic there is already logged.
+                let _ = task.await;
+            }
         }
     }
 }

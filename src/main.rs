@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice::config::Config;
+use sluice::config::{Config, RuntimeMode};
+use sluice::runtime::{PerCore, Workers};
+use tokio::runtime::Builder;
 
 /// Exit status for an invalid config (EX_DATAERR-adjacent EX_USAGE, as sysexits.h).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -110,18 +112,17 @@ fn run(path: PathBuf) -> ExitCode {
         .with_ansi(false)
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let result = match config.runtime.mode {
+        RuntimeMode::MultiThread => run_multi_thread(config, text),
+        RuntimeMode::PerCore => run_per_core(config, text),
+    };
+    let result = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
-    let result = runtime.block_on(sluice::run(config, text));
-    drop(runtime);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ sluice::Error::Tls(_)) => {
@@ -135,4 +136,33 @@ fn run(path: PathBuf) -> ExitCode {
             ExitCode::from(EXIT_START_FAILED)
         }
     }
+}
+
+/// One multi-thread runtime runs everything; its threads share the listening sockets.
+/// The outer error is a runtime that could not start.
+fn run_multi_thread(config: Config, text: String) -> std::io::Result<Result<(), sluice::Error>> {
+    let mut builder = Builder::new_multi_thread();
+    builder.enable_all();
+    // 0 leaves tokio's default: one per CPU core, or TOKIO_WORKER_THREADS.
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = builder.build()?;
+    let workers = Workers::single(runtime.handle().clone());
+    let result = runtime.block_on(sluice::run(config, text, workers));
+    // Connections still open after the drain are dropped with the runtime.
+    drop(runtime);
+    Ok(result)
+}
+
+/// A current-thread runtime per worker thread for the connections, and one on this
+/// thread for the control plane.
+fn run_per_core(config: Config, text: String) -> std::io::Result<Result<(), sluice::Error>> {
+    let pool = PerCore::start(config.runtime.threads())?;
+    let control = Builder::new_current_thread().enable_all().build()?;
+    let result = control.block_on(sluice::run(config, text, pool.workers()));
+    // As above: what the drain left open goes with the workers' runtimes.
+    pool.stop();
+    drop(control);
+    Ok(result)
 }
