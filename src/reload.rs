@@ -205,7 +205,7 @@ impl Server {
         };
         let previous = self.snapshots.load_full();
         let same_text = text == self.applied_text;
-        let config = if same_text {
+        let mut config = if same_text {
             (*previous.config).clone()
         } else {
             match Config::parse(&text, &path) {
@@ -213,6 +213,16 @@ impl Server {
                 Err(e) => return self.reload_failed(&e.to_string()),
             }
         };
+        if config.runtime != previous.config.runtime {
+            tracing::warn!(
+                in_force = previous.config.runtime.mode.as_str(),
+                worker_threads = previous.config.runtime.worker_threads,
+                "[runtime] changes take effect at restart"
+            );
+            // The threads stay as they are: `/config` shows so, and the next reload
+            // compares with what runs rather than with this file.
+            config.runtime = previous.config.runtime.clone();
+        }
         let config = Arc::new(config);
         // Watch the files this config names even if it fails to load below: a reload
         // refused for a missing certificate applies once the file appears.
