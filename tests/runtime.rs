@@ -1,0 +1,241 @@
+//! `[runtime] mode = "per_core"`: a current-thread runtime per worker thread, each with
+//! its own SO_REUSEPORT socket for every listening address.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// `config` under a `[runtime]` table with `mode = "per_core"` and `threads` workers.
+fn per_core(threads: usize, config: &str) -> String {
+    format!("[runtime]\nmode = \"per_core\"\nworker_threads = {threads}\n\n{config}")
+}
+
+/// Listening TCP sockets on `addr` (IPv4) that belong to process `pid`: its descriptors'
+/// socket inodes matched against the kernel's table of sockets.
+fn listening_sockets(pid: u32, addr: SocketAddr) -> usize {
+    let ours: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_str()?;
+            link.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let SocketAddr::V4(v4) = addr else {
+        panic!("an IPv4 address")
+    };
+    // /proc/net/tcp writes 127.0.0.1:8080 as 0100007F:1F90 (the address in host order).
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Columns: sl, local, remote, state (0A is LISTEN), ..., inode (the tenth).
+            f[1] == local && f[3] == "0A" && f[9].parse().is_ok_and(|i: u64| ours.contains(&i))
+        })
+        .count()
+}
+
+/// The names of the process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_connections_are_byte_exact() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&per_core(2, &config("", &[backend.addr])));
+    let addr = sluice.addr("front");
+    // All open at once before any data moves, so the workers really hold them together.
+    let mut streams = Vec::new();
+    for _ in 0..200 {
+        streams.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let exchanges = streams.into_iter().enumerate().map(|(i, mut s)| {
+        tokio::spawn(async move {
+            let sent = data(64 * 1024 + i * 517, i as u64);
+            let got = exchange_on(&mut s, &sent).await;
+            assert_eq!(got.len(), sent.len(), "connection {i}: bytes");
+            assert_eq!(sha256(&got), sha256(&sent), "connection {i}: hash");
+        })
+    });
+    for e in exchanges.collect::<Vec<_>>() {
+        e.await.unwrap();
+    }
+    assert_eq!(backend.accepted(), 200);
+    sluice
+        .wait_metrics("200 connections accepted and closed", |m| {
+            m.value(
+                "sluice_connections_accepted_total",
+                &[("listener", "front")],
+            ) == 200.0
+                && m.value("sluice_connections_active", &[("listener", "front")]) == 0.0
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_listen_on_three_sockets_per_address() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&per_core(3, &config("", &[backend.addr])));
+    let addr = sluice.addr("front");
+    assert_eq!(listening_sockets(sluice.pid(), addr), 3);
+    let names = thread_names(sluice.pid());
+    for i in 0..3 {
+        let name = format!("sluice-worker-{i}");
+        assert!(names.contains(&name), "no thread {name} in {names:?}");
+    }
+    assert!(sluice.log().iter().any(|l| l.contains("sluice ready")
+        && l.contains("runtime=\"per_core\"")
+        && l.contains("worker_threads=3")));
+    let sent = data(100_000, 3);
+    assert_eq!(exchange(addr, &sent).await, sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_another_sluice_listens_on_is_refused_at_start() {
+    let backend = Backend::echo().await;
+    let first = Sluice::start(&per_core(2, &config("", &[backend.addr])));
+    let taken = first.addr("front");
+    // Every socket of both would have SO_REUSEPORT and the same user, so without a
+    // check the second would join the first's port and take part of its traffic.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let second =
+        per_core(2, &config("", &[backend.addr])).replace("127.0.0.1:0", &taken.to_string());
+    std::fs::write(&path, with_admin(&second)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Polled: a second sluice that started would run until killed.
+    let deadline = Instant::now() + PROMPTLY;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a second sluice started on {taken}, where the first listens");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind listener \"front\" to {taken}")),
+        "{stderr}"
+    );
+    assert_eq!(listening_sockets(first.pid(), taken), 2);
+}
+
+fn listeners(names: &[&str], backend: SocketAddr) -> String {
+    let mut c = String::new();
+    for n in names {
+        c.push_str(&format!(
+            "[[listener]]\nname = \"{n}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n"
+        ));
+    }
+    c.push_str(&format!(
+        "[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
+    ));
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_a_listener_and_leaves_the_runtime_to_a_restart() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&per_core(2, &listeners(&["one"], backend.addr)));
+
+    // The new listener applies; the new worker count waits for a restart.
+    sluice.rewrite(&per_core(3, &listeners(&["one", "two"], backend.addr)));
+    sluice.wait_generation(1).await;
+    sluice
+        .wait_log(|l| l.contains("WARN") && l.contains("[runtime] changes take effect at restart"))
+        .await;
+
+    let two = sluice.wait_listening("two", 0).await;
+    let sent = data(200_000, 2);
+    assert_eq!(exchange(two, &sent).await, sent, "the new listener serves");
+    assert_eq!(
+        exchange(sluice.addr("one"), &sent).await,
+        sent,
+        "the old one still does"
+    );
+    assert_eq!(
+        listening_sockets(sluice.pid(), two),
+        2,
+        "one per worker in force"
+    );
+    let (code, body) = sluice.get("/config").await;
+    assert_eq!(code, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["config"]["runtime"]["mode"], "per_core");
+    assert_eq!(json["config"]["runtime"]["worker_threads"], 2);
+    assert_eq!(json["config"]["listeners"][1]["name"], "two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_stream_in_flight_and_exits_0() {
+    const MIB: usize = 1024 * 1024;
+    let backend = Backend::echo().await;
+    // A top-level key goes before the [runtime] table.
+    let mut sluice = Sluice::start(&format!(
+        "drain_timeout = \"60s\"\n{}",
+        per_core(2, &config("", &[backend.addr]))
+    ));
+    let addr = sluice.addr("front");
+    let sent = data(8 * MIB, 40);
+    let (first, second) = sent.split_at(4 * MIB);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(first).await.unwrap();
+    let mut got = read_n(&mut s, first.len()).await;
+
+    sluice.signal("TERM");
+    sluice.wait_log(|l| l.contains("shutting down")).await;
+    // Every worker's socket closes: no connect lands on any of them.
+    let deadline = Instant::now() + PROMPTLY;
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            Err(e) => panic!("unexpected connect error: {e}"),
+            Ok(s) => drop(s),
+        }
+        assert!(Instant::now() < deadline, "sluice still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    got.extend(exchange_on(&mut s, second).await);
+
+    assert_eq!(got.len(), sent.len());
+    assert_eq!(sha256(&got), sha256(&sent));
+    let status = sluice.wait_exit(PROMPTLY);
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        sluice
+            .log()
+            .iter()
+            .any(|l| l.contains("shutdown complete cut=0"))
+    );
+}
