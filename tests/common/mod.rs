@@ -303,6 +303,24 @@ impl Sluice {
             .count()
     }
 
+    /// Waits until sluice holds `path` open. The access log's writer thread opens its
+    /// file a moment after start, perhaps after "sluice ready": a descriptor count taken
+    /// before that would see the file as a leak.
+    pub async fn wait_holds_open(&self, path: &std::path::Path) {
+        let deadline = Instant::now() + PROMPTLY;
+        loop {
+            let open = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .any(|target| target == path);
+            if open {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} never opened", path.display());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until sluice holds at most `n` descriptors; fails after [`PROMPTLY`]. The
     /// count is polled: closing is sluice's own business, with no event to wait on.
     pub async fn wait_open_files_at_most(&self, n: usize) {
