@@ -73,6 +73,8 @@ const QUICK: Plan = Plan {
 const VARIANTS: &[(&str, &str)] = &[
     ("copy", "[relay]\nsplice = false\n"),
     ("splice", "[relay]\nsplice = true\n"),
+    ("per_core", "[runtime]\nmode = \"per_core\"\n"),
+    ("multi_thread", "[runtime]\nmode = \"multi_thread\"\n"),
 ];
 
 /// Whether `SLUICE_BENCH_ONLY` (unset: every workload) names `workload`.

@@ -435,3 +435,15 @@ fn negative_worker_threads() {
         "invalid value: integer `-1`, expected u64",
     );
 }
+
+#[test]
+fn splice_that_is_not_a_boolean() {
+    let text = format!("{LISTENER}{UPSTREAM}[relay]\nsplice = \"yes\"\n");
+    assert_invalid(&text, 10, 10, "expected a boolean");
+}
+
+#[test]
+fn unknown_key_in_relay() {
+    let text = format!("{LISTENER}{UPSTREAM}[relay]\nbuffer = 4096\n");
+    assert_invalid(&text, 10, 1, "unknown field `buffer`, expected `splice`");
+}
