@@ -162,7 +162,17 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         .config_last_reload_success_timestamp
         .set(reload::unix_now());
 
-    let process_cap = listener::fit_file_limit();
+    // Per-core workers hold descriptors of their own, which proxied connections must not
+    // take either. (Addresses a reload adds later draw on the general reserve, as in
+    // multi_thread mode.)
+    let extra_fds = match config.runtime.mode {
+        config::RuntimeMode::MultiThread => 0,
+        config::RuntimeMode::PerCore => {
+            let addresses = config.listeners.iter().map(|l| l.bind.len()).sum();
+            listener::worker_fds(workers.handles().len(), addresses)
+        }
+    };
+    let process_cap = listener::fit_file_limit(extra_fds);
     let wanted: usize = config.listeners.iter().map(|l| l.max_connections).sum();
     if wanted > process_cap {
         tracing::warn!(

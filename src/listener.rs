@@ -42,10 +42,21 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Descriptors kept free of proxied connections: stdio, the event loop, listening sockets,
 /// admin connections, config and log files.
 pub const RESERVED_FDS: u64 = 32;
+/// Descriptors each per-core worker runtime holds, besides its listening sockets: its
+/// reactor's epoll (held twice by tokio), its waker's eventfd and its copy of tokio's
+/// signal pipe. Measured with tokio 1.54.
+pub const WORKER_FDS: u64 = 4;
+
+/// Descriptors per-core workers need beyond [`RESERVED_FDS`] (sized for one event loop
+/// and one socket per address): each worker's event loop and its socket per address.
+pub fn worker_fds(workers: usize, addresses: usize) -> u64 {
+    (workers as u64).saturating_mul(WORKER_FDS + addresses as u64)
+}
 
 /// Raises the soft open-file limit to the hard limit, and returns how many proxied
-/// connections (two descriptors each) the process can hold with [`RESERVED_FDS`] to spare.
-pub fn fit_file_limit() -> usize {
+/// connections (two descriptors each) the process can hold with [`RESERVED_FDS`] and
+/// `extra` to spare.
+pub fn fit_file_limit(extra: u64) -> usize {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let mut soft = limit.current.unwrap_or(u64::MAX);
@@ -59,7 +70,7 @@ pub fn fit_file_limit() -> usize {
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
     }
-    usize::try_from(soft.saturating_sub(RESERVED_FDS) / 2)
+    usize::try_from(soft.saturating_sub(RESERVED_FDS.saturating_add(extra)) / 2)
         .unwrap_or(usize::MAX)
         .min(Semaphore::MAX_PERMITS)
 }

@@ -239,3 +239,35 @@ async fn sigterm_drains_a_stream_in_flight_and_exits_0() {
             .any(|l| l.contains("shutdown complete cut=0"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_descriptors_of_eight_workers_are_kept_from_proxied_connections() {
+    // 96 descriptors: 32 reserved, and 8 workers x (4 for the runtime + 1 socket), so
+    // (96 - 32 - 40) / 2 = 12 proxied connections. With only the 32 reserved, the cap
+    // would be 32, and the ~50 descriptors sluice holds at start would leave room for
+    // about 21: accept would fail with EMFILE before the cap.
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start_limited(&per_core(8, &config("", &[backend.addr])), Some(96));
+    let addr = sluice.addr("front");
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let m = sluice
+        .wait_metrics("12 connections open", |m| {
+            m.value("sluice_connections_active", &[]) == 12.0
+        })
+        .await;
+    assert_eq!(m.value("sluice_process_max_connections", &[]), 12.0);
+    assert_eq!(m.value("sluice_accept_errors_total", &[]), 0.0, "no EMFILE");
+    // Which 12 were accepted is not arrival order: each worker's socket has a backlog of
+    // its own. Once they all leave, a new client is served.
+    drop(clients);
+    sluice
+        .wait_metrics("every connection closed", |m| {
+            m.value("sluice_connections_active", &[]) == 0.0
+        })
+        .await;
+    let sent = data(10_000, 8);
+    assert_eq!(exchange(addr, &sent).await, sent);
+}
