@@ -6,7 +6,8 @@
 //! |---|---|
 //! | [`config`] | the TOML file parsed into a validated [`config::Config`]; errors carry file:line:col |
 //! | [`snapshot`] | [`snapshot::Snapshot`]: everything a connection needs, built from a config, shared through `ArcSwap` |
-//! | [`listener`] | bind (socket2), accept with a `max_connections` permit and EMFILE backoff |
+//! | [`runtime`] | where connections run: one multi-thread runtime, or a current-thread runtime per core |
+//! | [`listener`] | bind (socket2; per core, one SO_REUSEPORT socket per worker), accept with a `max_connections` permit and EMFILE backoff |
 //! | [`conn`] | one connection: the edge (PROXY header, TLS or ClientHello peek), pick, connect, relay, record |
 //! | [`proxy_protocol`] | PROXY v1/v2 parsing (pure, incremental) and encoding |
 //! | [`client_hello`] | the SNI of a ClientHello, for passthrough routing (pure, incremental) |
@@ -25,7 +26,8 @@
 //!
 //! 1. A listener's accept loop takes a `max_connections` permit, accepts, loads the current
 //!    snapshot once and spawns [`conn::handle`] with it; the connection keeps that `Arc`
-//!    for its whole life.
+//!    for its whole life. In `per_core` mode each worker thread has its own socket and
+//!    accept loop for the address, and the connection runs on that thread to its end.
 //! 2. At the edge, a trusted peer's PROXY header names the real client; then TLS is
 //!    terminated, or on a passthrough listener the ClientHello's server name picks the
 //!    upstream. Each stage has its own timeout and its own rejection reason.
