@@ -14,11 +14,7 @@ const MIB: usize = 1024 * 1024;
 
 /// The top-level config of each plain relay: the default, then splice(2) and the
 /// buffered copy named explicitly.
-const RELAYS: [&str; 3] = [
-    "",
-    "[relay]\nsplice = true\n",
-    "[relay]\nsplice = false\n",
-];
+const RELAYS: [&str; 3] = ["", "[relay]\nsplice = true\n", "[relay]\nsplice = false\n"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_mib_each_way_is_byte_exact() {
@@ -480,7 +476,11 @@ async fn the_buffered_relay_takes_no_pipe() {
             ) > 0.0
         })
         .await;
-    assert_eq!(sluice.open_pipes(), baseline, "no pipe while bytes are held");
+    assert_eq!(
+        sluice.open_pipes(),
+        baseline,
+        "no pipe while bytes are held"
+    );
 
     let mut got = Vec::new();
     tokio::time::timeout(STUCK, s.read_to_end(&mut got))
