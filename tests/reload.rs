@@ -297,8 +297,14 @@ async fn invalid_files_change_nothing_and_a_valid_one_then_applies() {
     );
 
     sluice.rewrite(&valid_b);
-    let m = sluice.wait_generation(1).await;
-    assert_eq!(m.value("sluice_config_last_reload_successful", &[]), 1.0);
+    // The generation shows as the snapshot is stored, the success gauge a moment later
+    // (after the listeners and checks are reconciled): wait for both.
+    sluice
+        .wait_metrics("generation 1, reloaded successfully", |m| {
+            m.value("sluice_config_generation", &[]) == 1.0
+                && m.value("sluice_config_last_reload_successful", &[]) == 1.0
+        })
+        .await;
     assert_eq!(connect_tagged(addr, None).await.1, b'b');
     let (steady, connects) = load.finish().await;
     assert!(steady > 0 && connects > 0);
