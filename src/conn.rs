@@ -76,12 +76,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         upstream,
         preface,
     } = setup(record.route(), client, peer, &stop, &record).await?;
-    let m = &record.route().metrics;
-    let counters = Counters {
-        client_to_backend: &m.client_to_backend,
-        backend_to_client: &m.backend_to_client,
-    };
-    let sent = match forward_preface(preface, &mut backend, &upstream, &counters).await {
+    let sent = match forward_preface(preface, &mut backend, &upstream, &record.counters()).await {
         Ok(sent) => sent,
         Err(outcome) => {
             record.closed(ends.client, &upstream.name, &lease, &outcome);
@@ -130,15 +125,11 @@ impl Open {
     /// Relays to the end and records it. Borrowed, not consumed: an `async fn` taking
     /// `self` keeps its argument and a copy.
     async fn relay(&mut self) {
-        let m = &self.record.route().metrics;
         let stops = relay::Stops {
             shutdown: &self.stop,
             removed: &self.lease.backend().removed,
         };
-        let counters = Counters {
-            client_to_backend: &m.client_to_backend,
-            backend_to_client: &m.backend_to_client,
-        };
+        let counters = self.record.counters();
         let outcome = match (&mut self.client, &mut self.backend) {
             (ClientStream::Plain(c), BackendStream::Plain(b)) => {
                 let splice = self.record.snapshot.config.relay.splice;
@@ -491,10 +482,7 @@ impl Record {
     /// Counts a connection accepted on `listener`; `None` if the snapshot has no such
     /// listener.
     fn start(snapshot: Arc<Snapshot>, listener: &str) -> Option<Record> {
-        let route = snapshot
-            .listeners
-            .iter()
-            .position(|r| r.listener == listener)?;
+        let route = snapshot.route_index(listener)?;
         let record = Record {
             snapshot,
             route,
@@ -509,6 +497,15 @@ impl Record {
     fn route(&self) -> &Route {
         // The index came from this snapshot, whose listeners never change.
         &self.snapshot.listeners[self.route]
+    }
+
+    /// Where the relay adds the bytes it moves.
+    fn counters(&self) -> Counters<'_> {
+        let m = &self.route().metrics;
+        Counters {
+            client_to_backend: &m.client_to_backend,
+            backend_to_client: &m.backend_to_client,
+        }
     }
 
     fn refused(&self, r: &Refusal, upstream: Option<&str>) {

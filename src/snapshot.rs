@@ -194,6 +194,11 @@ impl Snapshot {
     }
 
     pub fn route(&self, listener: &str) -> Option<&Route> {
-        self.listeners.iter().find(|r| r.listener == listener)
+        self.route_index(listener).map(|i| &self.listeners[i])
+    }
+
+    /// Where `listener` is in `listeners`.
+    pub fn route_index(&self, listener: &str) -> Option<usize> {
+        self.listeners.iter().position(|r| r.listener == listener)
     }
 }

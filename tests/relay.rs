@@ -322,14 +322,7 @@ async fn an_idle_timeout_still_delivers_what_was_relayed() {
     // idle timeout fires. Closing must not throw away what the kernel still holds.
     let payload = data(2 * MIB, 40);
     let expected = sha256(&payload);
-    let backend = Backend::start(move |mut s: TcpStream| {
-        let payload = payload.clone();
-        async move {
-            let _ = s.write_all(&payload).await;
-            let _ = s.shutdown().await;
-        }
-    })
-    .await;
+    let backend = sending(payload).await;
     let sluice = Sluice::start(&config("idle_timeout = \"150ms\"", &[backend.addr]));
     let s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     // A small receive buffer keeps the kernel from absorbing the payload for us.
@@ -401,16 +394,21 @@ async fn both_sides_of_a_proxied_connection_have_keepalive() {
     }
 }
 
-/// Sluice in front of a backend that sends `payload` and half-closes.
-async fn sending_backend(relay: &str, payload: Vec<u8>) -> (Backend, Sluice) {
-    let backend = Backend::start(move |mut s: TcpStream| {
+/// A backend that sends `payload` on every connection and half-closes.
+async fn sending(payload: Vec<u8>) -> Backend {
+    Backend::start(move |mut s: TcpStream| {
         let payload = payload.clone();
         async move {
             let _ = s.write_all(&payload).await;
             let _ = s.shutdown().await;
         }
     })
-    .await;
+    .await
+}
+
+/// Sluice in front of a backend that sends `payload` and half-closes.
+async fn sending_backend(relay: &str, payload: Vec<u8>) -> (Backend, Sluice) {
+    let backend = sending(payload).await;
     let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
     (backend, sluice)
 }
