@@ -211,16 +211,24 @@ impl Relay<'_> {
         }
         let moved_before = this.up.moved + this.down.moved;
         let (client, backend) = (*this.client, *this.backend);
-        if let Err(side) = this
-            .up
-            .poll(cx, client, backend, this.counters.client_to_backend)
-        {
+        let down_done = this.down.done;
+        if let Err(side) = this.up.poll(
+            cx,
+            client,
+            backend,
+            this.counters.client_to_backend,
+            down_done,
+        ) {
             return Poll::Ready(side.reset_end());
         }
-        if let Err(side) = this
-            .down
-            .poll(cx, backend, client, this.counters.backend_to_client)
-        {
+        let up_done = this.up.done;
+        if let Err(side) = this.down.poll(
+            cx,
+            backend,
+            client,
+            this.counters.backend_to_client,
+            up_done,
+        ) {
             // The backend was the source of this direction, the client the sink.
             return Poll::Ready(side.flip().reset_end());
         }
@@ -279,13 +287,15 @@ impl Half {
 
     /// Moves what `src` has to `dst` until one of them would block (its waker is then
     /// registered), `src` has sent FIN, or either fails. The coop budget of the task
-    /// bounds how long one call may run.
+    /// bounds how long one call may run. `other_done`: the other direction has ended,
+    /// so this one's FIN ends the relay.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &TcpStream,
         dst: &TcpStream,
         counter: &IntCounter,
+        other_done: bool,
     ) -> Result<(), Failed> {
         let mut written = 0u64;
         let result = loop {
@@ -321,9 +331,14 @@ impl Half {
             match Chunk::read_from(src, self.splice) {
                 Ok(Some(chunk)) => self.pending = Some(chunk),
                 Ok(None) => {
-                    // ENOTCONN here means the sink already went away; the other
-                    // direction will see that itself.
-                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                    // Pass the FIN on. When the other direction has ended too, the
+                    // relay ends and closing `dst` sends the FIN: everything it
+                    // received was read, so the close is as clean as a shutdown,
+                    // and one system call fewer. ENOTCONN here means the sink
+                    // already went away; the other direction will see that itself.
+                    if !other_done {
+                        let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+                    }
                     self.done = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
