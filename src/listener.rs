@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use rustix::net::SocketFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -424,11 +425,8 @@ impl Acceptor {
             let (Some(permit), Some(process_permit)) = (permit, process_permit) else {
                 return;
             };
-            let accepted = match ready.try_io(|l| l.get_ref().accept()) {
-                Ok(a) => a.and_then(|(s, peer)| {
-                    s.set_nonblocking(true)?;
-                    Ok((TcpStream::from_std(s)?, peer))
-                }),
+            let accepted = match ready.try_io(|l| accept(l.get_ref())) {
+                Ok(a) => a.and_then(|(s, peer)| Ok((TcpStream::from_std(s)?, peer))),
                 // The client gave up before we accepted; readiness is cleared.
                 Err(_would_block) => continue,
             };
@@ -463,6 +461,17 @@ impl Acceptor {
             }
         }
     }
+}
+
+/// accept4(2) with the new socket non-blocking and close-on-exec from the start:
+/// `std`'s `accept` would need another system call (`ioctl`) to make it non-blocking.
+fn accept(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+    let (fd, peer) = rustix::net::acceptfrom_with(listener, flags)?;
+    let peer = peer
+        .and_then(|p| SocketAddr::try_from(p).ok())
+        .ok_or_else(|| io::Error::other("accepted a socket with no IP peer address"))?;
+    Ok((std::net::TcpStream::from(fd), peer))
 }
 
 fn classify(e: &io::Error) -> AcceptFailure {
