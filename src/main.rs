@@ -8,6 +8,11 @@ use sluice::config::{Config, RuntimeMode};
 use sluice::runtime::{PerCore, Workers};
 use tokio::runtime::Builder;
 
+/// jemalloc: tokio's task cells and `ScheduledIo`s are 128-byte aligned, and glibc's
+/// `memalign` leaves fragments around each (1.7 against 1.3 KiB per idle connection).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit status for an invalid config (EX_DATAERR-adjacent EX_USAGE, as sysexits.h).
 const EXIT_BAD_CONFIG: u8 = 64;
 /// Exit status when sluice could not start (a port already taken, say).
