@@ -95,8 +95,8 @@ pub struct Admin {
     pub bind: SocketAddr,
 }
 
-/// How connections are spread over threads. The default: `multi_thread`, one worker
-/// thread per CPU core.
+/// How connections are spread over threads. The default: `per_core`, one worker thread
+/// per CPU core.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Runtime {
     pub mode: RuntimeMode,
@@ -120,10 +120,11 @@ impl Runtime {
 pub enum RuntimeMode {
     /// One tokio multi-thread runtime: its workers share the listening sockets and move
     /// tasks between them.
-    #[default]
     MultiThread,
     /// One current-thread runtime per worker thread, each with its own SO_REUSEPORT
     /// socket per listening address; a connection stays on the thread that accepted it.
+    /// The default: less CPU per request in every run (BENCHMARKS.md).
+    #[default]
     PerCore,
 }
 
@@ -991,7 +992,7 @@ address = "127.0.0.1:1"
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.admin.bind.to_string(), DEFAULT_ADMIN_BIND);
         assert_eq!(c.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(c.runtime.mode, RuntimeMode::MultiThread);
+        assert_eq!(c.runtime.mode, RuntimeMode::PerCore);
         assert_eq!(c.runtime.worker_threads, 0);
         assert!(c.runtime.threads() >= 1);
         let u = &c.upstreams[0];

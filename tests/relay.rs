@@ -1,5 +1,5 @@
 //! Bytes through sluice: integrity, concurrency, half-close, resets, idle timeout,
-//! through both relays: the buffered copy and splice(2).
+//! through both relays (the buffered copy and splice(2)) and both runtimes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,9 +12,15 @@ use tokio::net::TcpStream;
 
 const MIB: usize = 1024 * 1024;
 
-/// The top-level config of each plain relay: the default, then splice(2) and the
-/// buffered copy named explicitly.
-const RELAYS: [&str; 3] = ["", "[relay]\nsplice = true\n", "[relay]\nsplice = false\n"];
+/// The top-level config of each plain relay: the default (the buffered copy on the
+/// per-core runtime), then splice(2) and the buffered copy named explicitly, and the
+/// default relay on the multi-thread runtime.
+const RELAYS: [&str; 4] = [
+    "",
+    "[relay]\nsplice = true\n",
+    "[relay]\nsplice = false\n",
+    "[runtime]\nmode = \"multi_thread\"\n",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_mib_each_way_is_byte_exact() {

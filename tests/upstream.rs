@@ -210,9 +210,15 @@ async fn max_connections_holds_and_a_waiting_client_is_served_when_a_slot_frees(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_caps_connections_to_keep_the_admin_endpoint_reachable() {
-    // 64 descriptors, 32 reserved: 16 proxied connections at two descriptors each.
+    // 64 descriptors, 32 reserved: 16 proxied connections at two descriptors each. The
+    // multi-thread runtime reserves no descriptors for workers (tests/runtime.rs checks
+    // per_core's reserve).
     let backend = Backend::echo().await;
-    let sluice = Sluice::start_limited(&config("", &[backend.addr]), Some(64));
+    let config = format!(
+        "[runtime]\nmode = \"multi_thread\"\n{}",
+        config("", &[backend.addr])
+    );
+    let sluice = Sluice::start_limited(&config, Some(64));
     let addr = sluice.addr("front");
 
     let mut clients = Vec::new();
