@@ -226,7 +226,9 @@ impl Upstream {
         ends: Ends,
     ) -> Result<(BackendStream, Lease), ConnectError> {
         let client = ends.client;
-        // Backends tried for this client; configs are small, so a linear scan is cheapest.
+        // Backends this client failed to connect to; configs are small, so a linear scan
+        // is cheapest. Pushed to only on a failure: a first connect that succeeds
+        // allocates nothing here.
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last: Option<(SocketAddr, String)> = None;
         let mut cursor = None;
@@ -246,7 +248,6 @@ impl Upstream {
                 }
             };
             let Some(backend) = slot else { break };
-            tried.push(backend.address);
             let lease = Lease {
                 upstream: Arc::clone(self),
                 backend,
@@ -279,6 +280,7 @@ impl Upstream {
             {
                 self.ejected(backend, length);
             }
+            tried.push(backend.address);
             last = Some((backend.address, failure.1));
         }
         match last {
