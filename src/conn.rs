@@ -20,6 +20,7 @@ use crate::listener::Permit;
 use crate::metrics::RejectReason;
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::{self, Counters, End, Outcome};
+use crate::shutdown::Stopped;
 use crate::snapshot::{Route, Snapshot};
 use crate::stream::{BackendStream, ClientStream, Prefixed, Stream};
 use crate::tls::HandshakeResult;
@@ -181,9 +182,11 @@ async fn setup(
         client: peer,
         local,
     };
+    // One wait on the shared cut for both phases: see `Stopped`.
+    let mut stopped = std::pin::pin!(Stopped::new(stop));
     let edge = tokio::select! {
         e = edge(route, client, ends) => e,
-        () = stop.cancelled() => return None,
+        () = &mut stopped => return None,
     };
     let Edge {
         client,
@@ -204,7 +207,7 @@ async fn setup(
     let connected = tokio::select! {
         c = upstream.connect(ends) => c.map_err(Some),
         () = client_gone(client.tcp(), sent_data) => Err(None),
-        () = stop.cancelled() => return None,
+        () = &mut stopped => return None,
     };
     match connected {
         Ok((backend, lease)) => Some(Ready {

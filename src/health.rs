@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, PassiveEjection};
 use crate::metrics::CheckResult;
+use crate::shutdown;
 use crate::snapshot::{Snapshot, SnapshotHandle};
 use crate::stream::BackendStream;
 use crate::upstream::{Backend, Header, Upstream};
@@ -135,7 +136,7 @@ impl Checks {
                     // Checks were turned off: stop the task first, so that a probe in
                     // flight cannot mark the backend down again, then count it up.
                     if let Some((_, old)) = self.running.remove(&key) {
-                        old.cancel();
+                        shutdown::cancel(&old);
                     }
                     if !backend.health.is_up() {
                         backend.health.set_up(true);
@@ -148,7 +149,7 @@ impl Checks {
                     continue;
                 }
                 if let Some((_, old)) = self.running.remove(&key) {
-                    old.cancel();
+                    shutdown::cancel(&old);
                 }
                 let token = stop.child_token();
                 let task = check_loop(
@@ -172,7 +173,7 @@ impl Checks {
         self.running.retain(|key, (_, token)| {
             let keep = wanted.contains(key);
             if !keep {
-                token.cancel();
+                shutdown::cancel(token);
             }
             keep
         });

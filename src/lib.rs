@@ -259,11 +259,11 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     shutdown::notify_systemd("STOPPING=1\nSTATUS=draining");
     metrics.draining.set(1);
     shutdown::exit_on_second_signal();
-    shutdown.stop_accepting.cancel();
+    shutdown::cancel(&shutdown.stop_accepting);
     server.listeners.stopped().await;
     let cut = shutdown::drain(&tracker, &shutdown, drain_timeout).await;
     tracing::info!(cut, "shutdown complete");
-    server.checks_stop.cancel();
+    shutdown::cancel(&server.checks_stop);
     admin.abort();
     Ok(())
 }

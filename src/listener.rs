@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::conn;
 use crate::metrics::AcceptFailure;
 use crate::runtime::Workers;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{self, Shutdown, Stopped};
 use crate::snapshot::SnapshotHandle;
 
 /// First pause after an accept error that needs resources to be freed (EMFILE, ENOMEM).
@@ -358,7 +358,7 @@ impl Listeners {
             .collect();
         for key in gone {
             if let Some(r) = self.running.remove(&key) {
-                r.stop.cancel();
+                shutdown::cancel(&r.stop);
                 tracing::info!(listener = %key.0, address = %key.1, "stopped listening");
                 changes.closed.push(format!("{}@{}", key.0, key.1));
             }
@@ -399,6 +399,8 @@ impl Acceptor {
         tracker: TaskTracker,
     ) {
         let mut backoff = MIN_BACKOFF;
+        // One wait on `stop` for the loop's life, asked without a lock on each accept.
+        let mut stopped = std::pin::pin!(Stopped::new(&stop));
         loop {
             // Wait for a connection to be pending before taking permits: a loop waiting
             // on a quiet address must not hold a slot that another address of the same
@@ -411,15 +413,15 @@ impl Acceptor {
                         return;
                     }
                 },
-                () = stop.cancelled() => return,
+                () = &mut stopped => return,
             };
             let permit = tokio::select! {
                 p = self.limit.acquire() => p,
-                () = stop.cancelled() => return,
+                () = &mut stopped => return,
             };
             let process_permit = tokio::select! {
                 p = Arc::clone(&self.process_limit).acquire_owned() => p.ok(),
-                () = stop.cancelled() => return,
+                () = &mut stopped => return,
             };
             // The semaphores are never closed, so both permits are always granted.
             let (Some(permit), Some(process_permit)) = (permit, process_permit) else {
@@ -454,7 +456,7 @@ impl Acceptor {
                     tracing::warn!(listener = %self.name, error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
                     tokio::select! {
                         () = sleep(backoff) => {},
-                        () = stop.cancelled() => return,
+                        () = &mut stopped => return,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

@@ -22,6 +22,7 @@ use tokio::time::timeout;
 
 use crate::Server;
 use crate::config::{self, BackendRemoved, Config};
+use crate::shutdown;
 use crate::snapshot::Snapshot;
 
 /// Quiet time after the last event before the file is read: long enough for an editor
@@ -317,14 +318,14 @@ fn retire_removed(previous: &Snapshot, next: &Snapshot) {
             backend.retire();
             match policy {
                 BackendRemoved::Keep => {}
-                BackendRemoved::Close => backend.removed.cancel(),
+                BackendRemoved::Close => shutdown::cancel(&backend.removed),
                 BackendRemoved::Drain => {
                     let (backend, after) = (Arc::clone(backend), next.config.drain_timeout);
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
                         // Unless a later reload took it back into service.
                         if backend.is_retired() {
-                            backend.removed.cancel();
+                            shutdown::cancel(&backend.removed);
                         }
                     });
                 }

@@ -75,7 +75,7 @@ impl Load {
 
     /// Stops the load; every stream must be byte-exact and no connect refused.
     async fn finish(self) -> (usize, usize) {
-        self.stop.cancel();
+        sluice::shutdown::cancel(&self.stop);
         for s in self.streams {
             s.await.expect("a stream failed");
         }
