@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log;
 use crate::client_hello::{self, Peek};
 use crate::config::PROXY_MAX_HEADER;
-use crate::listener::Permit;
+use crate::gate::Slot;
 use crate::metrics::RejectReason;
 use crate::proxy_protocol::{self, Parsed};
 use crate::relay::{self, Counters, End, Outcome};
@@ -27,7 +26,7 @@ use crate::tls::HandshakeResult;
 use crate::upstream::{ConnectError, Ends, Lease, Upstream};
 
 /// A connection's slots: the listener's `max_connections` and the process-wide cap.
-pub type Permits = (Permit, OwnedSemaphorePermit);
+pub type Permits = (Slot, Slot);
 
 /// A client connection as the accept loop hands it over.
 pub struct Accepted {

@@ -9,6 +9,7 @@
 //! | [`runtime`] | where connections run: one multi-thread runtime, or a current-thread runtime per core |
 //! | [`listener`] | bind (socket2; per core, one SO_REUSEPORT socket per worker), accept with a `max_connections` permit and EMFILE backoff |
 //! | [`conn`] | one connection: the edge (PROXY header, TLS or ClientHello peek), pick, connect, relay, record |
+//! | [`gate`] | the counting limits on connections (`max_connections`, the process cap), lock-free when not waiting |
 //! | [`proxy_protocol`] | PROXY v1/v2 parsing (pure, incremental) and encoding |
 //! | [`client_hello`] | the SNI of a ClientHello, for passthrough routing (pure, incremental) |
 //! | [`tls`] | certificates and keys into rustls configs, SNI certificate choice |
@@ -20,7 +21,7 @@
 //! | [`relay`] | bidirectional byte relay with half-close, idle timeout, reset propagation |
 //! | [`metrics`] | every metric name; handles resolved once per snapshot |
 //! | [`admin`] | hyper on its own address: `/metrics`, `/healthz`, `/readyz` |
-//! | [`shutdown`] | signals, stop accepting, drain with a deadline |
+//! | [`shutdown`] | signals, stop accepting, drain with a deadline; `cancel` and `Stopped`, token waits without a lock per poll |
 //!
 //! # The life of a connection
 //!
@@ -53,6 +54,7 @@ pub mod balance;
 pub mod client_hello;
 pub mod config;
 pub mod conn;
+pub mod gate;
 pub mod health;
 pub mod listener;
 pub mod metrics;

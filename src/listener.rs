@@ -15,7 +15,6 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rustix::net::SocketFlags;
@@ -23,13 +22,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::conn;
+use crate::gate::Gate;
 use crate::metrics::AcceptFailure;
 use crate::runtime::Workers;
 use crate::shutdown::{self, Shutdown, Stopped};
@@ -73,7 +72,6 @@ pub fn fit_file_limit(extra: u64) -> usize {
     }
     usize::try_from(soft.saturating_sub(RESERVED_FDS.saturating_add(extra)) / 2)
         .unwrap_or(usize::MAX)
-        .min(Semaphore::MAX_PERMITS)
 }
 
 /// Binds a listening socket: SO_REUSEADDR so a restart does not wait out TIME_WAIT, and
@@ -150,79 +148,15 @@ fn bind_group(
     Ok((at, sockets))
 }
 
-/// A listener's `max_connections`, resizable by a reload while connections are open.
-pub struct Limit {
-    semaphore: Arc<Semaphore>,
-    max: AtomicUsize,
-    /// Permits to withdraw as connections close, after a reload lowered `max` below the
-    /// number of permits that were free.
-    debt: AtomicUsize,
-}
-
-impl Limit {
-    pub fn new(max: usize) -> Arc<Limit> {
-        Arc::new(Limit {
-            semaphore: Arc::new(Semaphore::new(max)),
-            max: AtomicUsize::new(max),
-            debt: AtomicUsize::new(0),
-        })
-    }
-
-    pub fn resize(&self, max: usize) {
-        let old = self.max.swap(max, Ordering::SeqCst);
-        if max > old {
-            let mut more = max - old;
-            let repaid = self
-                .debt
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| {
-                    Some(d - d.min(more))
-                })
-                .unwrap_or(0);
-            more -= repaid.min(more);
-            self.semaphore.add_permits(more);
-        } else {
-            let fewer = old - max;
-            let withdrawn = self.semaphore.forget_permits(fewer);
-            self.debt.fetch_add(fewer - withdrawn, Ordering::SeqCst);
-        }
-    }
-
-    async fn acquire(self: &Arc<Self>) -> Option<Permit> {
-        let permit = Arc::clone(&self.semaphore).acquire_owned().await.ok()?;
-        Some(Permit {
-            permit: Some(permit),
-            limit: Arc::clone(self),
-        })
-    }
-}
-
-/// A connection's slot under its listener's [`Limit`].
-pub struct Permit {
-    permit: Option<OwnedSemaphorePermit>,
-    limit: Arc<Limit>,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let in_debt = self
-            .limit
-            .debt
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
-            .is_ok();
-        if in_debt && let Some(p) = self.permit.take() {
-            p.forget();
-        }
-    }
-}
-
 /// Every bound listening socket, reconciled with each config.
 pub struct Listeners {
     /// By listener name and configured address.
     running: HashMap<(String, SocketAddr), Running>,
-    limits: HashMap<String, Arc<Limit>>,
+    /// Each listener's `max_connections`.
+    limits: HashMap<String, Arc<Gate>>,
     /// The process-wide cap that keeps descriptors for the admin endpoint: see
     /// [`fit_file_limit`].
-    process_limit: Arc<Semaphore>,
+    process_limit: Arc<Gate>,
     snapshots: SnapshotHandle,
     shutdown: Shutdown,
     tracker: TaskTracker,
@@ -268,7 +202,7 @@ impl Listeners {
         Listeners {
             running: HashMap::new(),
             limits: HashMap::new(),
-            process_limit: Arc::new(Semaphore::new(process_cap)),
+            process_limit: Gate::new(process_cap),
             snapshots,
             shutdown,
             tracker,
@@ -313,7 +247,7 @@ impl Listeners {
                 Some(limit) => limit.resize(l.max_connections),
                 None => {
                     self.limits
-                        .insert(l.name.clone(), Limit::new(l.max_connections));
+                        .insert(l.name.clone(), Gate::new(l.max_connections));
                 }
             }
         }
@@ -384,8 +318,8 @@ struct Acceptor {
     name: Arc<str>,
     /// Polled for readiness before any permit is taken: see [`Acceptor::serve`].
     socket: AsyncFd<std::net::TcpListener>,
-    limit: Arc<Limit>,
-    process_limit: Arc<Semaphore>,
+    limit: Arc<Gate>,
+    process_limit: Arc<Gate>,
 }
 
 impl Acceptor {
@@ -416,16 +350,12 @@ impl Acceptor {
                 () = &mut stopped => return,
             };
             let permit = tokio::select! {
-                p = self.limit.acquire() => p,
+                p = self.limit.take() => p,
                 () = &mut stopped => return,
             };
             let process_permit = tokio::select! {
-                p = Arc::clone(&self.process_limit).acquire_owned() => p.ok(),
+                p = self.process_limit.take() => p,
                 () = &mut stopped => return,
-            };
-            // The semaphores are never closed, so both permits are always granted.
-            let (Some(permit), Some(process_permit)) = (permit, process_permit) else {
-                return;
             };
             let accepted = match ready.try_io(|l| accept(l.get_ref())) {
                 Ok(a) => a.and_then(|(s, peer)| Ok((TcpStream::from_std(s)?, peer))),

@@ -627,3 +627,78 @@ async fn a_backend_removed_and_added_back_keeps_counting_its_open_connections() 
     drop(held);
     assert_eq!(read_n(&mut newcomer, 1).await, b"a");
 }
+
+fn capped(max: usize, backend: SocketAddr) -> String {
+    format!(
+        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\nmax_connections = {max}\n\
+         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
+    )
+}
+
+/// A client echoed through sluice: proof that it was accepted and relayed.
+async fn served(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    assert_eq!(read_n(&mut s, 1).await, b"x");
+    s
+}
+
+/// Whether `s` (which wrote a byte) gets nothing back within half a second: it waits
+/// in the kernel's backlog, not accepted.
+async fn kept_waiting(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    tokio::time::timeout(Duration::from_millis(500), s.read(&mut b))
+        .await
+        .is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_lowered_and_raised_by_reload_with_connections_open() {
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(&capped(3, backend.addr));
+    let addr = sluice.addr("front");
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(served(addr).await);
+    }
+
+    // Lowered below the connections open: they stay, and no one new gets in until
+    // fewer than the new maximum are open.
+    sluice.rewrite(&capped(1, backend.addr));
+    sluice.wait_generation(1).await;
+    let mut waiting = TcpStream::connect(addr).await.unwrap();
+    waiting.write_all(b"w").await.unwrap();
+    for s in &mut open {
+        s.write_all(b"y").await.unwrap();
+        assert_eq!(read_n(s, 1).await, b"y", "an open connection was kept");
+    }
+    open.truncate(1);
+    sluice
+        .wait_metrics("one connection left open", |m| {
+            m.value("sluice_connections_active", &[("listener", "front")]) == 1.0
+        })
+        .await;
+    assert!(
+        kept_waiting(&mut waiting).await,
+        "let in over the lowered maximum"
+    );
+    open.clear();
+    assert_eq!(read_n(&mut waiting, 1).await, b"w", "served once below it");
+
+    // Raised: a client waiting at the cap gets in without any connection closing.
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    second.write_all(b"s").await.unwrap();
+    assert!(
+        kept_waiting(&mut second).await,
+        "let in over the maximum of 1"
+    );
+    sluice.rewrite(&capped(2, backend.addr));
+    sluice.wait_generation(2).await;
+    assert_eq!(read_n(&mut second, 1).await, b"s", "let in by the raise");
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value("sluice_listener_max_connections", &[("listener", "front")]),
+        2.0
+    );
+    assert_eq!(backend.accepted(), 5);
+}
