@@ -511,7 +511,7 @@ async fn drive(
     stops: Stops<'_>,
 ) -> End {
     let idle = clock.expired(limits.idle);
-    let stopped = stops.removed.cancelled();
+    let stopped = Stopped::new(stops.removed);
     let lifetime = async {
         match limits.lifetime_end {
             Some(end) => sleep_until(end).await,
