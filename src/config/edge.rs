@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{DurationValue, Invalid, positive};
+use super::Invalid;
+use super::values::{DurationValue, positive};
 
 /// A client must finish its TLS handshake within this long.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
