@@ -214,16 +214,7 @@ impl Server {
                 Err(e) => return self.reload_failed(&e.to_string()),
             }
         };
-        if config.runtime != previous.config.runtime {
-            tracing::warn!(
-                in_force = previous.config.runtime.mode.as_str(),
-                worker_threads = previous.config.runtime.worker_threads,
-                "[runtime] changes take effect at restart"
-            );
-            // The threads stay as they are: `/config` shows so, and the next reload
-            // compares with what runs rather than with this file.
-            config.runtime = previous.config.runtime.clone();
-        }
+        keep_restart_only(&mut config, &previous.config);
         let config = Arc::new(config);
         // Watch the files this config names even if it fails to load below: a reload
         // refused for a missing certificate applies once the file appears.
@@ -242,12 +233,6 @@ impl Server {
             self.metrics.config_last_reload_successful.set(1);
             tracing::debug!(?trigger, "config and TLS files unchanged");
             return;
-        }
-        if config.admin != previous.config.admin {
-            tracing::warn!("a change of [admin] applies only after a restart");
-        }
-        if config.access_log != previous.config.access_log {
-            tracing::warn!("a change of [access_log] applies only after a restart");
         }
         let bound = match self.listeners.bind_new(&config) {
             Ok(b) => b,
@@ -303,6 +288,28 @@ pub fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `[runtime]`, `[admin]` and `[access_log]` apply only at start: warns about a change
+/// to them and keeps what runs in `config`, so that `/config` shows what runs and the
+/// next reload compares with it rather than with this file.
+fn keep_restart_only(config: &mut Config, running: &Config) {
+    if config.runtime != running.runtime {
+        tracing::warn!(
+            in_force = running.runtime.mode.as_str(),
+            worker_threads = running.runtime.worker_threads,
+            "[runtime] changes take effect at restart"
+        );
+        config.runtime = running.runtime.clone();
+    }
+    if config.admin != running.admin {
+        tracing::warn!(in_force = %running.admin.bind, "a change of [admin] applies only after a restart");
+        config.admin = running.admin.clone();
+    }
+    if config.access_log != running.access_log {
+        tracing::warn!("a change of [access_log] applies only after a restart");
+        config.access_log = running.access_log.clone();
+    }
 }
 
 /// Takes the backends that `next` no longer has out of service, and deals with their

@@ -129,3 +129,39 @@ async fn metrics_pass_promtool_and_carry_the_required_names() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_access_log_changes_wait_for_a_restart_and_config_shows_what_runs() {
+    let backend = Backend::echo().await;
+    let base = config("", &[backend.addr]);
+    let sluice = Sluice::start(&base);
+    let moved =
+        format!("{base}\n[admin]\nbind = \"127.0.0.2:0\"\n[access_log]\nformat = \"json\"\n");
+    let warnings = |what: &str| {
+        let needle = format!("a change of [{what}] applies only after a restart");
+        sluice.log().iter().filter(|l| l.contains(&needle)).count()
+    };
+
+    sluice.rewrite(&moved);
+    sluice.wait_generation(1).await;
+    assert_eq!((warnings("admin"), warnings("access_log")), (1, 1));
+    let (_, body) = sluice.get("/config").await;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["config"]["admin"]["bind"], "127.0.0.1:0", "{body}");
+    assert_ne!(json["config"]["access_log"]["format"], "json", "{body}");
+
+    // Each reload compares with what runs: the file still differs, so it warns again.
+    sluice.rewrite(&moved.replace("upstream = \"app\"", "upstream = \"app\"\nbacklog = 512"));
+    sluice.wait_generation(2).await;
+    assert_eq!((warnings("admin"), warnings("access_log")), (2, 2));
+
+    // Back to what runs: nothing to warn about.
+    sluice.rewrite(&base.replace("upstream = \"app\"", "upstream = \"app\"\nbacklog = 256"));
+    sluice.wait_generation(3).await;
+    assert_eq!((warnings("admin"), warnings("access_log")), (2, 2));
+    assert_eq!(
+        sluice.get("/healthz").await.0,
+        200,
+        "the admin endpoint stayed"
+    );
+}
