@@ -425,7 +425,7 @@ address = "127.0.0.1:1"
     fn runtime_table() {
         let text = r#"
 [runtime]
-mode = "per_core"
+mode = "multi_thread"
 worker_threads = 3
 
 [[listener]]
@@ -439,7 +439,8 @@ name = "app"
 address = "127.0.0.1:1"
 "#;
         let c = Config::parse(text, Path::new("t.toml")).expect("valid");
-        assert_eq!(c.runtime.mode, RuntimeMode::PerCore);
+        // Not the default, so the key was read.
+        assert_eq!(c.runtime.mode, RuntimeMode::MultiThread);
         assert_eq!(c.runtime.worker_threads, 3);
         assert_eq!(c.runtime.threads(), 3);
         let mode_only = text.replace("worker_threads = 3\n", "");

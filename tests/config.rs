@@ -391,9 +391,11 @@ fn with_runtime(keys: &str) -> String {
 
 #[test]
 fn a_runtime_table_passes() {
-    let text = with_runtime("mode = \"per_core\"\nworker_threads = 2");
-    let (code, stderr, _, _dir) = check("ok.toml", &text);
-    assert_eq!(code, Some(0), "{stderr}");
+    for mode in ["per_core", "multi_thread"] {
+        let text = with_runtime(&format!("mode = \"{mode}\"\nworker_threads = 2"));
+        let (code, stderr, _, _dir) = check("ok.toml", &text);
+        assert_eq!(code, Some(0), "{mode}: {stderr}");
+    }
 }
 
 #[test]
