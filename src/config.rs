@@ -363,9 +363,8 @@ type Invalid = (Range<usize>, String);
 mod tests {
     use super::*;
 
-    #[test]
-    fn minimal_config_gets_defaults() {
-        let text = r#"
+    /// One listener in front of one upstream with one backend, every other key default.
+    const MINIMAL: &str = r#"
 [[listener]]
 name = "front"
 bind = ["127.0.0.1:0"]
@@ -376,6 +375,10 @@ name = "app"
 [[upstream.backend]]
 address = "127.0.0.1:1"
 "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let text = MINIMAL;
         let c = Config::parse(text, Path::new("t.toml")).expect("valid");
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
         assert_eq!(c.admin.bind.to_string(), DEFAULT_ADMIN_BIND);
@@ -423,21 +426,7 @@ address = "127.0.0.1:1"
 
     #[test]
     fn runtime_table() {
-        let text = r#"
-[runtime]
-mode = "multi_thread"
-worker_threads = 3
-
-[[listener]]
-name = "front"
-bind = ["127.0.0.1:0"]
-upstream = "app"
-
-[[upstream]]
-name = "app"
-[[upstream.backend]]
-address = "127.0.0.1:1"
-"#;
+        let text = &format!("[runtime]\nmode = \"multi_thread\"\nworker_threads = 3\n\n{MINIMAL}");
         let c = Config::parse(text, Path::new("t.toml")).expect("valid");
         // Not the default, so the key was read.
         assert_eq!(c.runtime.mode, RuntimeMode::MultiThread);

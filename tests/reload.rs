@@ -351,29 +351,16 @@ async fn sighup_reloads() {
     assert_eq!(connect_tagged(sluice.addr("front"), None).await.1, b'b');
 }
 
-fn two_listeners(names: [&str; 2], backend: SocketAddr) -> String {
-    let mut c = String::new();
-    for n in names {
-        c.push_str(&format!(
-            "[[listener]]\nname = \"{n}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n"
-        ));
-    }
-    c.push_str(&format!(
-        "[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
-    ));
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_listener_keeps_its_connections_and_adding_one_accepts_at_once() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&two_listeners(["one", "two"], backend.addr));
+    let sluice = Sluice::start(&listeners(&["one", "two"], backend.addr));
     let (one, two) = (sluice.addr("one"), sluice.addr("two"));
     let mut open_on_two = TcpStream::connect(two).await.unwrap();
     open_on_two.write_all(b"before").await.unwrap();
     assert_eq!(read_n(&mut open_on_two, 6).await, b"before");
 
-    sluice.rewrite(&two_listeners(["one", "three"], backend.addr));
+    sluice.rewrite(&listeners(&["one", "three"], backend.addr));
     sluice.wait_generation(1).await;
 
     let three = sluice.wait_listening("three", 0).await;
@@ -480,11 +467,11 @@ async fn on_backend_removed_close_closes_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_things_leave_the_metrics_once_their_last_connection_ends() {
     let (a, b) = (tagged(b'a').await, tagged(b'b').await);
-    let sluice = Sluice::start(&two_listeners(["one", "two"], a.addr));
+    let sluice = Sluice::start(&listeners(&["one", "two"], a.addr));
     let (held, _) = connect_tagged(sluice.addr("two"), None).await;
     let a_label = format!("backend=\"{}\"", a.addr);
 
-    sluice.rewrite(&two_listeners(["one", "three"], b.addr));
+    sluice.rewrite(&listeners(&["one", "three"], b.addr));
     sluice.wait_generation(1).await;
     let m = sluice.metrics().await;
     assert!(

@@ -151,19 +151,6 @@ async fn a_port_another_sluice_listens_on_is_refused_at_start() {
     assert_eq!(listening_sockets(first.pid(), taken), 2);
 }
 
-fn listeners(names: &[&str], backend: SocketAddr) -> String {
-    let mut c = String::new();
-    for n in names {
-        c.push_str(&format!(
-            "[[listener]]\nname = \"{n}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n"
-        ));
-    }
-    c.push_str(&format!(
-        "[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
-    ));
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_adds_a_listener_and_leaves_the_runtime_to_a_restart() {
     let backend = Backend::echo().await;

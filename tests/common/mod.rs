@@ -617,6 +617,21 @@ pub fn blackhole() -> Blackhole {
     panic!("the accept queue never filled");
 }
 
+/// The config text of listeners named `names`, each on its own port, all in front of
+/// upstream `app` with one backend.
+pub fn listeners(names: &[&str], backend: SocketAddr) -> String {
+    let mut c = String::new();
+    for n in names {
+        c.push_str(&format!(
+            "[[listener]]\nname = \"{n}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n"
+        ));
+    }
+    c.push_str(&format!(
+        "[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
+    ));
+    c
+}
+
 /// The config text of one listener in front of one upstream.
 pub fn config(upstream_extra: &str, backends: &[SocketAddr]) -> String {
     let mut c = format!(
