@@ -1,10 +1,12 @@
 //! The admin endpoint (hyper, HTTP/1.1), on its own address, loopback by default.
 //! Read-only: `/metrics`, `/healthz` (the process is alive), `/readyz` (listeners are
-//! bound and sluice is not draining) and `/config` (the config in use, as JSON).
+//! bound and sluice is not draining), `/config` (the config in use, as JSON) and
+//! `/listeners` (each listener's bound addresses, port 0 resolved, as JSON).
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -29,6 +31,15 @@ pub struct Status {
     pub snapshots: SnapshotHandle,
     /// True once every listener is bound; false again when the drain begins.
     pub ready: AtomicBool,
+    /// Each listener's bound addresses, updated after every applied config.
+    pub listening: Mutex<Vec<(String, Vec<SocketAddr>)>>,
+}
+
+impl Status {
+    pub fn set_listening(&self, listening: Vec<(String, Vec<SocketAddr>)>) {
+        // Every update replaces the whole list, so a poisoned lock holds a complete one.
+        *self.listening.lock().unwrap_or_else(|p| p.into_inner()) = listening;
+    }
 }
 
 /// Serves admin requests until the task is dropped.
@@ -84,17 +95,28 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "loaded_at": snapshot.loaded_at,
                 "config": &*snapshot.config,
             });
-            let mut r = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r
+            json(format!("{body:#}\n"))
+        }
+        "/listeners" => {
+            let generation = status.snapshots.load().generation;
+            let listening = status
+                .listening
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(
+                    |(name, addresses)| serde_json::json!({ "name": name, "addresses": addresses }),
+                )
+                .collect::<Vec<_>>();
+            let body = serde_json::json!({ "generation": generation, "listeners": listening });
+            json(format!("{body:#}\n"))
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz, /readyz or /config\n",
+            "not found: try /metrics, /healthz, /readyz, /config or /listeners\n",
         ),
     }
 }
@@ -106,5 +128,12 @@ fn text(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }

@@ -118,6 +118,8 @@ pub struct Server {
     file_watch: reload::FileWatch,
     /// The shutdown drain's deadline, parent of every backend's `removed` token.
     cut: CancellationToken,
+    /// What the admin endpoint reports: the listening addresses change with a reload.
+    status: Arc<Status>,
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
@@ -196,7 +198,8 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
             address: config.admin.bind,
             source,
         })?;
-    tracing::info!(address = %local_addr(&admin_socket), "admin listening");
+    let admin_address = local_addr(&admin_socket);
+    tracing::info!(address = %admin_address, "admin listening");
     let tracker = TaskTracker::new();
     let mut listeners = Listeners::new(
         process_cap,
@@ -214,6 +217,7 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         metrics: Arc::clone(&metrics),
         snapshots: Arc::clone(&snapshots),
         ready: false.into(),
+        listening: Default::default(),
     });
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     let mut server = Server {
@@ -226,12 +230,19 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         checks_stop: CancellationToken::new(),
         file_watch,
         cut: shutdown.cut.clone(),
+        status: Arc::clone(&status),
     };
     server
         .checks
         .reconcile(&snapshots.load(), &snapshots, &server.checks_stop);
+    status.set_listening(server.listeners.addresses(&config));
     status.ready.store(true, Ordering::Relaxed);
-    shutdown::notify_systemd("READY=1\nSTATUS=listening");
+    // The admin address in STATUS: what `systemctl status` shows, and how the tests find
+    // the endpoint that tells them everything else.
+    shutdown::notify_systemd(&format!(
+        "READY=1\nSTATUS=ready; admin endpoint on {}",
+        admin_address
+    ));
     tracing::info!(
         config = %config.source.display(),
         listeners = config.listeners.len(),

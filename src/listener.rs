@@ -169,6 +169,8 @@ struct Running {
     /// Stops these accept loops alone (a child of the shutdown token).
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// As bound: port 0 resolved. What the admin endpoint's `/listeners` reports.
+    local: SocketAddr,
 }
 
 /// The sockets bound for one configured address of a listener, not yet serving.
@@ -277,7 +279,7 @@ impl Listeners {
                 })
                 .collect();
             self.running
-                .insert((name, b.address), Running { stop, tasks });
+                .insert((name, b.address), Running { stop, tasks, local });
         }
         let wanted: HashSet<(String, SocketAddr)> = config
             .listeners
@@ -300,6 +302,23 @@ impl Listeners {
         self.limits
             .retain(|name, _| config.listeners.iter().any(|l| &l.name == name));
         changes
+    }
+
+    /// The bound address of each listening address of `config`, by listener, in config
+    /// order (port 0 resolved).
+    pub fn addresses(&self, config: &Config) -> Vec<(String, Vec<SocketAddr>)> {
+        config
+            .listeners
+            .iter()
+            .map(|l| {
+                let bound = l
+                    .bind
+                    .iter()
+                    .filter_map(|a| self.running.get(&(l.name.clone(), *a)).map(|r| r.local))
+                    .collect();
+                (l.name.clone(), bound)
+            })
+            .collect()
     }
 
     /// Waits for every accept loop to return (after shutdown began).

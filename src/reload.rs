@@ -258,6 +258,8 @@ impl Server {
         }
         janitor.spawn(Arc::clone(&self.metrics), Arc::clone(&self.snapshots));
         let changes = self.listeners.apply(&snapshot.config, bound);
+        self.status
+            .set_listening(self.listeners.addresses(&snapshot.config));
         self.checks
             .reconcile(&snapshot, &self.snapshots, &self.checks_stop);
         self.applied_text = text;
