@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, RuntimeMode};
-use sluice::runtime::{PerCore, Workers};
+use sluice::data::runtime::{PerCore, Workers};
 use tokio::runtime::Builder;
 
 /// jemalloc: tokio's task cells and `ScheduledIo`s are 128-byte aligned, and glibc's
@@ -63,7 +63,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
     for file in files {
         // Certificates and keys are part of a config: one that cannot load fails it.
         let loaded = Config::load(file).map_err(|e| e.to_string()).and_then(|c| {
-            sluice::tls::load(&c)
+            sluice::edge::tls::load(&c)
                 .map(|_| c)
                 .map_err(|e| format!("{}: {e}", file.display()))
         });

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::client_hello::{Peek, server_name};
+use sluice::edge::client_hello::{Peek, server_name};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the limit, 64..=16384 in steps of 64, so TooLarge is fuzzed too.

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::proxy_protocol::{Parsed, parse};
+use sluice::edge::proxy_protocol::{Parsed, parse};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the cap, so small caps (cut inside a header) are fuzzed too.

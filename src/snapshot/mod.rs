@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::config::{Config, ProxyAccept, SniPattern};
+use crate::edge::tls::{self, Termination};
 use crate::metrics::{ListenerMetrics, Metrics, TlsMetrics};
-use crate::tls::{self, Termination};
 use crate::upstream::{Backend, Upstream};
 
 /// The handle every task reads the current snapshot through.
@@ -180,7 +180,7 @@ impl Snapshot {
             alive: metrics.config_snapshots.clone(),
             generation,
             config,
-            loaded_at: crate::reload::unix_now(),
+            loaded_at: crate::control::reload::unix_now(),
             listeners,
             upstreams,
             access_log,

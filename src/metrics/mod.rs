@@ -6,7 +6,7 @@
 //! [`Metrics::upstream`], [`Metrics::backend`]); connections touch only the resolved
 //! handles, which are atomics.
 
-use crate::tls::HandshakeResult;
+use crate::edge::tls::HandshakeResult;
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,

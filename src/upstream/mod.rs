@@ -2,6 +2,10 @@
 //! a connection slot (waiting in the queue when every backend is at its limit), connect
 //! with a timeout, and on failure try another backend, up to `retries` more times.
 
+pub mod balance;
+pub mod health;
+pub mod queue;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -13,14 +17,14 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::balance::{self, Balance};
 use crate::config::{self, ProxyVersion};
-use crate::health::Health;
+use crate::edge::proxy_protocol;
+use crate::edge::tls::Origination;
 use crate::metrics::{BackendMetrics, ConnectFailure, Metrics, UpstreamMetrics};
-use crate::proxy_protocol;
-use crate::queue::Queue;
 use crate::stream::BackendStream;
-use crate::tls::Origination;
+use crate::upstream::balance::Balance;
+use crate::upstream::health::Health;
+use crate::upstream::queue::Queue;
 
 /// Keepalive on both sides of a proxied connection, so a peer that vanished without a
 /// FIN (a rebooted host, a dropped NAT entry) is noticed within about three minutes.

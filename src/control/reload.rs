@@ -20,8 +20,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 
-use crate::Server;
 use crate::config::{self, BackendRemoved, Config};
+use crate::control::Server;
 use crate::shutdown;
 use crate::snapshot::Snapshot;
 
@@ -218,15 +218,16 @@ impl Server {
         let config = Arc::new(config);
         // Watch the files this config names even if it fails to load below: a reload
         // refused for a missing certificate applies once the file appears.
-        let mut files = crate::tls::files(&previous.config);
-        files.extend(crate::tls::files(&config));
+        let mut files = crate::edge::tls::files(&previous.config);
+        files.extend(crate::edge::tls::files(&config));
         self.file_watch.watch_files(&files);
         let load = Arc::clone(&config);
-        let material = match tokio::task::spawn_blocking(move || crate::tls::load(&load)).await {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => return self.reload_failed(&e.to_string()),
-            Err(e) => return self.reload_failed(&format!("loading TLS files failed: {e}")),
-        };
+        let material =
+            match tokio::task::spawn_blocking(move || crate::edge::tls::load(&load)).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => return self.reload_failed(&e.to_string()),
+                Err(e) => return self.reload_failed(&format!("loading TLS files failed: {e}")),
+            };
         if same_text && material.fingerprint == previous.tls_fingerprint {
             // What runs is what is on disk: a file that failed earlier and was restored
             // no longer counts as a failed reload.
@@ -264,7 +265,7 @@ impl Server {
             .reconcile(&snapshot, &self.snapshots, &self.checks_stop);
         self.applied_text = text;
         self.file_watch
-            .watch_files(&crate::tls::files(&snapshot.config));
+            .watch_files(&crate::edge::tls::files(&snapshot.config));
         let m = &self.metrics;
         m.config_reloads_success.inc();
         m.config_last_reload_successful.set(1);
@@ -352,7 +353,7 @@ const JANITOR_INTERVAL: Duration = Duration::from_secs(1);
 /// handles, never the old snapshot.
 struct Janitor {
     listeners: Vec<(String, prometheus::IntGauge)>,
-    upstreams: Vec<(String, Arc<crate::queue::Queue>)>,
+    upstreams: Vec<(String, Arc<crate::upstream::queue::Queue>)>,
     backends: Vec<(String, Arc<crate::upstream::Backend>)>,
 }
 

@@ -13,20 +13,24 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log;
-use crate::client_hello::{self, Peek};
 use crate::config::PROXY_MAX_HEADER;
-use crate::gate::Slot;
+use crate::data::gate::Slot;
+use crate::data::relay::{self, Counters, End, Outcome};
+use crate::edge::client_hello::{self, Peek};
+use crate::edge::proxy_protocol::{self, Parsed};
+use crate::edge::tls::HandshakeResult;
 use crate::metrics::RejectReason;
-use crate::proxy_protocol::{self, Parsed};
-use crate::relay::{self, Counters, End, Outcome};
 use crate::shutdown::Stopped;
 use crate::snapshot::{Route, Snapshot};
 use crate::stream::{BackendStream, ClientStream, Prefixed, Stream};
-use crate::tls::HandshakeResult;
 use crate::upstream::{ConnectError, Ends, Lease, Upstream};
 
 /// A connection's slots: the listener's `max_connections` and the process-wide cap.
 pub type Permits = (Slot, Slot);
+
+/// The target of the per-connection log lines, kept from before the module moved into
+/// `data/`: operators filter on it (`RUST_LOG=info,sluice::conn=debug`).
+const LOG_TARGET: &str = "sluice::conn";
 
 /// A client connection as the accept loop hands it over.
 pub struct Accepted {
@@ -529,7 +533,7 @@ impl Record {
                 reason: r.reason.as_str(),
             });
         }
-        tracing::warn!(listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+        tracing::warn!(target: LOG_TARGET, listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
     }
 
     fn closed(&self, client: SocketAddr, upstream: &str, lease: &Lease, outcome: &Outcome) {
@@ -554,6 +558,7 @@ impl Record {
         // half of sluice's user-space instructions per connection (callgrind). The
         // access log is the per-connection record, through its own writer.
         tracing::debug!(
+            target: LOG_TARGET,
             listener = %listener,
             client = %client,
             upstream,

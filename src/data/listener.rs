@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::conn;
-use crate::gate::Gate;
+use crate::data::conn;
+use crate::data::gate::Gate;
+use crate::data::runtime::Workers;
 use crate::metrics::AcceptFailure;
-use crate::runtime::Workers;
 use crate::shutdown::{self, Shutdown, Stopped};
 use crate::snapshot::SnapshotHandle;
 

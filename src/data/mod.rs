@@ -1,0 +1,7 @@
+//! The data plane: what every connection runs.
+
+pub mod conn;
+pub mod gate;
+pub mod listener;
+pub mod relay;
+pub mod runtime;
