@@ -137,7 +137,10 @@ async fn systemd_is_told_ready_then_stopping() {
 
     let mut buf = [0u8; 256];
     let n = socket.recv(&mut buf).expect("READY=1 once listening");
-    assert_eq!(&buf[..n], b"READY=1\nSTATUS=listening");
+    assert_eq!(
+        std::str::from_utf8(&buf[..n]).unwrap(),
+        format!("READY=1\nSTATUS=ready; admin endpoint on {}", sluice.admin)
+    );
     let sent = data(1000, 1);
     assert_eq!(
         exchange(sluice.addr("front"), &sent).await,

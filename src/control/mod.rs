@@ -1,10 +1,24 @@
-//! The control plane: start (apply a config to an empty state), reload (apply to the
-//! running state), signals, the file watch and the admin endpoint.
+//! The control plane: everything that changes what the data plane runs, or answers
+//! operators. One [`Server`]: start applies the first config to the empty snapshot,
+//! a reload applies a config to the running one (`apply.rs`, the same pipeline); the
+//! server loop reads one stream of [`signals::Event`]s (signals and file changes).
+//!
+//! | file | what |
+//! |---|---|
+//! | `signals.rs` | signals and reload requests as one event stream |
+//! | `watch.rs` | the config (and TLS) files' directories watched with inotify |
+//! | `drain.rs` | the drain under a deadline; systemd notifications |
+//! | `retire.rs` | what a reload removed: backends out of service, metric series forgotten |
+//! | `apply.rs` | apply a config: bind, diff, build, retire, swap, reconcile |
+//! | `admin.rs` | the read-only admin endpoint |
 
 pub mod admin;
-pub mod reload;
+pub mod apply;
+pub mod drain;
+pub mod retire;
+pub mod signals;
+pub mod watch;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,44 +27,49 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::access_log::AccessLog;
+use crate::config::{Config, RuntimeMode};
 use crate::control::admin::Status;
-use crate::data::listener::Listeners;
+use crate::control::signals::Event;
+use crate::data::listener::{self, BindError, Listeners};
 use crate::data::runtime::Workers;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
 use crate::snapshot::{Snapshot, SnapshotHandle};
+use crate::upstream::check::{Checks, Current};
 
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot bind {what} to {address}: {source}")]
-    Bind {
-        what: String,
-        address: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("cannot listen for signals, watch the config file or start the access log: {0}")]
     Watch(std::io::Error),
     #[error("{0}")]
     Tls(#[from] crate::edge::tls::TlsError),
+    #[error("{0}")]
+    Internal(String),
 }
 
-/// The running proxy: what a reload reconciles.
+/// The running proxy: what applying a config reconciles.
 pub struct Server {
     config_path: PathBuf,
     /// The config text in force, so that events that changed nothing are ignored.
     applied_text: String,
     metrics: Arc<Metrics>,
     snapshots: SnapshotHandle,
+    /// Process-wide, started before the first config is applied, in every snapshot.
+    access_log: Option<Arc<AccessLog>>,
     listeners: Listeners,
-    checks: crate::upstream::health::Checks,
+    checks: Checks,
+    /// How a check finds its upstream as configured now.
+    current: Current,
     /// Stops every health check task at shutdown.
     checks_stop: CancellationToken,
     /// The TLS files watched for changes, updated on each reload.
-    file_watch: reload::FileWatch,
+    file_watch: watch::FileWatch,
     /// The shutdown drain's deadline, parent of every backend's `removed` token.
     cut: CancellationToken,
     /// What the admin endpoint reports: the listening addresses change with a reload.
@@ -64,119 +83,76 @@ pub struct Server {
 /// (reload, admin, health checks, signals) runs on the runtime that polls this future.
 pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new()?);
-    let config = Arc::new(config);
     let access_log = match &config.access_log {
         None => None,
         Some(a) => Some(Arc::new(
-            crate::access_log::AccessLog::start(a, metrics.access_log_dropped.clone())
-                .map_err(Error::Watch)?,
+            AccessLog::start(a, metrics.access_log_dropped.clone()).map_err(Error::Watch)?,
         )),
     };
-    if let Some(log) = &access_log {
-        let log = Arc::clone(log);
-        let mut usr1 =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-                .map_err(Error::Watch)?;
-        tokio::spawn(async move {
-            while usr1.recv().await.is_some() {
-                log.reopen();
-            }
-        });
-    }
-    let config_path = config.source.clone();
-    let load = Arc::clone(&config);
-    let material = tokio::task::spawn_blocking(move || crate::edge::tls::load(&load))
-        .await
-        .map_err(|e| Error::Watch(std::io::Error::other(e)))??;
-    let shutdown = Shutdown::default();
-    let snapshots: SnapshotHandle = Arc::new(ArcSwap::from_pointee(Snapshot::build(
-        Arc::clone(&config),
-        0,
-        &metrics,
-        None,
-        access_log,
-        material,
-        &shutdown.cut,
-    )));
-    metrics.config_last_reload_successful.set(1);
-    metrics
-        .config_last_reload_success_timestamp
-        .set(reload::unix_now());
-
-    // Per-core workers hold descriptors of their own, which proxied connections must not
-    // take either. (Addresses a reload adds later draw on the general reserve, as in
-    // multi_thread mode.)
-    let extra_fds = match config.runtime.mode {
-        crate::config::RuntimeMode::MultiThread => 0,
-        crate::config::RuntimeMode::PerCore => {
-            let addresses = config.listeners.iter().map(|l| l.bind.len()).sum();
-            crate::data::listener::worker_fds(workers.handles().len(), addresses)
-        }
-    };
-    let process_cap = crate::data::listener::fit_file_limit(extra_fds);
-    let wanted: usize = config.listeners.iter().map(|l| l.max_connections).sum();
-    if wanted > process_cap {
-        tracing::warn!(
-            sum_of_max_connections = wanted,
-            process_cap,
-            "the open-file limit allows fewer connections than the listeners' max_connections; raise it (LimitNOFILE=, ulimit -n)"
-        );
-    }
+    let (events_tx, mut events) = signals::listen().map_err(Error::Watch)?;
+    let file_watch = watch::start(&config.source, events_tx).map_err(Error::Watch)?;
+    let process_cap = process_cap(&config, &workers);
     metrics
         .process_max_connections
         .set(i64::try_from(process_cap).unwrap_or(i64::MAX));
 
-    let admin_socket = crate::data::listener::bind(config.admin.bind, 128)
+    let admin_socket = listener::bind(config.admin.bind, 128)
         .and_then(tokio::net::TcpListener::from_std)
-        .map_err(|source| Error::Bind {
+        .map_err(|source| BindError {
             what: "the admin endpoint".to_string(),
             address: config.admin.bind,
             source,
         })?;
-    let admin_address = local_addr(&admin_socket);
+    let admin_address = admin_socket
+        .local_addr()
+        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     tracing::info!(address = %admin_address, "admin listening");
-    let tracker = TaskTracker::new();
-    let mut listeners = Listeners::new(
-        process_cap,
-        Arc::clone(&snapshots),
-        shutdown.clone(),
-        tracker.clone(),
-        workers.clone(),
-    );
-    let bound = listeners.bind_new(&config)?;
-    listeners.apply(&config, bound);
-    let (mut triggers, file_watch) = reload::triggers(&config_path).map_err(Error::Watch)?;
-    file_watch.watch_files(&crate::edge::tls::files(&config));
 
+    let shutdown = Shutdown::default();
+    let snapshots: SnapshotHandle =
+        Arc::new(ArcSwap::from_pointee(Snapshot::empty(&config, &metrics)));
+    let tracker = TaskTracker::new();
     let status = Arc::new(Status {
         metrics: Arc::clone(&metrics),
         snapshots: Arc::clone(&snapshots),
         ready: false.into(),
         listening: Default::default(),
     });
-    let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
+    let current: Current = {
+        let snapshots = Arc::clone(&snapshots);
+        Arc::new(move |name| snapshots.load().upstream(name).cloned())
+    };
     let mut server = Server {
-        config_path,
-        applied_text: text,
+        config_path: config.source.clone(),
+        applied_text: String::new(),
         metrics: Arc::clone(&metrics),
         snapshots: Arc::clone(&snapshots),
-        listeners,
-        checks: crate::upstream::health::Checks::default(),
+        access_log,
+        listeners: Listeners::new(
+            process_cap,
+            Arc::clone(&snapshots),
+            shutdown.clone(),
+            tracker.clone(),
+            workers.clone(),
+        ),
+        checks: Checks::default(),
+        current,
         checks_stop: CancellationToken::new(),
         file_watch,
         cut: shutdown.cut.clone(),
         status: Arc::clone(&status),
     };
-    server
-        .checks
-        .reconcile(&snapshots.load(), &snapshots, &server.checks_stop);
-    status.set_listening(server.listeners.addresses(&config));
+    let config = Arc::new(config);
+    let material = apply::load_tls(&config).await?;
+    let started = server.apply(Arc::clone(&config), text, material, 0)?;
+    drop(started);
+
+    let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     status.ready.store(true, Ordering::Relaxed);
     // The admin address in STATUS: what `systemctl status` shows, and how the tests find
     // the endpoint that tells them everything else.
-    shutdown::notify_systemd(&format!(
-        "READY=1\nSTATUS=ready; admin endpoint on {}",
-        admin_address
+    drain::notify_systemd(&format!(
+        "READY=1\nSTATUS=ready; admin endpoint on {admin_address}"
     ));
     tracing::info!(
         config = %config.source.display(),
@@ -187,13 +163,19 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         worker_threads = workers.threads(),
         "sluice ready"
     );
+    drop(config);
 
-    let signals = shutdown::signalled();
-    tokio::pin!(signals);
     let signal = loop {
-        tokio::select! {
-            s = &mut signals => break s.map_err(Error::Watch)?,
-            Some(trigger) = triggers.recv() => server.reload(trigger).await,
+        match events.recv().await {
+            Some(Event::Reload(trigger)) => server.reload(trigger).await,
+            Some(Event::ReopenAccessLog) => {
+                if let Some(log) = &server.access_log {
+                    log.reopen();
+                }
+            }
+            Some(Event::Shutdown(signal)) => break signal,
+            // The signal task holds a sender for the life of the process.
+            None => break "none",
         }
     };
     let drain_timeout = snapshots.load().config.drain_timeout;
@@ -204,20 +186,36 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         "shutting down: no longer accepting, draining"
     );
     status.ready.store(false, Ordering::Relaxed);
-    shutdown::notify_systemd("STOPPING=1\nSTATUS=draining");
+    drain::notify_systemd("STOPPING=1\nSTATUS=draining");
     metrics.draining.set(1);
-    shutdown::exit_on_second_signal();
     shutdown::cancel(&shutdown.stop_accepting);
     server.listeners.stopped().await;
-    let cut = shutdown::drain(&tracker, &shutdown, drain_timeout).await;
+    let cut = drain::drain(&tracker, &shutdown, drain_timeout).await;
     tracing::info!(cut, "shutdown complete");
     shutdown::cancel(&server.checks_stop);
     admin.abort();
     Ok(())
 }
 
-fn local_addr(socket: &tokio::net::TcpListener) -> String {
-    socket
-        .local_addr()
-        .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string())
+/// How many proxied connections the open-file limit allows in all. Per-core workers
+/// hold descriptors of their own, which proxied connections must not take either.
+/// (Addresses a reload adds later draw on the general reserve, as in multi_thread mode.)
+fn process_cap(config: &Config, workers: &Workers) -> usize {
+    let extra_fds = match config.runtime.mode {
+        RuntimeMode::MultiThread => 0,
+        RuntimeMode::PerCore => {
+            let addresses = config.listeners.iter().map(|l| l.bind.len()).sum();
+            listener::worker_fds(workers.handles().len(), addresses)
+        }
+    };
+    let process_cap = listener::fit_file_limit(extra_fds);
+    let wanted: usize = config.listeners.iter().map(|l| l.max_connections).sum();
+    if wanted > process_cap {
+        tracing::warn!(
+            sum_of_max_connections = wanted,
+            process_cap,
+            "the open-file limit allows fewer connections than the listeners' max_connections; raise it (LimitNOFILE=, ulimit -n)"
+        );
+    }
+    process_cap
 }

@@ -18,8 +18,9 @@ use crate::data::gate::Slot;
 use crate::data::relay::{self, Counters, End, Outcome};
 use crate::edge::client_hello::{self, Peek};
 use crate::edge::proxy_protocol::{self, Parsed};
-use crate::edge::tls::HandshakeResult;
+use crate::edge::tls;
 use crate::metrics::RejectReason;
+use crate::metrics::{Direction, HandshakeResult};
 use crate::shutdown::Stopped;
 use crate::snapshot::{Route, Snapshot};
 use crate::stream::{BackendStream, ClientStream, Prefixed, Stream};
@@ -304,7 +305,7 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
         let result = match timeout(termination.handshake_timeout, handshake).await {
             Ok(Ok(stream)) => Ok(stream),
             Ok(Err(e)) => Err((
-                HandshakeResult::of(&e),
+                tls::handshake_result(&e),
                 format!("TLS handshake failed: {e}"),
             )),
             Err(_) => Err((
@@ -509,8 +510,8 @@ impl Record {
     fn counters(&self) -> Counters<'_> {
         let m = &self.route().metrics;
         Counters {
-            client_to_backend: &m.client_to_backend,
-            backend_to_client: &m.backend_to_client,
+            client_to_backend: m.bytes(Direction::ClientToBackend),
+            backend_to_client: m.bytes(Direction::BackendToClient),
         }
     }
 

@@ -148,6 +148,15 @@ fn bind_group(
     Ok((at, sockets))
 }
 
+/// A listening address that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot bind {what} to {address}: {source}")]
+pub struct BindError {
+    pub what: String,
+    pub address: SocketAddr,
+    pub source: io::Error,
+}
+
 /// Every bound listening socket, reconciled with each config.
 pub struct Listeners {
     /// By listener name and configured address.
@@ -214,7 +223,7 @@ impl Listeners {
 
     /// Binds what `config` adds and resizes limits; returns the sockets to start. Nothing
     /// changes if any bind fails.
-    pub fn bind_new(&self, config: &Config) -> Result<Vec<Bound>, crate::Error> {
+    pub fn bind_new(&self, config: &Config) -> Result<Vec<Bound>, BindError> {
         let mut bound = Vec::new();
         for l in &config.listeners {
             for &address in &l.bind {
@@ -222,12 +231,10 @@ impl Listeners {
                     continue;
                 }
                 let (local, sockets) =
-                    bind_group(address, l.backlog, &self.workers).map_err(|source| {
-                        crate::Error::Bind {
-                            what: format!("listener {:?}", l.name),
-                            address,
-                            source,
-                        }
+                    bind_group(address, l.backlog, &self.workers).map_err(|source| BindError {
+                        what: format!("listener {:?}", l.name),
+                        address,
+                        source,
                     })?;
                 bound.push(Bound {
                     listener: l.name.clone(),

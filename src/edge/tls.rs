@@ -21,6 +21,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{self, CertificateFiles, Config, TlsVersion};
+use crate::metrics::HandshakeResult;
 
 /// Why TLS material could not be loaded; always names the file.
 #[derive(Debug, thiserror::Error)]
@@ -396,81 +397,37 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// How a handshake ended, for `sluice_tls_handshakes_total{result}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandshakeResult {
-    Success,
-    Timeout,
-    /// Not TLS, or broken TLS: garbage, plain HTTP, a malformed message.
-    Protocol,
-    /// A client certificate missing (when required) or not trusted.
-    ClientCertificate,
-    /// No common version, cipher suite or ALPN protocol.
-    Incompatible,
-    /// The client refused sluice's certificate (unknown CA, expired, wrong name): the
-    /// most common failure after a certificate change.
-    CertificateRejected,
-    /// The client closed or reset the connection mid-handshake, or another failure.
-    Aborted,
-}
-
-impl HandshakeResult {
-    pub const ALL: [HandshakeResult; 7] = [
-        HandshakeResult::Success,
-        HandshakeResult::Timeout,
-        HandshakeResult::Protocol,
-        HandshakeResult::ClientCertificate,
-        HandshakeResult::Incompatible,
-        HandshakeResult::CertificateRejected,
-        HandshakeResult::Aborted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HandshakeResult::Success => "success",
-            HandshakeResult::Timeout => "timeout",
-            HandshakeResult::Protocol => "protocol_error",
-            HandshakeResult::ClientCertificate => "client_certificate",
-            HandshakeResult::Incompatible => "incompatible",
-            HandshakeResult::CertificateRejected => "certificate_rejected",
-            HandshakeResult::Aborted => "aborted",
+/// Classifies a failed handshake's error (tokio-rustls wraps rustls errors in io).
+pub fn handshake_result(e: &std::io::Error) -> HandshakeResult {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented | E::InvalidCertificate(_)) => {
+            HandshakeResult::ClientCertificate
         }
-    }
-
-    /// Classifies a failed handshake's error (tokio-rustls wraps rustls errors in io).
-    pub fn of(e: &std::io::Error) -> HandshakeResult {
-        use rustls::Error as E;
-        match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
-            Some(E::NoCertificatesPresented | E::InvalidCertificate(_)) => {
-                HandshakeResult::ClientCertificate
-            }
-            Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => {
-                HandshakeResult::Incompatible
-            }
-            Some(E::AlertReceived(alert)) => {
-                use rustls::AlertDescription as A;
-                match alert {
-                    A::BadCertificate
-                    | A::UnsupportedCertificate
-                    | A::CertificateRevoked
-                    | A::CertificateExpired
-                    | A::CertificateUnknown
-                    | A::UnknownCA => HandshakeResult::CertificateRejected,
-                    A::ProtocolVersion | A::HandshakeFailure | A::InsufficientSecurity => {
-                        HandshakeResult::Incompatible
-                    }
-                    _ => HandshakeResult::Aborted,
+        Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => HandshakeResult::Incompatible,
+        Some(E::AlertReceived(alert)) => {
+            use rustls::AlertDescription as A;
+            match alert {
+                A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA => HandshakeResult::CertificateRejected,
+                A::ProtocolVersion | A::HandshakeFailure | A::InsufficientSecurity => {
+                    HandshakeResult::Incompatible
                 }
+                _ => HandshakeResult::Aborted,
             }
-            Some(
-                E::InvalidMessage(_)
-                | E::InappropriateMessage { .. }
-                | E::InappropriateHandshakeMessage { .. }
-                | E::PeerMisbehaved(_)
-                | E::DecryptError,
-            ) => HandshakeResult::Protocol,
-            _ => HandshakeResult::Aborted,
         }
+        Some(
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. }
+            | E::PeerMisbehaved(_)
+            | E::DecryptError,
+        ) => HandshakeResult::Protocol,
+        _ => HandshakeResult::Aborted,
     }
 }
 

@@ -2,15 +2,21 @@
 //! valid. Labels come from config names only (listener, upstream, backend address, reason),
 //! never from a client.
 //!
-//! Label lookups happen when a snapshot is built ([`Metrics::listener`],
-//! [`Metrics::upstream`], [`Metrics::backend`]); connections touch only the resolved
-//! handles, which are atomics.
+//! Label lookups happen when a snapshot is built (the scopes in `scope.rs`: a listener, its
+//! TLS, an upstream, a backend); connections touch only the resolved handles, which are
+//! atomics. Label values are the enums of `labels.rs`.
 
-use crate::edge::tls::HandshakeResult;
+mod labels;
+mod scope;
+
+pub use labels::{
+    AcceptFailure, CheckResult, ConnectFailure, Direction, HandshakeResult, Label, RejectReason,
+};
+pub use scope::{BackendMetrics, ListenerMetrics, Series, TlsMetrics, UpstreamMetrics};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub const BUILD_INFO: &str = "sluice_build_info";
@@ -60,159 +66,6 @@ const DURATION_BUCKETS: &[f64] = &[
     0.005, 0.05, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
 ];
 
-/// Why a client connection was closed without reaching a backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    /// Every backend tried refused, reset or timed out.
-    UpstreamUnavailable,
-    /// No backend is available: all down, ejected, or weight 0.
-    NoHealthyBackend,
-    /// Every backend at its limit and the queue full.
-    QueueFull,
-    /// Waited in the queue past its timeout.
-    QueueTimeout,
-    /// The client closed its connection while waiting for a backend.
-    ClientLeft,
-    /// The TLS handshake failed or timed out.
-    TlsHandshake,
-    /// A PROXY header was missing, malformed, too long or too slow, or the peer is
-    /// not trusted to send one.
-    ProxyProtocol,
-    /// On a passthrough listener: not TLS, a malformed or oversize ClientHello, or none
-    /// within `hello_timeout`.
-    ClientHello,
-    /// On a passthrough listener: no route matched the server name and there is no
-    /// default upstream.
-    NoRoute,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
-        RejectReason::UpstreamUnavailable,
-        RejectReason::NoHealthyBackend,
-        RejectReason::QueueFull,
-        RejectReason::QueueTimeout,
-        RejectReason::ClientLeft,
-        RejectReason::TlsHandshake,
-        RejectReason::ProxyProtocol,
-        RejectReason::ClientHello,
-        RejectReason::NoRoute,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::UpstreamUnavailable => "upstream_unavailable",
-            RejectReason::NoHealthyBackend => "no_healthy_backend",
-            RejectReason::QueueFull => "queue_full",
-            RejectReason::QueueTimeout => "queue_timeout",
-            RejectReason::ClientLeft => "client_left",
-            RejectReason::TlsHandshake => "tls_handshake",
-            RejectReason::ProxyProtocol => "proxy_protocol",
-            RejectReason::ClientHello => "client_hello",
-            RejectReason::NoRoute => "no_route",
-        }
-    }
-}
-
-/// The outcome of one active health check.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckResult {
-    Success,
-    Failure,
-    Timeout,
-}
-
-impl CheckResult {
-    pub const ALL: [CheckResult; 3] = [
-        CheckResult::Success,
-        CheckResult::Failure,
-        CheckResult::Timeout,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckResult::Success => "success",
-            CheckResult::Failure => "failure",
-            CheckResult::Timeout => "timeout",
-        }
-    }
-}
-
-/// Why one connect attempt to a backend failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectFailure {
-    Refused,
-    Timeout,
-    Reset,
-    Unreachable,
-    /// The TCP connect worked but the TLS handshake failed (certificate, protocol).
-    Tls,
-    Other,
-}
-
-impl ConnectFailure {
-    pub const ALL: [ConnectFailure; 6] = [
-        ConnectFailure::Refused,
-        ConnectFailure::Timeout,
-        ConnectFailure::Reset,
-        ConnectFailure::Unreachable,
-        ConnectFailure::Tls,
-        ConnectFailure::Other,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectFailure::Refused => "refused",
-            ConnectFailure::Timeout => "timeout",
-            ConnectFailure::Reset => "reset",
-            ConnectFailure::Unreachable => "unreachable",
-            ConnectFailure::Tls => "tls",
-            ConnectFailure::Other => "other",
-        }
-    }
-
-    pub fn of(e: &std::io::Error) -> ConnectFailure {
-        use std::io::ErrorKind::*;
-        match e.kind() {
-            ConnectionRefused => ConnectFailure::Refused,
-            TimedOut => ConnectFailure::Timeout,
-            ConnectionReset | ConnectionAborted => ConnectFailure::Reset,
-            HostUnreachable | NetworkUnreachable | AddrNotAvailable => ConnectFailure::Unreachable,
-            _ => ConnectFailure::Other,
-        }
-    }
-}
-
-/// Why `accept` failed on a listening socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcceptFailure {
-    /// EMFILE / ENFILE: out of file descriptors.
-    FileLimit,
-    /// ENOBUFS / ENOMEM.
-    Memory,
-    /// ECONNABORTED and friends: the client gave up before we accepted.
-    Aborted,
-    Other,
-}
-
-impl AcceptFailure {
-    pub const ALL: [AcceptFailure; 4] = [
-        AcceptFailure::FileLimit,
-        AcceptFailure::Memory,
-        AcceptFailure::Aborted,
-        AcceptFailure::Other,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AcceptFailure::FileLimit => "file_limit",
-            AcceptFailure::Memory => "memory",
-            AcceptFailure::Aborted => "aborted",
-            AcceptFailure::Other => "other",
-        }
-    }
-}
-
 /// The registry and every metric family, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -243,69 +96,6 @@ pub struct Metrics {
     pub process_max_connections: IntGauge,
     pub config_snapshots: IntGauge,
     pub access_log_dropped: IntCounter,
-}
-
-/// Handles for one listener.
-#[derive(Clone)]
-pub struct ListenerMetrics {
-    pub accepted: IntCounter,
-    pub active: IntGauge,
-    rejected: [IntCounter; RejectReason::ALL.len()],
-    pub duration: Histogram,
-    pub client_to_backend: IntCounter,
-    pub backend_to_client: IntCounter,
-    accept_errors: [IntCounter; AcceptFailure::ALL.len()],
-}
-
-/// Handles for one listener that terminates TLS.
-#[derive(Clone)]
-pub struct TlsMetrics {
-    handshakes: [IntCounter; HandshakeResult::ALL.len()],
-    pub handshake_duration: Histogram,
-}
-
-impl TlsMetrics {
-    pub fn handshake(&self, result: HandshakeResult) -> &IntCounter {
-        &self.handshakes[result as usize]
-    }
-}
-
-impl ListenerMetrics {
-    pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
-        &self.rejected[reason as usize]
-    }
-
-    pub fn accept_error(&self, failure: AcceptFailure) -> &IntCounter {
-        &self.accept_errors[failure as usize]
-    }
-}
-
-/// Handles for one upstream.
-#[derive(Clone)]
-pub struct UpstreamMetrics {
-    pub connect_duration: Histogram,
-    pub queue_length: IntGauge,
-    pub queue_wait: Histogram,
-}
-
-/// Handles for one backend of one upstream.
-#[derive(Clone)]
-pub struct BackendMetrics {
-    pub active: IntGauge,
-    connect_errors: [IntCounter; ConnectFailure::ALL.len()],
-    pub up: IntGauge,
-    health_checks: [IntCounter; CheckResult::ALL.len()],
-    pub ejections: IntCounter,
-}
-
-impl BackendMetrics {
-    pub fn health_check(&self, result: CheckResult) -> &IntCounter {
-        &self.health_checks[result as usize]
-    }
-
-    pub fn connect_error(&self, failure: ConnectFailure) -> &IntCounter {
-        &self.connect_errors[failure as usize]
-    }
 }
 
 impl Metrics {
@@ -492,129 +282,6 @@ impl Metrics {
         Ok(m)
     }
 
-    pub fn listener(&self, name: &str, max_connections: usize) -> ListenerMetrics {
-        let l = &[name];
-        self.listener_max_connections
-            .with_label_values(l)
-            .set(i64::try_from(max_connections).unwrap_or(i64::MAX));
-        ListenerMetrics {
-            accepted: self.connections_accepted.with_label_values(l),
-            active: self.connections_active.with_label_values(l),
-            rejected: RejectReason::ALL.map(|r| {
-                self.connections_rejected
-                    .with_label_values(&[name, r.as_str()])
-            }),
-            duration: self.connection_duration.with_label_values(l),
-            client_to_backend: self.bytes.with_label_values(&[name, "client_to_backend"]),
-            backend_to_client: self.bytes.with_label_values(&[name, "backend_to_client"]),
-            accept_errors: AcceptFailure::ALL
-                .map(|f| self.accept_errors.with_label_values(&[name, f.as_str()])),
-        }
-    }
-
-    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
-        UpstreamMetrics {
-            connect_duration: self.upstream_connect_duration.with_label_values(&[name]),
-            queue_length: self.queue_length.with_label_values(&[name]),
-            queue_wait: self.queue_wait.with_label_values(&[name]),
-        }
-    }
-
-    pub fn backend(&self, upstream: &str, address: &str) -> BackendMetrics {
-        BackendMetrics {
-            active: self
-                .backend_connections_active
-                .with_label_values(&[upstream, address]),
-            connect_errors: ConnectFailure::ALL.map(|f| {
-                self.upstream_connect_errors
-                    .with_label_values(&[upstream, address, f.as_str()])
-            }),
-            up: self.backend_up.with_label_values(&[upstream, address]),
-            health_checks: CheckResult::ALL.map(|r| {
-                self.health_checks
-                    .with_label_values(&[upstream, address, r.as_str()])
-            }),
-            ejections: self
-                .backend_ejections
-                .with_label_values(&[upstream, address]),
-        }
-    }
-
-    /// Handles for a TLS listener; sets the expiry gauge of each certificate.
-    pub fn listener_tls(&self, name: &str, expiries: &[(String, i64)]) -> TlsMetrics {
-        for (certificate, not_after) in expiries {
-            self.tls_certificate_expiry
-                .with_label_values(&[name, certificate])
-                .set(*not_after);
-        }
-        TlsMetrics {
-            handshakes: HandshakeResult::ALL
-                .map(|r| self.tls_handshakes.with_label_values(&[name, r.as_str()])),
-            handshake_duration: self.tls_handshake_duration.with_label_values(&[name]),
-        }
-    }
-
-    /// Drops the TLS series of a listener that no longer terminates TLS (or is gone),
-    /// and the expiry of a certificate it no longer serves.
-    pub fn forget_listener_tls(&self, name: &str, certificates: &[String], all: bool) {
-        for c in certificates {
-            let _ = self.tls_certificate_expiry.remove_label_values(&[name, c]);
-        }
-        if all {
-            let _ = self.tls_handshake_duration.remove_label_values(&[name]);
-            for r in HandshakeResult::ALL {
-                let _ = self.tls_handshakes.remove_label_values(&[name, r.as_str()]);
-            }
-        }
-    }
-
-    /// Drops a removed listener's series from the exposition.
-    pub fn forget_listener(&self, name: &str) {
-        self.forget_listener_tls(name, &[], true);
-        let l = &[name];
-        let _ = self.connections_accepted.remove_label_values(l);
-        let _ = self.connections_active.remove_label_values(l);
-        let _ = self.connection_duration.remove_label_values(l);
-        let _ = self.listener_max_connections.remove_label_values(l);
-        for d in ["client_to_backend", "backend_to_client"] {
-            let _ = self.bytes.remove_label_values(&[name, d]);
-        }
-        for r in RejectReason::ALL {
-            let _ = self
-                .connections_rejected
-                .remove_label_values(&[name, r.as_str()]);
-        }
-        for f in AcceptFailure::ALL {
-            let _ = self.accept_errors.remove_label_values(&[name, f.as_str()]);
-        }
-    }
-
-    /// Drops a removed upstream's own series (its backends go by [`Metrics::forget_backend`]).
-    pub fn forget_upstream(&self, name: &str) {
-        let u = &[name];
-        let _ = self.upstream_connect_duration.remove_label_values(u);
-        let _ = self.queue_length.remove_label_values(u);
-        let _ = self.queue_wait.remove_label_values(u);
-    }
-
-    /// Drops a removed backend's series.
-    pub fn forget_backend(&self, upstream: &str, address: &str) {
-        let b = &[upstream, address];
-        let _ = self.backend_connections_active.remove_label_values(b);
-        let _ = self.backend_up.remove_label_values(b);
-        let _ = self.backend_ejections.remove_label_values(b);
-        for f in ConnectFailure::ALL {
-            let _ =
-                self.upstream_connect_errors
-                    .remove_label_values(&[upstream, address, f.as_str()]);
-        }
-        for r in CheckResult::ALL {
-            let _ = self
-                .health_checks
-                .remove_label_values(&[upstream, address, r.as_str()]);
-        }
-    }
-
     /// The Prometheus text exposition of everything registered.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
@@ -667,4 +334,11 @@ fn histogram_vec(
     )?;
     r.register(Box::new(v.clone()))?;
     Ok(v)
+}
+
+/// Now as Unix seconds, for the timestamp gauges and `/config`.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

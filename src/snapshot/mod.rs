@@ -2,6 +2,8 @@
 //! and shared immutably. A connection loads it once and holds the `Arc` for its whole
 //! life, so a later config change never alters a connection already in flight.
 
+pub mod diff;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -13,6 +15,8 @@ use crate::config::{Config, ProxyAccept, SniPattern};
 use crate::edge::tls::{self, Termination};
 use crate::metrics::{ListenerMetrics, Metrics, TlsMetrics};
 use crate::upstream::{Backend, Upstream};
+
+pub use diff::SnapshotDiff;
 
 /// The handle every task reads the current snapshot through.
 pub type SnapshotHandle = Arc<ArcSwap<Snapshot>>;
@@ -28,7 +32,7 @@ pub struct Snapshot {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Backends removed by a reload that still have open connections, by upstream name:
     /// a later config that adds one back takes it over with its counts.
-    retired: Vec<(String, Arc<Backend>)>,
+    pub(crate) retired: Vec<(String, Arc<Backend>)>,
     /// Process-wide, started with the first snapshot and carried to every later one.
     pub access_log: Option<Arc<AccessLog>>,
     /// Counts snapshots alive, so a leak of old ones shows in the metrics.
@@ -78,48 +82,53 @@ impl SniRoutes {
 }
 
 impl Snapshot {
-    /// Builds the snapshot for `config`. Backends and queues of `previous` that the new
-    /// config keeps are carried over, with their state.
+    /// The state before any config is applied: no listener, no upstream. Start applies
+    /// the first config to it as a reload applies a config to the running snapshot.
+    pub fn empty(config: &Config, metrics: &Metrics) -> Snapshot {
+        metrics.config_snapshots.inc();
+        Snapshot {
+            alive: metrics.config_snapshots.clone(),
+            generation: 0,
+            config: Arc::new(Config {
+                listeners: Vec::new(),
+                upstreams: Vec::new(),
+                ..config.clone()
+            }),
+            loaded_at: crate::metrics::unix_now(),
+            listeners: Vec::new(),
+            upstreams: Vec::new(),
+            access_log: None,
+            retired: Vec::new(),
+            tls_fingerprint: 0,
+        }
+    }
+
+    /// Builds the snapshot for `config`, taking over what `diff` says survives from the
+    /// snapshot before.
     pub fn build(
         config: Arc<Config>,
         generation: u64,
         metrics: &Metrics,
-        previous: Option<&Snapshot>,
+        mut diff: SnapshotDiff,
         access_log: Option<Arc<AccessLog>>,
         material: tls::Material,
         cut: &CancellationToken,
-    ) -> Snapshot {
-        let mut retired = previous.map(|p| p.retired.clone()).unwrap_or_default();
+    ) -> (Snapshot, SnapshotDiff) {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
             .map(|u| {
-                let before = previous.and_then(|p| p.upstream(&u.name));
                 let upstream = Arc::new(Upstream::new(
                     u,
                     metrics,
-                    before.map(|b| &**b),
-                    &mut retired,
+                    diff.carried(&u.name),
                     material.upstreams.get(&u.name).cloned(),
                     cut,
                 ));
-                upstream.queue.adopt(&upstream);
+                upstream.queue.serve(Arc::clone(&upstream.pool));
                 upstream
             })
             .collect();
-        // Backends this config drops join the retired; those with no connection left
-        // have nothing to carry and are forgotten.
-        for old in previous.iter().flat_map(|p| p.upstreams.iter()) {
-            for b in &old.backends {
-                let kept = upstreams
-                    .iter()
-                    .any(|u| u.backends.iter().any(|nb| Arc::ptr_eq(nb, b)));
-                if !kept {
-                    retired.push((old.name.clone(), Arc::clone(b)));
-                }
-            }
-        }
-        retired.retain(|(_, b)| b.active() > 0);
         // The config guarantees that every upstream a listener names exists.
         let find = |name: &str| upstreams.iter().find(|u| u.name == name).cloned();
         let listeners: Vec<Route> = config
@@ -158,35 +167,20 @@ impl Snapshot {
                 }),
             })
             .collect();
-        // Expiry series of certificates no longer served go now; a listener that
-        // stopped terminating TLS loses its handshake series too.
-        for old in previous.iter().flat_map(|p| p.listeners.iter()) {
-            let Some((old_tls, _)) = &old.tls else {
-                continue;
-            };
-            let now = listeners.iter().find(|r| r.listener == old.listener);
-            let now_tls = now.and_then(|r| r.tls.as_ref());
-            let gone: Vec<String> = old_tls
-                .expiries
-                .iter()
-                .map(|(c, _)| c.clone())
-                .filter(|c| now_tls.is_none_or(|(t, _)| !t.expiries.iter().any(|(n, _)| n == c)))
-                .collect();
-            metrics.forget_listener_tls(&old.listener, &gone, now.is_some() && now_tls.is_none());
-        }
         metrics.config_generation.set(generation as i64);
         metrics.config_snapshots.inc();
-        Snapshot {
+        let snapshot = Snapshot {
             alive: metrics.config_snapshots.clone(),
             generation,
             config,
-            loaded_at: crate::control::reload::unix_now(),
+            loaded_at: crate::metrics::unix_now(),
             listeners,
             upstreams,
             access_log,
-            retired,
+            retired: std::mem::take(&mut diff.retired),
             tls_fingerprint: material.fingerprint,
-        }
+        };
+        (snapshot, diff)
     }
 
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {

@@ -7,70 +7,113 @@
 //! wakes. A waiter that leaves (timeout, client gone) is removed at once; a slot handed
 //! to it in the meantime is passed on.
 //!
-//! One queue per upstream name, carried across reloads. It dispatches through the
-//! upstream of the current snapshot (a `Weak` set when each snapshot is built), so a slot
-//! freed by a connection from an older snapshot is handed out under the current limit
-//! and backend list. One mutex per queue guards the waiters; a release takes it only
-//! when someone waits (an atomic count, paired with the slot counts in SeqCst order so
-//! that no wake-up is lost).
+//! The queue knows backends only through [`Slots`]: take a slot for a client, say whether
+//! anything could take one, give one back. An upstream's `Pool` is its `Slots`; the unit
+//! tests below use a counter.
+//!
+//! One queue per upstream name, carried across reloads. It dispatches through the slots
+//! of the current snapshot (handed over by [`Queue::serve`] when a config is applied), so
+//! a slot freed by a connection from an older snapshot is handed out under the current
+//! limit and backend list. One mutex per queue guards the waiters; a release takes it
+//! only when someone waits (an atomic count, paired with the slot counts in SeqCst order
+//! so that no wake-up is lost).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus::{Histogram, IntGauge};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout};
 
-use crate::upstream::{Backend, ConnectError, Upstream};
+/// Connection slots on backends, as the queue sees them.
+pub trait Slots: Send + Sync + 'static {
+    /// A slot taken on one backend; given back by [`Slots::give_back`] or by its owner.
+    type Slot: Send + 'static;
 
-pub struct Queue {
+    /// Takes a slot for `client` on an available backend with room, not one of `tried`.
+    fn take(
+        &self,
+        client: SocketAddr,
+        tried: &[SocketAddr],
+        cursor: &mut Option<usize>,
+    ) -> Option<Self::Slot>;
+
+    /// Whether any backend not in `tried` could take a connection if it had room.
+    fn any_available(&self, tried: &[SocketAddr]) -> bool;
+
+    /// Frees a slot that could not be handed over (without dispatching).
+    fn give_back(slot: Self::Slot);
+}
+
+/// Why the queue gave no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("no backend is available (all down, ejected or weight 0)")]
+    NoHealthyBackend,
+    #[error("every backend is at its connection limit and the queue is full")]
+    Full,
+    #[error("waited in the queue for longer than its timeout")]
+    Timeout,
+}
+
+pub struct Queue<S: Slots> {
     /// Bounds from the latest config (a reload may change them).
     max: AtomicUsize,
     timeout_ms: AtomicU64,
     /// Waiters, plus clients between announcing themselves and taking a slot: a release
     /// that reads 0 here (after freeing its slot) cannot have missed anyone.
     waiting: AtomicUsize,
-    waiters: Mutex<Waiters>,
+    waiters: Mutex<Waiters<S::Slot>>,
+    /// The slots of the current snapshot, which dispatch hands out.
+    current: ArcSwap<S>,
     length: IntGauge,
     wait: Histogram,
 }
 
-#[derive(Default)]
-struct Waiters {
-    queue: VecDeque<Waiter>,
+struct Waiters<T> {
+    queue: VecDeque<Waiter<T>>,
     next_id: u64,
-    /// The upstream of the current snapshot, which dispatch picks from.
-    upstream: Weak<Upstream>,
 }
 
-struct Waiter {
+struct Waiter<T> {
     id: u64,
     client: SocketAddr,
     /// Backends this client already failed to connect to.
     tried: Vec<SocketAddr>,
-    /// Receives the backend whose slot was taken for this waiter, or `None` when no
-    /// backend it has not tried is available any more.
-    slot: oneshot::Sender<Option<Arc<Backend>>>,
+    /// Receives the slot taken for this waiter, or `None` when no backend it has not
+    /// tried is available any more.
+    slot: oneshot::Sender<Option<T>>,
 }
 
-impl Queue {
-    pub fn new(max: usize, timeout: Duration, length: IntGauge, wait: Histogram) -> Queue {
+impl<S: Slots> Queue<S> {
+    pub fn new(
+        max: usize,
+        timeout: Duration,
+        length: IntGauge,
+        wait: Histogram,
+        slots: Arc<S>,
+    ) -> Queue<S> {
         Queue {
             max: AtomicUsize::new(max),
             timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             waiting: AtomicUsize::new(0),
-            waiters: Mutex::new(Waiters::default()),
+            waiters: Mutex::new(Waiters {
+                queue: VecDeque::new(),
+                next_id: 0,
+            }),
+            current: ArcSwap::new(slots),
             length,
             wait,
         }
     }
 
-    /// Makes `upstream` (of the snapshot being built) the one dispatch picks from.
-    pub fn adopt(&self, upstream: &Arc<Upstream>) {
-        self.lock().upstream = Arc::downgrade(upstream);
+    /// Makes `slots` (of the snapshot being applied) the ones dispatch hands out.
+    pub fn serve(&self, slots: Arc<S>) {
+        self.current.store(slots);
     }
 
     pub fn set_bounds(&self, max: usize, timeout: Duration) {
@@ -83,7 +126,7 @@ impl Queue {
         self.lock().queue.is_empty()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Waiters> {
+    fn lock(&self) -> MutexGuard<'_, Waiters<S::Slot>> {
         // A panic while holding this lock leaves the queue consistent (every operation
         // is a single push, pop or remove), so a poisoned lock is still usable.
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
@@ -93,11 +136,11 @@ impl Queue {
     /// `Ok(None)`: no untried backend is available.
     pub async fn acquire(
         &self,
-        upstream: &Arc<Upstream>,
+        slots: &S,
         client: SocketAddr,
         tried: &[SocketAddr],
         cursor: &mut Option<usize>,
-    ) -> Result<Option<Arc<Backend>>, ConnectError> {
+    ) -> Result<Option<S::Slot>, QueueError> {
         let (id, rx) = {
             let mut w = self.lock();
             // Announce before looking for room; see `waiting`.
@@ -107,19 +150,19 @@ impl Queue {
                 result
             };
             if w.queue.is_empty()
-                && let Some(b) = upstream.take_slot(client, tried, cursor)
+                && let Some(b) = slots.take(client, tried, cursor)
             {
                 return leave(Ok(Some(b)));
             }
-            if !upstream.any_available(tried) {
+            if !slots.any_available(tried) {
                 return leave(if tried.is_empty() {
-                    Err(ConnectError::NoHealthyBackend)
+                    Err(QueueError::NoHealthyBackend)
                 } else {
                     Ok(None)
                 });
             }
             if w.queue.len() >= self.max.load(Ordering::Relaxed) {
-                return leave(Err(ConnectError::QueueFull));
+                return leave(Err(QueueError::Full));
             }
             let (tx, rx) = oneshot::channel();
             let id = w.next_id;
@@ -139,7 +182,7 @@ impl Queue {
             rx: Some(rx),
         };
         let started = Instant::now();
-        let rx = place.rx.as_mut().ok_or(ConnectError::QueueTimeout)?;
+        let rx = place.rx.as_mut().ok_or(QueueError::Timeout)?;
         let limit = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
         match timeout(limit, rx).await {
             Ok(Ok(slot)) => {
@@ -150,7 +193,7 @@ impl Queue {
                 Ok(slot)
             }
             // The sender is dropped only with the queue itself.
-            Ok(Err(_)) | Err(_) => Err(ConnectError::QueueTimeout),
+            Ok(Err(_)) | Err(_) => Err(QueueError::Timeout),
         }
     }
 
@@ -161,9 +204,7 @@ impl Queue {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let Some(upstream) = self.lock().upstream.upgrade() else {
-            return;
-        };
+        let slots = self.current.load();
         let mut w = self.lock();
         let mut i = 0;
         while i < w.queue.len() {
@@ -174,9 +215,9 @@ impl Queue {
                 continue;
             }
             let fresh = waiter.tried.is_empty();
-            let offer = match upstream.take_slot(waiter.client, &waiter.tried, &mut None) {
+            let offer = match slots.take(waiter.client, &waiter.tried, &mut None) {
                 Some(b) => Some(b),
-                None if !upstream.any_available(&waiter.tried) => None,
+                None if !slots.any_available(&waiter.tried) => None,
                 // Nothing has room even for a client that tried nothing: stop here.
                 None if fresh => break,
                 None => {
@@ -190,7 +231,7 @@ impl Queue {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             if let Err(Some(b)) = waiter.slot.send(offer) {
                 // It left between the check and the send: the slot goes to the next.
-                b.release();
+                S::give_back(b);
             }
         }
         self.length.set(w.queue.len() as i64);
@@ -199,13 +240,13 @@ impl Queue {
 
 /// A client's place in line; leaving (by drop) removes it and passes on any slot that
 /// was handed to it too late.
-struct Place<'a> {
-    queue: &'a Queue,
+struct Place<'a, S: Slots> {
+    queue: &'a Queue<S>,
     id: u64,
-    rx: Option<oneshot::Receiver<Option<Arc<Backend>>>>,
+    rx: Option<oneshot::Receiver<Option<S::Slot>>>,
 }
 
-impl Drop for Place<'_> {
+impl<S: Slots> Drop for Place<'_, S> {
     fn drop(&mut self) {
         let Some(mut rx) = self.rx.take() else {
             return;
@@ -219,8 +260,8 @@ impl Drop for Place<'_> {
             }
             self.queue.length.set(w.queue.len() as i64);
         }
-        if let Ok(Some(backend)) = rx.try_recv() {
-            backend.release();
+        if let Ok(Some(slot)) = rx.try_recv() {
+            S::give_back(slot);
             self.queue.dispatch();
         }
     }

@@ -5,10 +5,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::config;
-use crate::upstream::Backend;
+use crate::upstream::backend::Backend;
+
+mod least_connections;
+mod maglev;
+mod power_of_two;
+mod random;
+mod round_robin;
+
+pub use least_connections::LeastConnections;
+pub use maglev::Maglev;
+pub use power_of_two::PowerOfTwo;
+pub use random::Random;
+pub use round_robin::RoundRobin;
 
 /// Picks the backend for a new connection.
 pub trait Balance: Send + Sync {
@@ -40,290 +51,14 @@ pub fn for_upstream(kind: config::Balance, backends: &[config::Backend]) -> Box<
 
 /// True when `a` carries less load for its weight than `b` (active / weight, compared
 /// without division). Only backends with weight above zero are ever eligible.
-fn lighter(a: &Backend, b: &Backend) -> bool {
+pub(crate) fn lighter(a: &Backend, b: &Backend) -> bool {
     u128::from(a.active()) * u128::from(b.weight())
         < u128::from(b.active()) * u128::from(a.weight())
 }
 
 /// The `k`-th eligible index (0-based), scanning in order.
-fn nth_eligible(n: usize, k: usize, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
+pub(crate) fn nth_eligible(n: usize, k: usize, eligible: &dyn Fn(usize) -> bool) -> Option<usize> {
     (0..n).filter(|&i| eligible(i)).nth(k)
-}
-
-/// The backend with the fewest active connections relative to its weight. Ties go to
-/// the first found from a rotating start, so equal backends share new connections.
-#[derive(Default)]
-pub struct LeastConnections {
-    next: AtomicUsize,
-}
-
-impl Balance for LeastConnections {
-    fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        _client: SocketAddr,
-        _cursor: &mut Option<usize>,
-        eligible: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
-        let n = backends.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<usize> = None;
-        for i in (0..n).map(|k| (start + k) % n).filter(|&i| eligible(i)) {
-            if best.is_none_or(|b| lighter(&backends[i], &backends[b])) {
-                best = Some(i);
-            }
-        }
-        best
-    }
-}
-
-/// Two eligible backends drawn at random; the lighter one (relative to weight) wins.
-pub struct PowerOfTwo;
-
-impl Balance for PowerOfTwo {
-    fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        _client: SocketAddr,
-        _cursor: &mut Option<usize>,
-        eligible: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
-        let n = backends.len();
-        let count = (0..n).filter(|&i| eligible(i)).count();
-        if count == 0 {
-            return None;
-        }
-        let first = fastrand::usize(..count);
-        let a = nth_eligible(n, first, eligible)?;
-        if count == 1 {
-            return Some(a);
-        }
-        // A second draw distinct from the first.
-        let second = (first + 1 + fastrand::usize(..count - 1)) % count;
-        let b = nth_eligible(n, second, eligible)?;
-        Some(if lighter(&backends[b], &backends[a]) {
-            b
-        } else {
-            a
-        })
-    }
-}
-
-/// Weighted random among eligible backends.
-pub struct Random;
-
-impl Balance for Random {
-    fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        _client: SocketAddr,
-        _cursor: &mut Option<usize>,
-        eligible: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
-        let weight = |i: usize| u64::from(backends[i].weight());
-        let total: u64 = (0..backends.len())
-            .filter(|&i| eligible(i))
-            .map(weight)
-            .sum();
-        if total == 0 {
-            return None;
-        }
-        let mut r = fastrand::u64(..total);
-        for i in (0..backends.len()).filter(|&i| eligible(i)) {
-            if r < weight(i) {
-                return Some(i);
-            }
-            r -= weight(i);
-        }
-        None
-    }
-}
-
-/// Size of the Maglev lookup table: a prime well above 100 x the backends of any sane
-/// upstream, which keeps each backend's share within about 1% of its weight.
-pub const MAGLEV_TABLE_SIZE: usize = 65_537;
-
-/// Maglev consistent hashing (Eisenbud et al., NSDI 2016) on the client's IP address,
-/// with weights. The hash functions are fixed (FNV-1a, then a splitmix64 finalizer),
-/// so a client maps to the same backend across builds and restarts, and removing one of
-/// N backends moves about 1/N of the clients.
-///
-/// When the client's backend is not eligible (down, full, tried), the lookup walks the
-/// table on from the client's slot; the walk is the same for every connection of that
-/// client, so its fallback backend is stable too.
-pub struct Maglev {
-    /// Backend index for each slot; empty when every weight is 0.
-    table: Box<[u16]>,
-}
-
-impl Maglev {
-    pub fn new(backends: &[config::Backend]) -> Maglev {
-        let m = MAGLEV_TABLE_SIZE as u64;
-        let divisor = backends
-            .iter()
-            .map(|b| b.weight)
-            .filter(|w| *w > 0)
-            .fold(0, gcd)
-            .max(1);
-        let prefs: Vec<(u64, u64, u32)> = backends
-            .iter()
-            .map(|b| {
-                let name = b.address.to_string();
-                let offset = hash(name.as_bytes(), 0) % m;
-                let skip = hash(name.as_bytes(), 1) % (m - 1) + 1;
-                (offset, skip, b.weight / divisor)
-            })
-            .collect();
-        if prefs.iter().all(|p| p.2 == 0) || backends.len() > usize::from(u16::MAX) {
-            return Maglev {
-                table: Box::new([]),
-            };
-        }
-        const EMPTY: u16 = u16::MAX;
-        let mut table = vec![EMPTY; MAGLEV_TABLE_SIZE];
-        let mut next = vec![0u64; backends.len()];
-        let mut filled = 0;
-        'fill: loop {
-            for (i, &(offset, skip, turns)) in prefs.iter().enumerate() {
-                for _ in 0..turns {
-                    loop {
-                        let slot = ((offset + next[i] * skip) % m) as usize;
-                        next[i] += 1;
-                        if table[slot] == EMPTY {
-                            table[slot] = i as u16;
-                            filled += 1;
-                            break;
-                        }
-                    }
-                    if filled == MAGLEV_TABLE_SIZE {
-                        break 'fill;
-                    }
-                }
-            }
-        }
-        Maglev {
-            table: table.into_boxed_slice(),
-        }
-    }
-
-    /// The slot a client address hashes to.
-    fn slot(client: SocketAddr) -> usize {
-        let h = match client.ip() {
-            std::net::IpAddr::V4(ip) => hash(&ip.octets(), 2),
-            std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-                Some(v4) => hash(&v4.octets(), 2),
-                None => hash(&ip.octets(), 2),
-            },
-        };
-        (h % MAGLEV_TABLE_SIZE as u64) as usize
-    }
-}
-
-impl Balance for Maglev {
-    fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        client: SocketAddr,
-        cursor: &mut Option<usize>,
-        eligible: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
-        if self.table.is_empty() {
-            return None;
-        }
-        // With nothing eligible, the walk below would ask all 65,537 slots; with
-        // something eligible it stops at the first slot that maps to it.
-        if !(0..backends.len()).any(eligible) {
-            return None;
-        }
-        let start = *cursor.get_or_insert_with(|| Maglev::slot(client));
-        let len = self.table.len();
-        (0..len)
-            .map(|k| usize::from(self.table[(start + k) % len]))
-            .find(|&i| eligible(i))
-    }
-}
-
-/// FNV-1a with a seed mixed in, then the splitmix64 finalizer. Fixed forever: changing
-/// it would move every Maglev client.
-fn hash(bytes: &[u8], seed: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
-/// Smooth weighted round robin (the nginx algorithm): weights 5,1,1 give
-/// a,a,b,a,c,a,a rather than a,a,a,a,a,b,c.
-///
-/// The whole cycle is computed once when the snapshot is built, so a pick is one atomic
-/// increment and an array read, with no lock on the connection path.
-pub struct RoundRobin {
-    /// One cycle of backend indices; its length is the sum of the weights over their gcd.
-    cycle: Box<[u32]>,
-    next: AtomicUsize,
-}
-
-impl RoundRobin {
-    pub fn new(backends: &[config::Backend]) -> RoundRobin {
-        let divisor = backends
-            .iter()
-            .map(|b| b.weight)
-            .filter(|w| *w > 0)
-            .fold(0, gcd)
-            .max(1);
-        let weights: Vec<i64> = backends
-            .iter()
-            .map(|b| i64::from(b.weight / divisor))
-            .collect();
-        let total: i64 = weights.iter().sum();
-        let mut current = vec![0i64; weights.len()];
-        let mut cycle = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        for _ in 0..total {
-            let mut best = 0;
-            for (i, w) in weights.iter().enumerate() {
-                current[i] += w;
-                if current[i] > current[best] {
-                    best = i;
-                }
-            }
-            current[best] -= total;
-            // Backend counts are bounded by the config, far below u32::MAX.
-            cycle.push(best as u32);
-        }
-        RoundRobin {
-            cycle: cycle.into_boxed_slice(),
-            next: AtomicUsize::new(0),
-        }
-    }
-}
-
-impl Balance for RoundRobin {
-    fn pick(
-        &self,
-        _backends: &[Arc<Backend>],
-        _client: SocketAddr,
-        cursor: &mut Option<usize>,
-        eligible: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
-        let len = self.cycle.len();
-        if len == 0 {
-            return None;
-        }
-        // A retry scans on from where this connection started; ineligible (tried)
-        // backends are skipped by the scan.
-        let start = *cursor.get_or_insert_with(|| self.next.fetch_add(1, Ordering::Relaxed));
-        (0..len)
-            .map(|k| self.cycle[(start + k) % len] as usize)
-            .find(|&i| eligible(i))
-    }
-}
-
-fn gcd(a: u32, b: u32) -> u32 {
-    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 #[cfg(test)]

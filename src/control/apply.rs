@@ -1,0 +1,170 @@
+//! Applying a config: one pipeline for start (applied to the empty snapshot) and reload
+//! (applied to the running one). Bind what is new; compute the [`SnapshotDiff`] once;
+//! build the snapshot from it; retire what it removed; swap; start and stop listeners
+//! and health checks to match; watch the files it names.
+//!
+//! A reload reads the whole file (off the event loop) and validates it first; on any
+//! error the running configuration stays exactly as it was.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::control::signals::Trigger;
+use crate::control::{Error, Server, retire};
+use crate::data::listener::Changes;
+use crate::edge::tls::{self, Material};
+use crate::snapshot::{Snapshot, SnapshotDiff};
+
+/// What one applied config changed, for its log line.
+pub struct Applied {
+    pub snapshot: Arc<Snapshot>,
+    /// The diff's one-line summary.
+    pub summary: String,
+    pub listeners: Changes,
+}
+
+impl Server {
+    /// Applies `config` (read from `text`, TLS files loaded into `material`) as
+    /// `generation`. Nothing changes if a listening address cannot be bound.
+    pub(super) fn apply(
+        &mut self,
+        config: Arc<Config>,
+        text: String,
+        material: Material,
+        generation: u64,
+    ) -> Result<Applied, Error> {
+        let bound = self.listeners.bind_new(&config)?;
+        let previous = self.snapshots.load_full();
+        let diff = SnapshotDiff::new(&previous, &config, &material);
+        let (snapshot, mut diff) = Snapshot::build(
+            config,
+            generation,
+            &self.metrics,
+            diff,
+            self.access_log.clone(),
+            material,
+            &self.cut,
+        );
+        let snapshot = Arc::new(snapshot);
+        retire::retire_removed(&diff, snapshot.config.drain_timeout);
+        retire::forget_tls(&diff, &self.metrics);
+        let summary = diff.to_string();
+        let janitor = retire::Janitor::new(&mut diff);
+        drop((previous, diff));
+        self.snapshots.store(Arc::clone(&snapshot));
+        // A raised limit or a new backend may let waiters in now.
+        for upstream in &snapshot.upstreams {
+            upstream.queue.dispatch();
+        }
+        janitor.spawn(Arc::clone(&self.snapshots));
+        let listeners = self.listeners.apply(&snapshot.config, bound);
+        self.status
+            .set_listening(self.listeners.addresses(&snapshot.config));
+        self.checks
+            .reconcile(&snapshot.upstreams, &self.current, &self.checks_stop);
+        self.applied_text = text;
+        self.file_watch.watch_files(&tls::files(&snapshot.config));
+        let m = &self.metrics;
+        m.config_last_reload_successful.set(1);
+        m.config_last_reload_success_timestamp
+            .set(crate::metrics::unix_now());
+        Ok(Applied {
+            snapshot,
+            summary,
+            listeners,
+        })
+    }
+
+    /// Reads, validates and applies the config file; on any error the running
+    /// configuration stays exactly as it was.
+    pub async fn reload(&mut self, trigger: Trigger) {
+        let path = self.config_path.clone();
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                return self.reload_failed(&format!("{}: cannot read config: {e}", path.display()));
+            }
+        };
+        let previous = self.snapshots.load_full();
+        let same_text = text == self.applied_text;
+        let mut config = if same_text {
+            (*previous.config).clone()
+        } else {
+            match Config::parse(&text, &path) {
+                Ok(c) => c,
+                Err(e) => return self.reload_failed(&e.to_string()),
+            }
+        };
+        keep_restart_only(&mut config, &previous.config);
+        let config = Arc::new(config);
+        // Watch the files this config names even if it fails to load below: a reload
+        // refused for a missing certificate applies once the file appears.
+        let mut files = tls::files(&previous.config);
+        files.extend(tls::files(&config));
+        self.file_watch.watch_files(&files);
+        let material = match load_tls(&config).await {
+            Ok(m) => m,
+            Err(e) => return self.reload_failed(&e.to_string()),
+        };
+        if same_text && material.fingerprint == previous.tls_fingerprint {
+            // What runs is what is on disk: a file that failed earlier and was restored
+            // no longer counts as a failed reload.
+            self.metrics.config_last_reload_successful.set(1);
+            tracing::debug!(?trigger, "config and TLS files unchanged");
+            return;
+        }
+        let generation = previous.generation + 1;
+        drop(previous);
+        match self.apply(config, text, material, generation) {
+            Ok(applied) => {
+                self.metrics.config_reloads_success.inc();
+                tracing::info!(
+                    generation = applied.snapshot.generation,
+                    ?trigger,
+                    changes = %applied.summary,
+                    listening = ?applied.listeners.bound,
+                    stopped = ?applied.listeners.closed,
+                    "config reloaded"
+                );
+            }
+            Err(e) => self.reload_failed(&e.to_string()),
+        }
+    }
+
+    fn reload_failed(&self, error: &str) {
+        self.metrics.config_reloads_failure.inc();
+        self.metrics.config_last_reload_successful.set(0);
+        tracing::error!(error = %error, "config reload failed; the running config is unchanged");
+    }
+}
+
+/// Reads and parses the TLS files `config` names, off the event loop.
+pub(super) async fn load_tls(config: &Arc<Config>) -> Result<Material, Error> {
+    let load = Arc::clone(config);
+    match tokio::task::spawn_blocking(move || tls::load(&load)).await {
+        Ok(loaded) => Ok(loaded?),
+        Err(e) => Err(Error::Internal(format!("loading TLS files failed: {e}"))),
+    }
+}
+
+/// `[runtime]`, `[admin]` and `[access_log]` apply only at start: warns about a change
+/// to them and keeps what runs in `config`, so that `/config` shows what runs and the
+/// next reload compares with it rather than with this file.
+fn keep_restart_only(config: &mut Config, running: &Config) {
+    if config.runtime != running.runtime {
+        tracing::warn!(
+            in_force = running.runtime.mode.as_str(),
+            worker_threads = running.runtime.worker_threads,
+            "[runtime] changes take effect at restart"
+        );
+        config.runtime = running.runtime.clone();
+    }
+    if config.admin != running.admin {
+        tracing::warn!(in_force = %running.admin.bind, "a change of [admin] applies only after a restart");
+        config.admin = running.admin.clone();
+    }
+    if config.access_log != running.access_log {
+        tracing::warn!("a change of [access_log] applies only after a restart");
+        config.access_log = running.access_log.clone();
+    }
+}

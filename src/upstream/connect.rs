@@ -1,0 +1,341 @@
+//! An upstream: its pool of backends, its queue, and connecting for a client: take a
+//! slot (waiting in the queue when every backend is at its limit), connect (TCP, then
+//! the PROXY header, then TLS) under a timeout, and on failure try another backend, up
+//! to `retries` more times.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ProxyVersion};
+use crate::edge::proxy_protocol;
+use crate::edge::tls::Origination;
+use crate::metrics::{ConnectFailure, Metrics, UpstreamMetrics};
+use crate::stream::BackendStream;
+use crate::upstream::backend::Backend;
+use crate::upstream::balance;
+use crate::upstream::pool::Pool;
+use crate::upstream::queue::{Queue, QueueError, Slots};
+
+/// Keepalive on both sides of a proxied connection, so a peer that vanished without a
+/// FIN (a rebooted host, a dropped NAT entry) is noticed within about three minutes.
+pub const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(120))
+    .with_interval(Duration::from_secs(15))
+    .with_retries(4);
+
+/// A named group of backends that serves one kind of traffic.
+pub struct Upstream {
+    pub name: String,
+    /// The backends, their balancer and their per-backend limit.
+    pub pool: Arc<Pool>,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    /// Carried from snapshot to snapshot under the upstream's name; used for waiting
+    /// only while the pool has a per-backend limit.
+    pub queue: Arc<Queue<Pool>>,
+    pub health_check: Option<config::HealthCheck>,
+    passive_ejection: Option<config::PassiveEjection>,
+    pub max_lifetime: Option<config::Lifetime>,
+    pub on_backend_removed: config::BackendRemoved,
+    /// TLS towards backends, loaded with the snapshot.
+    tls: Option<Arc<Origination>>,
+    send_proxy_protocol: Option<ProxyVersion>,
+    pub metrics: UpstreamMetrics,
+}
+
+/// What an upstream takes over from the snapshot before, found by the snapshot diff.
+#[derive(Default)]
+pub struct Carried {
+    /// The queue of the upstream of the same name.
+    pub queue: Option<Arc<Queue<Pool>>>,
+    /// Backends the config still has (or has again, if retired): the same objects.
+    pub backends: Vec<Arc<Backend>>,
+}
+
+/// Which PROXY header [`Upstream::open`] sends, if the upstream sends them at all.
+#[derive(Debug, Clone, Copy)]
+pub enum Header {
+    /// For a client's connection.
+    Client(Ends),
+    /// LOCAL (v2) or UNKNOWN (v1): a connection of sluice's own, a health check.
+    Local,
+    None,
+}
+
+/// The two ends of a client's connection as sluice knows them, after any PROXY header:
+/// what a PROXY header to the backend carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Ends {
+    pub client: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+}
+
+/// A connection slot on a backend; dropping it frees the slot for the next waiter.
+pub struct Lease {
+    backend: Arc<Backend>,
+    /// Where the freed slot goes next.
+    queue: Arc<Queue<Pool>>,
+}
+
+/// Why no backend connection could be made for a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no backend is available (all down, ejected or weight 0)")]
+    NoHealthyBackend,
+    #[error("every backend is at its connection limit and the queue is full")]
+    QueueFull,
+    #[error("waited in the queue for longer than its timeout")]
+    QueueTimeout,
+    #[error("{attempts} connect attempt(s) failed, last to {backend}: {cause}")]
+    Unavailable {
+        attempts: u32,
+        backend: SocketAddr,
+        cause: String,
+    },
+}
+
+impl Upstream {
+    /// Builds the upstream for `cfg`, taking over the queue and backends of the snapshot
+    /// before as `carried` says; the rest is new.
+    pub fn new(
+        cfg: &config::Upstream,
+        metrics: &Metrics,
+        carried: Carried,
+        tls: Option<Arc<Origination>>,
+        cut: &CancellationToken,
+    ) -> Upstream {
+        let m = metrics.upstream(&cfg.name);
+        let backends: Vec<Arc<Backend>> = cfg
+            .backends
+            .iter()
+            .map(
+                |b| match carried.backends.iter().find(|old| old.address == b.address) {
+                    Some(old) => {
+                        old.set_weight(b.weight);
+                        if old.is_retired() {
+                            old.revive();
+                        }
+                        Arc::clone(old)
+                    }
+                    None => Arc::new(Backend::new(
+                        b.address,
+                        b.weight,
+                        metrics.backend(&cfg.name, &b.address.to_string()),
+                        cut,
+                    )),
+                },
+            )
+            .collect();
+        let pool = Arc::new(Pool::new(
+            backends,
+            balance::for_upstream(cfg.balance, &cfg.backends),
+            cfg.max_connections_per_backend,
+        ));
+        let queue = match carried.queue {
+            Some(q) => {
+                q.set_bounds(cfg.queue.max, cfg.queue.timeout);
+                q
+            }
+            None => Arc::new(Queue::new(
+                cfg.queue.max,
+                cfg.queue.timeout,
+                m.queue_length.clone(),
+                m.queue_wait.clone(),
+                Arc::clone(&pool),
+            )),
+        };
+        Upstream {
+            name: cfg.name.clone(),
+            pool,
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            retries: cfg.retries,
+            queue,
+            health_check: cfg.health_check.clone(),
+            passive_ejection: cfg.passive_ejection,
+            max_lifetime: cfg.max_lifetime,
+            on_backend_removed: cfg.on_backend_removed,
+            tls,
+            send_proxy_protocol: cfg.send_proxy_protocol,
+            metrics: m,
+        }
+    }
+
+    /// The backends, in config order.
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.pool.backends
+    }
+
+    /// Opens a connection to the backend at `address`: TCP, then the PROXY header if the
+    /// upstream sends one and `header` asks for it, then TLS if the upstream speaks it.
+    /// No timeout here: callers set their own.
+    pub async fn open(
+        &self,
+        address: SocketAddr,
+        header: Header,
+    ) -> Result<BackendStream, (ConnectFailure, String)> {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = connect_to(address)
+            .await
+            .map_err(|e| (ConnectFailure::of(&e), e.to_string()))?;
+        let version = match self.send_proxy_protocol {
+            Some(ProxyVersion::V1) => Some(proxy_protocol::Version::V1),
+            Some(ProxyVersion::V2) => Some(proxy_protocol::Version::V2),
+            None => None,
+        };
+        let mut bytes = Vec::new();
+        match (version, header) {
+            (Some(v), Header::Client(e)) => {
+                proxy_protocol::encode(v, e.client, e.local, &mut bytes)
+            }
+            (Some(v), Header::Local) => proxy_protocol::encode_local(v, &mut bytes),
+            (None, _) | (_, Header::None) => {}
+        }
+        if !bytes.is_empty() {
+            tcp.write_all(&bytes)
+                .await
+                .map_err(|e| (ConnectFailure::of(&e), e.to_string()))?;
+        }
+        let Some(tls) = &self.tls else {
+            return Ok(BackendStream::Plain(tcp));
+        };
+        // Boxed: a handshake's state is large, and inline it would size every
+        // connection's task, TLS or not, for its whole life.
+        let handshake = Box::pin(tls.connector.connect(tls.server_name(address), tcp));
+        match handshake.await {
+            Ok(s) => Ok(BackendStream::Tls(Box::new(s))),
+            Err(e) => Err((ConnectFailure::Tls, format!("TLS handshake failed: {e}"))),
+        }
+    }
+
+    /// Connects to a backend for `client`, trying a different backend after each failure.
+    pub async fn connect(
+        self: &Arc<Self>,
+        ends: Ends,
+    ) -> Result<(BackendStream, Lease), ConnectError> {
+        let client = ends.client;
+        // Backends this client failed to connect to; configs are small, so a linear scan
+        // is cheapest. Pushed to only on a failure: a first connect that succeeds
+        // allocates nothing here.
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last: Option<(SocketAddr, String)> = None;
+        let mut cursor = None;
+        for _ in 0..=self.retries {
+            let slot = if self.pool.is_limited() {
+                self.queue
+                    .acquire(&self.pool, client, &tried, &mut cursor)
+                    .await
+                    .map_err(ConnectError::from)?
+            } else {
+                {
+                    let slot = self.pool.take(client, &tried, &mut cursor);
+                    if slot.is_none() && tried.is_empty() {
+                        return Err(ConnectError::NoHealthyBackend);
+                    }
+                    slot
+                }
+            };
+            let Some(backend) = slot else { break };
+            let lease = Lease {
+                backend,
+                queue: Arc::clone(&self.queue),
+            };
+            let backend = &lease.backend;
+            let started = Instant::now();
+            let opened = timeout(
+                self.connect_timeout,
+                self.open(backend.address, Header::Client(ends)),
+            );
+            let failure = match opened.await {
+                Ok(Ok(stream)) => {
+                    self.metrics
+                        .connect_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    backend.health.connect_succeeded();
+                    return Ok((stream, lease));
+                }
+                Ok(Err(failure)) => failure,
+                Err(_) => (
+                    ConnectFailure::Timeout,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                ),
+            };
+            backend.metrics.connect_error(failure.0).inc();
+            tracing::debug!(upstream = %self.name, backend = %backend.address, reason = failure.0.as_str(), error = %failure.1, "connect failed");
+            if let Some(length) = backend
+                .health
+                .connect_failed(self.passive_ejection.as_ref())
+            {
+                self.ejected(backend, length);
+            }
+            tried.push(backend.address);
+            last = Some((backend.address, failure.1));
+        }
+        match last {
+            None => Err(ConnectError::NoHealthyBackend),
+            Some((backend, cause)) => Err(ConnectError::Unavailable {
+                attempts: tried.len() as u32,
+                backend,
+                cause,
+            }),
+        }
+    }
+
+    /// A backend went up or down: update its gauge and let waiters use new room.
+    pub fn availability_changed(&self, b: &Backend) {
+        b.metrics.up.set(i64::from(b.available()));
+        self.queue.dispatch();
+    }
+
+    fn ejected(self: &Arc<Self>, b: &Arc<Backend>, length: Duration) {
+        b.metrics.ejections.inc();
+        tracing::warn!(upstream = %self.name, backend = %b.address, seconds = length.as_secs_f64(), "backend ejected after consecutive connect failures");
+        self.availability_changed(b);
+        let (upstream, b) = (Arc::clone(self), Arc::clone(b));
+        tokio::spawn(async move {
+            sleep(length).await;
+            upstream.availability_changed(&b);
+        });
+    }
+}
+
+impl Lease {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backend.release();
+        self.queue.dispatch();
+    }
+}
+
+impl From<QueueError> for ConnectError {
+    fn from(e: QueueError) -> ConnectError {
+        match e {
+            QueueError::NoHealthyBackend => ConnectError::NoHealthyBackend,
+            QueueError::Full => ConnectError::QueueFull,
+            QueueError::Timeout => ConnectError::QueueTimeout,
+        }
+    }
+}
+
+async fn connect_to(address: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket2::SockRef::from(&socket).set_tcp_keepalive(&KEEPALIVE)?;
+    socket.set_nodelay(true)?;
+    socket.connect(address).await
+}
