@@ -725,3 +725,117 @@ impl Pipe {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// Two connected loopback sockets: (the side the relay holds, the peer).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (peer, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        (accepted.unwrap().0, peer.unwrap())
+    }
+
+    struct Ends {
+        client: TcpStream,
+        backend: TcpStream,
+        relayed: tokio::task::JoinHandle<(Outcome, u64, u64)>,
+    }
+
+    /// A relay between two socket pairs; returns the client's and the backend's peers.
+    async fn start(splice: bool, idle: Duration, stop: CancellationToken) -> Ends {
+        let (client_side, client) = pair().await;
+        let (backend_side, backend) = pair().await;
+        let relayed = tokio::spawn(async move {
+            let (up, down) = (
+                IntCounter::new("u", "u").unwrap(),
+                IntCounter::new("d", "d").unwrap(),
+            );
+            let limits = Limits {
+                idle,
+                lifetime_end: None,
+            };
+            let removed = stop.child_token();
+            let outcome = relay(
+                &client_side,
+                &backend_side,
+                &limits,
+                Stops {
+                    shutdown: &stop,
+                    removed: &removed,
+                },
+                Counters {
+                    client_to_backend: &up,
+                    backend_to_client: &down,
+                },
+                splice,
+            )
+            .await;
+            (outcome, up.get(), down.get())
+        });
+        Ends {
+            client,
+            backend,
+            relayed,
+        }
+    }
+
+    /// The client's FIN reaches the backend while the backend's reply still flows back;
+    /// the relay ends once both directions are closed, with every byte counted.
+    #[tokio::test]
+    async fn half_close_passes_the_fin_and_the_other_direction_keeps_flowing() {
+        for splice in [false, true] {
+            let mut e = start(splice, Duration::from_secs(60), CancellationToken::new()).await;
+            let request = vec![7u8; 100_000];
+            e.client.write_all(&request).await.unwrap();
+            e.client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            e.backend.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, request, "splice={splice}");
+            let reply = vec![9u8; 300_000];
+            e.backend.write_all(&reply).await.unwrap();
+            e.backend.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            e.client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back.len(), reply.len());
+            let (outcome, up, down) = e.relayed.await.unwrap();
+            assert_eq!(outcome.end, End::Closed);
+            assert_eq!(
+                (outcome.client_to_backend, outcome.backend_to_client),
+                (100_000, 300_000)
+            );
+            assert_eq!(
+                (up, down),
+                (100_000, 300_000),
+                "counters agree with the outcome"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_quiet_relay_ends_at_its_idle_timeout_and_a_cut_ends_it_at_once() {
+        let e = start(false, Duration::from_millis(30), CancellationToken::new()).await;
+        assert_eq!(e.relayed.await.unwrap().0.end, End::IdleTimeout);
+        drop((e.client, e.backend));
+
+        let stop = CancellationToken::new();
+        let e = start(false, Duration::from_secs(60), stop.clone()).await;
+        crate::shutdown::cancel(&stop);
+        assert_eq!(e.relayed.await.unwrap().0.end, End::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn a_backend_reset_ends_the_relay_as_a_backend_reset() {
+        let e = start(false, Duration::from_secs(60), CancellationToken::new()).await;
+        socket2::SockRef::from(&e.backend)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(e.backend);
+        assert_eq!(e.relayed.await.unwrap().0.end, End::BackendReset);
+    }
+}

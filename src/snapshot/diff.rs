@@ -249,3 +249,105 @@ impl fmt::Display for SnapshotDiff {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use tokio_util::sync::CancellationToken;
+
+    fn config(listeners: &[&str], backends: &[u16]) -> Config {
+        let mut text = String::new();
+        for l in listeners {
+            text.push_str(&format!(
+                "[[listener]]\nname = \"{l}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"u\"\n"
+            ));
+        }
+        text.push_str("[[upstream]]\nname = \"u\"\n");
+        for b in backends {
+            text.push_str(&format!(
+                "[[upstream.backend]]\naddress = \"127.0.0.1:{b}\"\n"
+            ));
+        }
+        Config::parse(&text, std::path::Path::new("t.toml")).unwrap()
+    }
+
+    fn material() -> Material {
+        crate::edge::tls::load(&config(&["l"], &[1])).unwrap()
+    }
+
+    /// Applies `next` to `previous` as the control plane does; returns the snapshot and
+    /// what the diff said.
+    fn apply(previous: &Snapshot, next: Config, metrics: &Metrics) -> (Snapshot, SnapshotDiff) {
+        let diff = SnapshotDiff::new(previous, &next, &material());
+        Snapshot::build(
+            Arc::new(next),
+            previous.generation + 1,
+            metrics,
+            diff,
+            None,
+            material(),
+            &CancellationToken::new(),
+        )
+    }
+
+    fn backend(s: &Snapshot, port: u16) -> Arc<Backend> {
+        let u = s.upstream("u").unwrap();
+        Arc::clone(
+            u.backends()
+                .iter()
+                .find(|b| b.address.port() == port)
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn kept_backends_carry_their_state_removed_ones_retire_and_come_back() {
+        let metrics = Metrics::new().unwrap();
+        let first = config(&["l"], &[1, 2]);
+        let empty = Snapshot::empty(&first, &metrics);
+        let (s1, d1) = apply(&empty, first, &metrics);
+        assert_eq!(
+            d1.to_string(),
+            "listener l added; upstream u added",
+            "start is a diff against the empty snapshot"
+        );
+        let one = backend(&s1, 1);
+        one.take(); // a connection open to 127.0.0.1:1
+
+        let (s2, d2) = apply(&s1, config(&["l", "m"], &[2, 3]), &metrics);
+        assert_eq!(
+            d2.to_string(),
+            "listener m added; upstream u changed; backend of u 127.0.0.1:3 added; backend of u 127.0.0.1:1 removed"
+        );
+        assert!(
+            Arc::ptr_eq(&backend(&s1, 2), &backend(&s2, 2)),
+            "kept: the same object"
+        );
+        assert!(Arc::ptr_eq(
+            &s1.upstream("u").unwrap().queue,
+            &s2.upstream("u").unwrap().queue
+        ));
+        assert_eq!(d2.removed_backends.len(), 1);
+        assert_eq!(d2.removed_backends[0].backend.address.port(), 1);
+        assert_eq!(
+            s2.retired.len(),
+            1,
+            "removed but in use: retired, not forgotten"
+        );
+
+        let (s3, d3) = apply(&s2, config(&["l"], &[1, 2, 3]), &metrics);
+        assert!(
+            Arc::ptr_eq(&one, &backend(&s3, 1)),
+            "re-added: taken back with its count"
+        );
+        assert_eq!(backend(&s3, 1).active(), 1);
+        assert!(s3.retired.is_empty());
+        assert_eq!(d3.removed_listeners.len(), 1);
+        assert_eq!(d3.removed_listeners[0].name, "m");
+
+        let (_, d4) = apply(&s3, config(&["l"], &[1, 2, 3]), &metrics);
+        assert!(d4.is_empty());
+        assert_eq!(d4.to_string(), "no effective change");
+    }
+}

@@ -339,3 +339,82 @@ async fn connect_to(address: SocketAddr) -> std::io::Result<TcpStream> {
     socket.set_nodelay(true)?;
     socket.connect(address).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn upstream(backends: &[SocketAddr], extra: &str) -> Arc<Upstream> {
+        let mut text = format!(
+            "[[listener]]\nname = \"l\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"u\"\n\
+             [[upstream]]\nname = \"u\"\nbalance = \"round_robin\"\n{extra}\n"
+        );
+        for b in backends {
+            text.push_str(&format!("[[upstream.backend]]\naddress = \"{b}\"\n"));
+        }
+        let config = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let metrics = Metrics::new().unwrap();
+        let u = Upstream::new(
+            &config.upstreams[0],
+            &metrics,
+            Carried::default(),
+            None,
+            &CancellationToken::new(),
+        );
+        Arc::new(u)
+    }
+
+    /// An address nothing listens on: bound, then closed.
+    fn refusing() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    fn ends() -> Ends {
+        let a = SocketAddr::from(([127, 0, 0, 1], 1));
+        Ends {
+            client: a,
+            local: a,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_counted_and_the_next_backend_is_tried() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = refusing();
+        let u = upstream(&[dead, live.local_addr().unwrap()], "retries = 1");
+        let (_stream, lease) = u.connect(ends()).await.expect("the second backend");
+        assert_eq!(lease.backend().address, live.local_addr().unwrap());
+        let refused = &u.backends()[0];
+        assert_eq!(
+            refused.metrics.connect_error(ConnectFailure::Refused).get(),
+            1
+        );
+        assert_eq!(refused.active(), 0, "the failed attempt's slot was freed");
+        assert_eq!(lease.backend().active(), 1);
+        let backend = Arc::clone(lease.backend());
+        drop(lease);
+        assert_eq!(backend.active(), 0, "dropping the lease frees the slot");
+    }
+
+    #[tokio::test]
+    async fn when_every_attempt_fails_the_error_names_the_last_backend() {
+        let dead = refusing();
+        let u = upstream(&[dead], "retries = 2");
+        match u.connect(ends()).await {
+            Err(ConnectError::Unavailable {
+                attempts, backend, ..
+            }) => {
+                // One backend: once tried, nothing untried is left.
+                assert_eq!((attempts, backend), (1, dead));
+            }
+            other => panic!("expected Unavailable, got {:?}", other.map(|_| ())),
+        }
+        u.backends()[0].set_weight(0);
+        assert!(matches!(
+            u.connect(ends()).await,
+            Err(ConnectError::NoHealthyBackend)
+        ));
+    }
+}

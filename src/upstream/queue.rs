@@ -266,3 +266,170 @@ impl<S: Slots> Drop for Place<'_, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Slots on one backend with room for `free` more connections.
+    struct Counter {
+        free: AtomicUsize,
+        available: AtomicBool,
+    }
+
+    /// A slot on [`Counter`]; returns its room when given back.
+    struct Taken(Arc<Counter>);
+
+    /// The counter a test reads; `Slots` is implemented on a shared handle to it.
+    struct Shared(Arc<Counter>);
+
+    impl Slots for Shared {
+        type Slot = Taken;
+
+        fn take(
+            &self,
+            _: SocketAddr,
+            tried: &[SocketAddr],
+            _: &mut Option<usize>,
+        ) -> Option<Taken> {
+            if !tried.is_empty() || !self.0.available.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.0
+                .free
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .ok()
+                .map(|_| Taken(Arc::clone(&self.0)))
+        }
+
+        fn any_available(&self, tried: &[SocketAddr]) -> bool {
+            tried.is_empty() && self.0.available.load(Ordering::SeqCst)
+        }
+
+        fn give_back(slot: Taken) {
+            slot.0.free.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn queue(free: usize, max: usize, wait: Duration) -> (Arc<Queue<Shared>>, Arc<Counter>) {
+        let counter = Arc::new(Counter {
+            free: AtomicUsize::new(free),
+            available: AtomicBool::new(true),
+        });
+        let m = crate::metrics::Metrics::new().unwrap().upstream("t");
+        let q = Queue::new(
+            max,
+            wait,
+            m.queue_length,
+            m.queue_wait,
+            Arc::new(Shared(Arc::clone(&counter))),
+        );
+        (Arc::new(q), counter)
+    }
+
+    fn client(n: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], n))
+    }
+
+    /// Frees one slot and hands it on, as a connection's lease does when it ends.
+    fn release(q: &Queue<Shared>, slot: Taken) {
+        Shared::give_back(slot);
+        q.dispatch();
+    }
+
+    async fn acquire(q: &Queue<Shared>, n: u16) -> Result<Option<Taken>, QueueError> {
+        let slots = q.current.load_full();
+        q.acquire(&slots, client(n), &[], &mut None).await
+    }
+
+    /// Waits until `n` clients are in line.
+    async fn in_line(q: &Queue<Shared>, n: usize) {
+        while q.lock().queue.len() != n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn freed_slots_go_to_waiters_in_arrival_order() {
+        let (q, counter) = queue(1, 10, Duration::from_secs(60));
+        let first = acquire(&q, 1).await.unwrap().expect("room");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for n in 2..=4 {
+            let (waiter, tx) = (Arc::clone(&q), tx.clone());
+            tokio::spawn(async move {
+                let slot = acquire(&waiter, n).await.unwrap().expect("a slot");
+                tx.send((n, slot)).unwrap();
+            });
+            in_line(&q, usize::from(n) - 1).await;
+        }
+        // A newcomer finds others waiting and queues behind them, even with room free.
+        release(&q, first);
+        let (n, slot) = rx.recv().await.unwrap();
+        assert_eq!(n, 2);
+        release(&q, slot);
+        assert_eq!(rx.recv().await.unwrap().0, 3);
+        assert_eq!(counter.free.load(Ordering::SeqCst), 0);
+        assert_eq!(q.length.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_and_a_waiter_times_out() {
+        let (q, _) = queue(0, 1, Duration::from_millis(50));
+        let waiting = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { acquire(&q, 1).await.err() })
+        };
+        in_line(&q, 1).await;
+        assert_eq!(acquire(&q, 2).await.err(), Some(QueueError::Full));
+        assert_eq!(waiting.await.unwrap(), Some(QueueError::Timeout));
+        assert!(q.is_empty(), "a waiter that timed out leaves the line");
+        assert_eq!(q.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slot_handed_to_a_waiter_that_left_goes_to_the_next() {
+        let (q, counter) = queue(1, 10, Duration::from_secs(60));
+        let first = acquire(&q, 1).await.unwrap().unwrap();
+        let leaving = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { acquire(&q, 2).await })
+        };
+        in_line(&q, 1).await;
+        let staying = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { acquire(&q, 3).await })
+        };
+        in_line(&q, 2).await;
+        leaving.abort();
+        let _ = leaving.await;
+        release(&q, first);
+        assert!(staying.await.unwrap().unwrap().is_some());
+        assert_eq!(
+            counter.free.load(Ordering::SeqCst),
+            0,
+            "no slot lost or doubled"
+        );
+        assert!(q.is_empty());
+    }
+
+    #[tokio::test]
+    async fn nothing_available_is_an_error_at_once_and_wakes_waiters() {
+        let (q, counter) = queue(0, 10, Duration::from_secs(60));
+        let waiting = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move { acquire(&q, 1).await })
+        };
+        in_line(&q, 1).await;
+        counter.available.store(false, Ordering::SeqCst);
+        q.dispatch();
+        assert!(
+            waiting.await.unwrap().unwrap().is_none(),
+            "told there is nothing left to try"
+        );
+        assert_eq!(
+            acquire(&q, 2).await.err(),
+            Some(QueueError::NoHealthyBackend)
+        );
+    }
+}
