@@ -9,7 +9,8 @@ use sluice::data::runtime::{PerCore, Workers};
 use tokio::runtime::Builder;
 
 /// jemalloc: tokio's task cells and `ScheduledIo`s are 128-byte aligned, and glibc's
-/// `memalign` leaves fragments around each (1.7 against 1.3 KiB per idle connection).
+/// `memalign` leaves fragments around each (BENCHMARKS.md, "Idle memory: what an open
+/// connection holds").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

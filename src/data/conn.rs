@@ -556,7 +556,8 @@ impl Record {
             });
         }
         // Debug, not info: an ordinary close is expected, and formatting this line was
-        // half of sluice's user-space instructions per connection (callgrind). The
+        // a large share of sluice's user-space instructions per connection (BENCHMARKS.md,
+        // "The per-connection path: what the profile showed"). The
         // access log is the per-connection record, through its own writer.
         tracing::debug!(
             target: LOG_TARGET,

@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use crate::shutdown::Stopped;
 use crate::stream::Stream;
 
-/// Size of one relay buffer: 64 KiB measured 13.6 Gbit/s against 9.9 for 16 KiB on one
-/// bulk stream (make bench-quick), and costs nothing while idle.
+/// Size of one relay buffer: faster than 16 KiB on one bulk stream (BENCHMARKS.md, "What
+/// was measured and changed"), and it costs nothing while idle.
 const BUFFER_SIZE: usize = 64 * 1024;
 /// Buffers kept per worker thread for reuse; the rest are freed.
 const POOL_PER_THREAD: usize = 64;
