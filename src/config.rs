@@ -70,6 +70,40 @@ pub struct Config {
     pub relay: Relay,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
+    /// Where each certificate, key and CA file is named in the file.
+    #[serde(skip)]
+    pub named_files: NamedFiles,
+}
+
+/// The file paths a config names, each with where in the config file it is named.
+/// Not part of what the config means: two configs that differ only in these are equal,
+/// so a comment that moves lines changes nothing.
+#[derive(Debug, Clone, Default)]
+pub struct NamedFiles(pub Vec<NamedFile>);
+
+impl PartialEq for NamedFiles {
+    fn eq(&self, _: &NamedFiles) -> bool {
+        true
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NamedFile {
+    /// Resolved against the config's directory.
+    pub path: PathBuf,
+    span: Range<usize>,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl NamedFiles {
+    /// Where `path` is named, as `line:column`.
+    pub fn place(&self, path: &Path) -> Option<(usize, usize)> {
+        self.0
+            .iter()
+            .find(|f| f.path == path)
+            .map(|f| (f.line, f.column))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -152,6 +186,10 @@ pub struct Listener {
     /// listener has passthrough routes, where it takes what no route matches.
     pub upstream: Option<String>,
     pub max_connections: usize,
+    /// `max_connections` was written in the file (not the default): at start, a default
+    /// counts for less when compared with the process cap (see `control::process_cap`).
+    #[serde(skip)]
+    pub max_connections_set: bool,
     pub backlog: u32,
     /// Terminate TLS; `None` relays the bytes as they come.
     pub tls: Option<ListenerTls>,
@@ -336,17 +374,31 @@ impl Config {
             let span = e.span().unwrap_or(0..0);
             at(span, e.message().trim_end().to_string())
         })?;
-        raw.validate(path)
-            .map_err(|(span, message)| at(span, message))
+        let mut config = raw
+            .validate(path)
+            .map_err(|(span, message)| at(span, message))?;
+        for f in &mut config.named_files.0 {
+            (f.line, f.column) = line_column(text, f.span.start);
+        }
+        Ok(config)
     }
 }
 
-fn locate(text: &str, path: &Path, span: Range<usize>, message: String) -> ConfigError {
-    let start = span.start.min(text.len());
+/// The 1-based line and column (in characters) of byte `at` of `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let start = at.min(text.len());
     let before = &text[..start];
-    let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let column = text[line_start..start].chars().count() + 1;
+    (
+        before.matches('\n').count() + 1,
+        text[line_start..start].chars().count() + 1,
+    )
+}
+
+fn locate(text: &str, path: &Path, span: Range<usize>, message: String) -> ConfigError {
+    let (line, column) = line_column(text, span.start);
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let text = text[line_start..].lines().next().unwrap_or("").to_string();
     ConfigError::Invalid(Box::new(Located {
         path: path.to_path_buf(),
@@ -435,5 +487,33 @@ address = "127.0.0.1:1"
         let mode_only = text.replace("worker_threads = 3\n", "");
         let c = Config::parse(&mode_only, Path::new("t.toml")).expect("valid");
         assert_eq!(c.runtime.worker_threads, 0);
+    }
+
+    #[test]
+    fn a_port_out_of_range_is_named_as_such() {
+        let text = MINIMAL.replace("127.0.0.1:1\"", "127.0.0.1:99999\"");
+        let err = Config::parse(&text, Path::new("t.toml")).expect_err("invalid");
+        let ConfigError::Invalid(located) = err else {
+            panic!("expected a located error")
+        };
+        assert_eq!((located.line, located.column), (10, 11));
+        assert!(
+            located
+                .message
+                .contains("port 99999 is out of range (0 to 65535)"),
+            "{located}"
+        );
+        for other in ["[::1]:70000", "db.internal:99999", "127.0.0.1:x"] {
+            let text = MINIMAL.replace("127.0.0.1:1\"", &format!("{other}\""));
+            let message = Config::parse(&text, Path::new("t.toml"))
+                .expect_err("invalid")
+                .to_string();
+            let range = other.starts_with('[');
+            assert_eq!(
+                message.contains("out of range"),
+                range,
+                "{other}: {message}"
+            );
+        }
     }
 }

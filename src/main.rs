@@ -14,16 +14,27 @@ use tokio::runtime::Builder;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Exit status for an invalid config (EX_DATAERR-adjacent EX_USAGE, as sysexits.h).
+/// Exit status for an invalid config (EX_USAGE in sysexits.h).
 const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit status when a config file cannot be read: missing, or not readable (EX_NOINPUT).
+const EXIT_NO_INPUT: u8 = 66;
 /// Exit status when sluice could not start (a port already taken, say).
 const EXIT_START_FAILED: u8 = 1;
+
+/// The exit statuses, for `--help`; the README lists the same.
+const EXIT_CODES: &str = "Exit status:
+  0    run: drained and stopped after SIGTERM or SIGINT; check: every file is valid
+  1    run: could not start (an address already in use, no permission to bind)
+  64   the config is invalid (the error names file:line:col)
+  66   a config file cannot be read (missing, or no permission)
+  130  run: a second SIGTERM or SIGINT cut the drain short";
 
 #[derive(Parser)]
 #[command(
     name = "sluice",
     version,
-    about = "A TCP reverse proxy and load balancer"
+    about = "A TCP reverse proxy and load balancer",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,7 +49,8 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Validate config files: exit 0 if all are valid, 64 with the errors on stderr if not.
+    /// Validate config files: exit 0 if all are valid; with the errors on stderr, 66 if
+    /// one cannot be read, else 64 if one is invalid.
     Check {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
@@ -60,14 +72,20 @@ fn check(files: &[PathBuf]) -> ExitCode {
         .with_ansi(false)
         .without_time()
         .init();
-    let mut ok = true;
+    let mut status = ExitCode::SUCCESS;
+    let mut unreadable = false;
     for file in files {
         // Certificates and keys are part of a config: one that cannot load fails it.
-        let loaded = Config::load(file).map_err(|e| e.to_string()).and_then(|c| {
-            sluice::edge::tls::load(&c)
-                .map(|_| c)
-                .map_err(|e| format!("{}: {e}", file.display()))
-        });
+        let loaded = Config::load(file)
+            .map_err(|e| {
+                unreadable |= matches!(e, sluice::config::ConfigError::Read { .. });
+                e.to_string()
+            })
+            .and_then(|c| {
+                sluice::edge::tls::load(&c)
+                    .map(|_| c)
+                    .map_err(|e| e.to_string())
+            });
         match loaded {
             Ok(c) => println!(
                 "{}: ok ({} listener(s), {} upstream(s))",
@@ -77,14 +95,14 @@ fn check(files: &[PathBuf]) -> ExitCode {
             ),
             Err(e) => {
                 eprintln!("error: {e}");
-                ok = false;
+                status = ExitCode::from(EXIT_BAD_CONFIG);
             }
         }
     }
-    if ok {
-        ExitCode::SUCCESS
+    if unreadable {
+        ExitCode::from(EXIT_NO_INPUT)
     } else {
-        ExitCode::from(EXIT_BAD_CONFIG)
+        status
     }
 }
 
@@ -98,6 +116,10 @@ fn run(path: PathBuf) -> ExitCode {
         .and_then(|text| Config::parse(&text, &path).map(|c| (c, text)));
     let (config, text) = match loaded {
         Ok(c) => c,
+        Err(e @ sluice::config::ConfigError::Read { .. }) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_BAD_CONFIG);
@@ -129,15 +151,14 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
+    // Once, on stderr: the log (stdout) has said what sluice did up to here.
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ sluice::Error::Tls(_)) => {
-            tracing::error!(error = %e, "sluice could not start");
             eprintln!("error: {e}");
             ExitCode::from(EXIT_BAD_CONFIG)
         }
         Err(e) => {
-            tracing::error!(error = %e, "sluice could not start");
             eprintln!("error: {e}");
             ExitCode::from(EXIT_START_FAILED)
         }

@@ -231,14 +231,14 @@ pub(super) struct RawListenerTls {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCertificate {
-    cert: PathBuf,
-    key: PathBuf,
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClientAuth {
-    ca: PathBuf,
+    ca: Spanned<PathBuf>,
     #[serde(default = "yes")]
     required: bool,
 }
@@ -261,9 +261,9 @@ pub(super) struct RawSniRoute {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstreamTls {
     sni: Option<Spanned<String>>,
-    ca: Option<PathBuf>,
-    certificate: Option<PathBuf>,
-    key: Option<PathBuf>,
+    ca: Option<Spanned<PathBuf>>,
+    certificate: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
     #[serde(default = "yes")]
     verify: bool,
     #[serde(default)]
@@ -274,13 +274,40 @@ fn yes() -> bool {
     true
 }
 
-/// A path as written, made relative to the config file's directory.
-fn resolve(base: &Path, p: PathBuf) -> PathBuf {
-    if p.is_absolute() { p } else { base.join(p) }
+/// Resolves the file paths a config names against its directory, and remembers where
+/// in the file each one is named, so that a file that cannot be loaded is reported at
+/// the key that names it.
+pub(super) struct Paths {
+    dir: PathBuf,
+    named: std::cell::RefCell<Vec<(PathBuf, std::ops::Range<usize>)>>,
+}
+
+impl Paths {
+    /// For the config file at `config`.
+    pub(super) fn new(config: &Path) -> Paths {
+        Paths {
+            dir: config.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            named: Default::default(),
+        }
+    }
+
+    /// A path as written, made relative to the config file's directory.
+    fn resolve(&self, p: Spanned<PathBuf>) -> PathBuf {
+        let span = p.span();
+        let p = p.into_inner();
+        let resolved = if p.is_absolute() { p } else { self.dir.join(p) };
+        self.named.borrow_mut().push((resolved.clone(), span));
+        resolved
+    }
+
+    /// Every path resolved, with the span of the value that named it.
+    pub(super) fn into_named(self) -> Vec<(PathBuf, std::ops::Range<usize>)> {
+        self.named.into_inner()
+    }
 }
 
 impl RawListenerTls {
-    pub(super) fn validate(self, base: &Path) -> Result<ListenerTls, Invalid> {
+    pub(super) fn validate(self, base: &Paths) -> Result<ListenerTls, Invalid> {
         if self.certificates.get_ref().is_empty() {
             return Err((
                 self.certificates.span(),
@@ -293,8 +320,8 @@ impl RawListenerTls {
                 .into_inner()
                 .into_iter()
                 .map(|c| CertificateFiles {
-                    cert: resolve(base, c.cert),
-                    key: resolve(base, c.key),
+                    cert: base.resolve(c.cert),
+                    key: base.resolve(c.key),
                 })
                 .collect(),
             handshake_timeout: positive(
@@ -305,7 +332,7 @@ impl RawListenerTls {
             alpn: self.alpn,
             min_version: self.min_version,
             client_auth: self.client_auth.map(|a| ClientAuth {
-                ca: resolve(base, a.ca),
+                ca: base.resolve(a.ca),
                 required: a.required,
             }),
         })
@@ -375,14 +402,14 @@ impl RawSniRoute {
 impl RawUpstreamTls {
     pub(super) fn validate(
         self,
-        base: &Path,
+        base: &Paths,
         span: std::ops::Range<usize>,
     ) -> Result<UpstreamTls, Invalid> {
         let client_certificate = match (self.certificate, self.key) {
             (None, None) => None,
             (Some(cert), Some(key)) => Some(CertificateFiles {
-                cert: resolve(base, cert),
-                key: resolve(base, key),
+                cert: base.resolve(cert),
+                key: base.resolve(key),
             }),
             _ => {
                 return Err((
@@ -414,7 +441,7 @@ impl RawUpstreamTls {
         };
         Ok(UpstreamTls {
             sni,
-            ca: self.ca.map(|c| resolve(base, c)),
+            ca: self.ca.map(|c| base.resolve(c)),
             client_certificate,
             verify: self.verify,
             alpn: self.alpn,

@@ -8,14 +8,14 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::edge::{
-    self, DEFAULT_HELLO_TIMEOUT, Passthrough, RawListenerTls, RawProxyAccept, RawSniRoute,
+    self, DEFAULT_HELLO_TIMEOUT, Passthrough, Paths, RawListenerTls, RawProxyAccept, RawSniRoute,
 };
 use super::upstream::RawUpstream;
 use super::values::{DurationValue, address, at_least_one, positive};
 use super::{
     AccessLogConfig, Admin, Config, DEFAULT_ACCESS_LOG_BUFFER, DEFAULT_ADMIN_BIND, DEFAULT_BACKLOG,
     DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_SPLICE, Invalid, Listener, LogFormat,
-    MAX_WORKER_THREADS, Relay, Runtime, RuntimeMode, Upstream,
+    MAX_WORKER_THREADS, NamedFile, NamedFiles, Relay, Runtime, RuntimeMode, Upstream,
 };
 
 // ---- the file as written -------------------------------------------------------------
@@ -83,7 +83,8 @@ struct RawListener {
 
 impl RawConfig {
     pub(super) fn validate(self, path: &Path) -> Result<Config, Invalid> {
-        let base = path.parent().unwrap_or(Path::new("."));
+        let paths = Paths::new(path);
+        let base = &paths;
         let drain_timeout = positive(self.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?;
         let admin_default = DEFAULT_ADMIN_BIND
             .parse()
@@ -206,6 +207,7 @@ impl RawConfig {
                 }
                 bind.push(a);
             }
+            let max_connections_set = raw.max_connections.is_some();
             let max_connections = match raw.max_connections {
                 None => DEFAULT_MAX_CONNECTIONS,
                 Some(m) if *m.get_ref() == 0 => {
@@ -226,6 +228,7 @@ impl RawConfig {
                 bind,
                 upstream,
                 max_connections,
+                max_connections_set,
                 backlog,
                 tls,
                 proxy_protocol,
@@ -257,6 +260,18 @@ impl RawConfig {
             relay,
             listeners,
             upstreams,
+            named_files: NamedFiles(
+                paths
+                    .into_named()
+                    .into_iter()
+                    .map(|(path, span)| NamedFile {
+                        path,
+                        span,
+                        line: 0,
+                        column: 0,
+                    })
+                    .collect(),
+            ),
         })
     }
 }

@@ -1,13 +1,12 @@
 //! The `[[upstream]]` table as written (serde, `deny_unknown_fields`) and its validation
 //! into an [`Upstream`]: backends, queue, health checks, passive ejection and lifetimes.
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::edge::{ProxyVersion, RawUpstreamTls};
+use super::edge::{Paths, ProxyVersion, RawUpstreamTls};
 use super::values::{DurationValue, address, at_least_one, count, positive};
 use super::{
     Backend, BackendRemoved, Balance, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT,
@@ -76,7 +75,7 @@ struct RawBackend {
 }
 
 impl RawUpstream {
-    pub(super) fn validate(self, name: String, base: &Path) -> Result<Upstream, Invalid> {
+    pub(super) fn validate(self, name: String, base: &Paths) -> Result<Upstream, Invalid> {
         if self.backends.is_empty() {
             return Err((
                 self.name.span(),

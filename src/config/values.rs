@@ -13,15 +13,27 @@ use super::Invalid;
 /// here rather than during deserialization so that an error inside a list points at
 /// the element, not the list.
 pub(super) fn address(value: &Spanned<String>) -> Result<SocketAddr, Invalid> {
-    value.get_ref().parse().map_err(|_| {
-        (
-            value.span(),
-            format!(
-                "invalid address {:?}: expected an IP address and port, like \"127.0.0.1:5432\" or \"[::1]:5432\"",
-                value.get_ref()
-            ),
-        )
+    let text = value.get_ref();
+    text.parse().map_err(|_| {
+        let why = match port_out_of_range(text) {
+            Some(port) => format!("port {port} is out of range (0 to 65535)"),
+            None => "expected an IP address and port, like \"127.0.0.1:5432\" or \"[::1]:5432\""
+                .to_string(),
+        };
+        (value.span(), format!("invalid address {text:?}: {why}"))
     })
+}
+
+/// The port of `text` if it is an IP address and a number too large for a port.
+fn port_out_of_range(text: &str) -> Option<&str> {
+    let (host, port) = text.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let is_number = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    (is_number && host.parse::<std::net::IpAddr>().is_ok() && port.parse::<u16>().is_err())
+        .then_some(port)
 }
 
 /// A duration written as a string with a unit.

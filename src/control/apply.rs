@@ -106,11 +106,19 @@ impl Server {
             Ok(m) => m,
             Err(e) => return self.reload_failed(&e.to_string()),
         };
-        if same_text && material.fingerprint == previous.tls_fingerprint {
-            // What runs is what is on disk: a file that failed earlier and was restored
-            // no longer counts as a failed reload.
+        if *config == *previous.config && material.fingerprint == previous.tls_fingerprint {
+            // What runs is what is on disk (a file that failed earlier and was restored
+            // no longer counts as a failed reload), and nothing that a reload applies
+            // changed: the generation counts only changes that took effect.
             self.metrics.config_last_reload_successful.set(1);
-            tracing::debug!(?trigger, "config and TLS files unchanged");
+            self.applied_text = text;
+            match trigger {
+                Trigger::Signal => tracing::info!("reload requested (SIGHUP): nothing changed"),
+                Trigger::File if !same_text => tracing::info!(
+                    "config file changed, but nothing that a reload applies: generation stays"
+                ),
+                Trigger::File => tracing::debug!("config and TLS files unchanged"),
+            }
             return;
         }
         let generation = previous.generation + 1;

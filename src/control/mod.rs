@@ -89,6 +89,9 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
             AccessLog::start(a, metrics.access_log_dropped.clone()).map_err(Error::Watch)?,
         )),
     };
+    let config = Arc::new(config);
+    // Before anything is bound: a certificate that cannot load is a config error.
+    let material = apply::load_tls(&config).await?;
     let (events_tx, mut events) = signals::listen().map_err(Error::Watch)?;
     let file_watch = watch::start(&config.source, events_tx).map_err(Error::Watch)?;
     let process_cap = process_cap(&config, &workers);
@@ -142,8 +145,6 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         cut: shutdown.cut.clone(),
         status: Arc::clone(&status),
     };
-    let config = Arc::new(config);
-    let material = apply::load_tls(&config).await?;
     let started = server.apply(Arc::clone(&config), text, material, 0)?;
     drop(started);
 
@@ -197,6 +198,10 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     Ok(())
 }
 
+/// What a listener with the default `max_connections` counts as when the start checks
+/// the process cap: an open-file limit of a few thousand passes without a warning.
+const WARN_DEFAULT_AS: usize = 1024;
+
 /// How many proxied connections the open-file limit allows in all. Per-core workers
 /// hold descriptors of their own, which proxied connections must not take either.
 /// (Addresses a reload adds later draw on the general reserve, as in multi_thread mode.)
@@ -209,7 +214,16 @@ fn process_cap(config: &Config, workers: &Workers) -> usize {
         }
     };
     let process_cap = listener::fit_file_limit(extra_fds);
-    let wanted: usize = config.listeners.iter().map(|l| l.max_connections).sum();
+    // A listener left at the default counts as WARN_DEFAULT_AS: the process cap bounds
+    // it anyway, and a default should not warn on a common open-file limit.
+    let wanted: usize = config
+        .listeners
+        .iter()
+        .map(|l| match l.max_connections_set {
+            true => l.max_connections,
+            false => WARN_DEFAULT_AS.min(l.max_connections),
+        })
+        .sum();
     if wanted > process_cap {
         tracing::warn!(
             sum_of_max_connections = wanted,

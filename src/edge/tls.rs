@@ -23,18 +23,33 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use crate::config::{self, CertificateFiles, Config, TlsVersion};
 use crate::metrics::HandshakeResult;
 
-/// Why TLS material could not be loaded; always names the file.
+/// Why TLS material could not be loaded; always names the file, and the config file,
+/// line and column of the key that names it.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {what}", path.display())]
+#[error("{}{}: {what}", named_at(config, *place), path.display())]
 pub struct TlsError {
     pub path: PathBuf,
     pub what: String,
+    /// The config file that names `path`, and where (line, column).
+    pub config: PathBuf,
+    pub place: Option<(usize, usize)>,
+}
+
+/// `config.toml:12:9: ` (or `config.toml: ` when the place is unknown).
+fn named_at(config: &Path, place: Option<(usize, usize)>) -> String {
+    match place {
+        _ if config.as_os_str().is_empty() => String::new(),
+        Some((line, column)) => format!("{}:{line}:{column}: ", config.display()),
+        None => format!("{}: ", config.display()),
+    }
 }
 
 fn error(path: &Path, what: impl std::fmt::Display) -> TlsError {
     TlsError {
         path: path.to_path_buf(),
         what: what.to_string(),
+        config: PathBuf::new(),
+        place: None,
     }
 }
 
@@ -107,6 +122,14 @@ fn provider() -> Arc<CryptoProvider> {
 /// Reads every certificate, key and CA file `config` names. Blocking: call from
 /// `spawn_blocking` on a running server.
 pub fn load(config: &Config) -> Result<Material, TlsError> {
+    load_named(config).map_err(|mut e| {
+        e.place = config.named_files.place(&e.path);
+        e.config = config.source.clone();
+        e
+    })
+}
+
+fn load_named(config: &Config) -> Result<Material, TlsError> {
     let mut reader = Reader {
         hash: Default::default(),
         provider: provider(),

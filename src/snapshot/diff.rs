@@ -26,6 +26,9 @@ pub struct SnapshotDiff {
     /// Backend changes of upstreams both configs have, by upstream name.
     backends: Vec<(String, Changes)>,
     drain_timeout_changed: bool,
+    relay_changed: bool,
+    /// A certificate, key or CA file's content changed.
+    tls_files_changed: bool,
     /// What each upstream of the next config takes over, by name.
     carried: HashMap<String, Carried>,
     /// The next snapshot's retired backends: removed earlier or now, still in use.
@@ -87,6 +90,8 @@ impl SnapshotDiff {
             }),
             backends: Vec::new(),
             drain_timeout_changed: old.drain_timeout != next.drain_timeout,
+            relay_changed: old.relay != next.relay,
+            tls_files_changed: previous.tls_fingerprint != material.fingerprint,
             carried: HashMap::new(),
             retired: previous.retired.clone(),
             removed_backends: Vec::new(),
@@ -185,13 +190,15 @@ impl SnapshotDiff {
         self.carried.remove(name).unwrap_or_default()
     }
 
-    /// Whether applying the config changes nothing in listeners, upstreams, backends or
-    /// the drain timeout (the sections a reload applies to the running process).
+    /// Whether applying the config changes nothing that a reload applies: listeners,
+    /// upstreams, backends, the drain timeout, `[relay]`, the TLS files' content.
     pub fn is_empty(&self) -> bool {
         self.listeners.is_empty()
             && self.upstreams.is_empty()
             && self.backends.iter().all(|(_, c)| c.is_empty())
             && !self.drain_timeout_changed
+            && !self.relay_changed
+            && !self.tls_files_changed
     }
 }
 
@@ -241,6 +248,12 @@ impl fmt::Display for SnapshotDiff {
         }
         if self.drain_timeout_changed {
             parts.push("drain_timeout changed".to_string());
+        }
+        if self.relay_changed {
+            parts.push("[relay] changed".to_string());
+        }
+        if self.tls_files_changed {
+            parts.push("TLS files changed".to_string());
         }
         if parts.is_empty() {
             f.write_str("no effective change")

@@ -86,20 +86,23 @@ impl Snapshot {
     /// the first config to it as a reload applies a config to the running snapshot.
     pub fn empty(config: &Config, metrics: &Metrics) -> Snapshot {
         metrics.config_snapshots.inc();
+        let config = Config {
+            listeners: Vec::new(),
+            upstreams: Vec::new(),
+            ..config.clone()
+        };
+        // No listener or upstream names a file: what reading no TLS files gives.
+        let tls_fingerprint = tls::load(&config).map_or(0, |m| m.fingerprint);
         Snapshot {
             alive: metrics.config_snapshots.clone(),
             generation: 0,
-            config: Arc::new(Config {
-                listeners: Vec::new(),
-                upstreams: Vec::new(),
-                ..config.clone()
-            }),
+            config: Arc::new(config),
             loaded_at: crate::metrics::unix_now(),
             listeners: Vec::new(),
             upstreams: Vec::new(),
             access_log: None,
             retired: Vec::new(),
-            tls_fingerprint: 0,
+            tls_fingerprint,
         }
     }
 
