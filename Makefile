@@ -11,12 +11,13 @@ DEMO      := target/demo
 SCHEMA    := target/grafana-schema
 CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml) deploy/kubernetes/sluice.toml
 
-.PHONY: help build run test check bench bench-quick deps-run deps-test deps-bench deps-nginx demo-keys clean
+.PHONY: help build run test check deny bench bench-quick deps-run deps-test deps-check deps-deny deps-bench deps-nginx demo-keys clean
 
 help:
 	@echo "make run          build, start two demo backends and sluice on config/sluice.toml"
 	@echo "make test         the whole test suite (installs promtool first)"
-	@echo "make check        rustfmt, clippy -D warnings, sluice check on every config"
+	@echo "make check        rustfmt, clippy -D warnings, rust-version, cargo deny, sluice check on every config"
+	@echo "make deny         cargo deny check: licences, duplicates and bans, sources, advisories"
 	@echo "make bench        the benchmarks; results in target/bench/results.md"
 	@echo "make bench-quick  a shorter benchmark run, for iteration"
 	@echo "make build        the release binary, $(RELEASE)"
@@ -80,10 +81,47 @@ test: deps-test
 demo-keys:
 	@chmod 600 config/examples/certs/*.key
 
-check: demo-keys
+# clippy's incompatible_msrv (Cargo.toml, clippy.toml) flags std items newer than
+# rust-version; scripts/check-msrv.py the let-chains and the dependencies that need a
+# newer Rust. Neither replaces a build with that old toolchain, which this machine lacks.
+check: demo-keys deps-check deny
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	python3 scripts/check-msrv.py
 	$(CARGO) run --locked --quiet -- check $(CONFIGS)
+
+deps-check:
+	$(call need,python3,python3)
+
+# cargo-deny, built from crates.io when missing: about 4 minutes on this 2-core machine.
+deps-deny:
+	@command -v cargo-deny >/dev/null 2>&1 || { \
+	  echo "installing cargo-deny (cargo install --locked: a few minutes)"; \
+	  $(CARGO) install --locked cargo-deny; }
+
+# cargo deny check, as deny.toml says: licences, bans (duplicate versions too), sources,
+# and advisories.
+#
+# Advisories need the RustSec advisory database, a git repository that cargo-deny clones
+# from GitHub into $(ADVISORY_DBS). No package registry ships a copy, so where GitHub
+# cannot be reached (this workplace reaches only the package registries) the fetch fails:
+# then a clone already in $(ADVISORY_DBS) is used offline, with its date shown, and
+# with none the advisories are NOT checked, which this target says loudly (make check
+# still passes: the other three checks do not need the database).
+ADVISORY_DBS := $(or $(CARGO_HOME),$(HOME)/.cargo)/advisory-dbs
+
+deny: deps-deny
+	$(CARGO) deny --locked check bans licenses sources
+	@if timeout 120 $(CARGO) deny --locked fetch db >/dev/null 2>&1; then \
+	  $(CARGO) deny --locked --offline check advisories; \
+	elif db=$$(ls -d $(ADVISORY_DBS)/advisory-db-*/.git 2>/dev/null | head -1) && [ -n "$$db" ]; then \
+	  echo "deny: cannot fetch the RustSec advisory database; using the copy of" \
+	       "$$(git -C "$$db/.." log -1 --format=%cs) in $(ADVISORY_DBS)"; \
+	  $(CARGO) deny --locked --offline check advisories; \
+	else \
+	  echo "deny: ADVISORIES NOT CHECKED: the RustSec advisory database cannot be fetched" \
+	       "(here GitHub is out of reach) and there is no copy in $(ADVISORY_DBS)"; \
+	fi
 
 # nginx with its stream module: a benchmark peer, and in the tests a backend that reads
 # the PROXY headers sluice sends.

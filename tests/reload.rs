@@ -141,7 +141,7 @@ fn churn_config(backends: &[SocketAddr], i: usize) -> String {
     let list: Vec<(SocketAddr, u32)> = backends
         .iter()
         .enumerate()
-        .filter(|(k, _)| i % 2 == 0 || *k != (i / 2) % backends.len())
+        .filter(|(k, _)| i.is_multiple_of(2) || *k != (i / 2) % backends.len())
         .map(|(k, a)| (*a, 1 + ((i + k) % 3) as u32))
         .collect();
     weighted("", &list)
