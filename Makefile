@@ -82,12 +82,12 @@ demo-keys:
 	@chmod 600 config/examples/certs/*.key
 
 # clippy's incompatible_msrv (Cargo.toml, clippy.toml) flags std items newer than
-# rust-version; scripts/check-msrv.py the let-chains and the dependencies that need a
+# rust-version; .ci/check-msrv.py the let-chains and the dependencies that need a
 # newer Rust. Neither replaces a build with that old toolchain, which this machine lacks.
 check: demo-keys deps-check deny
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
-	python3 scripts/check-msrv.py
+	python3 .ci/check-msrv.py
 	$(CARGO) run --locked --quiet -- check $(CONFIGS)
 
 deps-check:
@@ -99,7 +99,7 @@ deps-deny:
 	  echo "installing cargo-deny (cargo install --locked: a few minutes)"; \
 	  $(CARGO) install --locked cargo-deny; }
 
-# cargo deny check, as deny.toml says: licences, bans (duplicate versions too), sources,
+# cargo deny check, as .deny.toml says: licences, bans (duplicate versions too), sources,
 # and advisories.
 #
 # Advisories need the RustSec advisory database, a git repository that cargo-deny clones

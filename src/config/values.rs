@@ -61,7 +61,7 @@ pub(super) fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<
         (1_000, "s"),
     ]
     .iter()
-    .find(|(unit, _)| ms % unit == 0 && ms > 0)
+    .find(|(unit, _)| ms.is_multiple_of(*unit) && ms > 0)
     .map_or_else(
         || format!("{ms}ms"),
         |(unit, name)| format!("{}{name}", ms / unit),

@@ -14,7 +14,7 @@ dependency that uses newer Rust than it declares (or declares nothing). Only bui
 the old toolchain itself proves it; where one can be installed, `cargo +1.88 check
 --all-targets` is the real test.
 
-Usage: scripts/check-msrv.py  (from anywhere; reads the package around it)
+Usage: .ci/check-msrv.py  (from anywhere; reads the package around it)
 """
 
 import json
