@@ -39,6 +39,9 @@
 //! 5. Counters and histograms are recorded through handles resolved when the snapshot was
 //!    built, and one log line records the connection.
 
+// Every `pub` item is reachable from the crate root, or says `pub(crate)`: what the
+// library exports is deliberate. (For the library only: test helpers are `pub` by habit.)
+#![warn(unreachable_pub)]
 // Tests may panic on a broken expectation; the data path may not.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 

@@ -41,7 +41,9 @@ label!(
 );
 
 /// One handle per value of label `L`, built by `make` for each value.
-pub fn per_value<L: Label + EnumCount, H, const N: usize>(make: impl FnMut(L) -> H) -> [H; N] {
+pub(super) fn per_value<L: Label + EnumCount, H, const N: usize>(
+    make: impl FnMut(L) -> H,
+) -> [H; N] {
     const { assert!(N == L::COUNT, "one handle per label value") };
     let mut make = make;
     std::array::from_fn(|i| make(L::VARIANTS[i]))

@@ -10,7 +10,7 @@ use crate::upstream::balance::round_robin::gcd;
 
 /// Size of the Maglev lookup table: a prime well above 100 x the backends of any sane
 /// upstream, which keeps each backend's share within about 1% of its weight.
-pub const MAGLEV_TABLE_SIZE: usize = 65_537;
+pub(crate) const MAGLEV_TABLE_SIZE: usize = 65_537;
 
 /// Maglev consistent hashing (Eisenbud et al., NSDI 2016) on the client's IP address,
 /// with weights. The hash functions are fixed (FNV-1a, then a splitmix64 finalizer),
