@@ -342,6 +342,12 @@ impl Prometheus {
         })
         .await
     }
+
+    /// The number of samples of sluice Prometheus has scraped so far.
+    async fn scrapes(&self) -> f64 {
+        let series = self.series("count_over_time(sluice_build_info[1h])").await;
+        series.first().map_or(0.0, |(_, n)| *n)
+    }
 }
 
 impl Drop for Prometheus {
@@ -460,7 +466,13 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             sluice.rewrite(traffic_config(echo.addr, dead.addr, 2, &cert));
             sluice.wait_generation(1).await;
         }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Each round's traffic in a scrape of its own (rates need a sample on each
+        // side): wait for the scrape after this round, and one more after that.
+        let scraped = prometheus.scrapes().await;
+        eventually_within("two scrapes after the round", SLOW, async || {
+            prometheus.scrapes().await >= scraped + 2.0
+        })
+        .await;
     }
     prometheus.wait_for("sluice_config_generation == 1").await;
     prometheus

@@ -389,66 +389,107 @@ async fn removing_a_listener_keeps_its_connections_and_adding_one_accepts_at_onc
         .await;
 }
 
-/// A connection to backend a, then a reload that replaces a with b under `policy`.
-async fn remove_backend(policy: &str) -> (Sluice, TcpStream, Backend, Backend) {
+/// For each of `policies`, a listener of that name in front of an upstream of that
+/// name and `on_backend_removed` policy; a connection through each to backend a, then a
+/// reload that replaces a with b in every upstream.
+async fn remove_backend(policies: &[&str]) -> (Sluice, Vec<TcpStream>, Backend, Backend) {
     let (a, b) = (tagged(b'a').await, tagged(b'b').await);
-    let extra = format!("on_backend_removed = \"{policy}\"");
     let text = |backend: SocketAddr| {
-        Fixture::front(&[backend])
-            .set("drain_timeout = \"700ms\"")
-            .upstream_keys(&extra)
+        let mut f = Fixture::new().set("drain_timeout = \"700ms\"");
+        for p in policies {
+            f = f.listener(p).to(p);
+        }
+        for p in policies {
+            f = f
+                .upstream(p)
+                .upstream_keys(&format!("on_backend_removed = \"{p}\""))
+                .backend(backend);
+        }
+        f
     };
     let sluice = Sluice::start(text(a.addr)).await;
-    let (held, tag) = connect_tagged(sluice.addr("front"), None).await;
-    assert_eq!(tag, b'a');
+    let mut held = Vec::new();
+    for p in policies {
+        let (s, tag) = connect_tagged(sluice.addr(p), None).await;
+        assert_eq!(tag, b'a');
+        held.push(s);
+    }
     sluice.rewrite(text(b.addr));
     sluice.wait_generation(1).await;
-    assert_eq!(
-        connect_tagged(sluice.addr("front"), None).await.1,
-        b'b',
-        "new connections go to b"
-    );
+    for p in policies {
+        assert_eq!(
+            connect_tagged(sluice.addr(p), None).await.1,
+            b'b',
+            "new connections go to b"
+        );
+    }
     (sluice, held, a, b)
+}
+
+/// Whether `line` is the close of a connection through `listener` for the removal of
+/// its backend.
+fn closed_for_removal(line: &str, listener: &str) -> bool {
+    line.contains(&format!("listener={listener} ")) && line.contains("reason=\"backend_removed\"")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_backend_removed_keep_leaves_open_connections_alone() {
-    let (sluice, mut held, _a, _b) = remove_backend("keep").await;
-    held.write_all(b"?").await.unwrap();
-    assert_eq!(read_n(&mut held, 1).await, b"?");
+    // Beside it, the same removal under `drain`: once that has closed its connection,
+    // the drain timeout is past.
+    let (sluice, mut held, _a, _b) = remove_backend(&["keep", "drain"]).await;
+    let [keep, drain] = held.as_mut_slice() else {
+        unreachable!("one connection per policy")
+    };
+    keep.write_all(b"?").await.unwrap();
+    assert_eq!(read_n(keep, 1).await, b"?");
+    let closed = until_closed(drain).await;
+    assert!(closed.is_err() || closed.unwrap() == 0);
+    sluice
+        .wait_log_where("the drained connection closed", |l| {
+            closed_for_removal(l, "drain")
+        })
+        .await;
     // Past the drain timeout, still open.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    held.write_all(b"!").await.unwrap();
-    assert_eq!(read_n(&mut held, 1).await, b"!");
-    assert!(!sluice.log().iter().any(|l| l.contains("backend_removed")));
+    keep.write_all(b"!").await.unwrap();
+    assert_eq!(read_n(keep, 1).await, b"!");
+    assert!(!sluice.log().iter().any(|l| closed_for_removal(l, "keep")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_backend_removed_drain_closes_after_drain_timeout() {
     let started = std::time::Instant::now();
-    let (sluice, mut held, _a, _b) = remove_backend("drain").await;
+    let (sluice, mut held, _a, _b) = remove_backend(&["drain"]).await;
+    let held = &mut held[0];
     held.write_all(b"?").await.unwrap();
     assert_eq!(
-        read_n(&mut held, 1).await,
+        read_n(held, 1).await,
         b"?",
         "still open right after the reload"
     );
-    let closed = until_closed(&mut held).await;
+    let closed = until_closed(held).await;
     assert!(closed.is_err() || closed.unwrap() == 0);
     assert!(
         started.elapsed() >= Duration::from_millis(700),
         "{:?}",
         started.elapsed()
     );
-    sluice.wait_log("reason=\"backend_removed\"").await;
+    sluice
+        .wait_log_where("the close for the removal", |l| {
+            closed_for_removal(l, "drain")
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_backend_removed_close_closes_at_once() {
-    let (sluice, mut held, _a, _b) = remove_backend("close").await;
-    let closed = until_closed(&mut held).await;
+    let (sluice, mut held, _a, _b) = remove_backend(&["close"]).await;
+    let closed = until_closed(&mut held[0]).await;
     assert!(closed.is_err() || closed.unwrap() == 0);
-    sluice.wait_log("reason=\"backend_removed\"").await;
+    sluice
+        .wait_log_where("the close for the removal", |l| {
+            closed_for_removal(l, "close")
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -619,13 +660,11 @@ async fn served(addr: SocketAddr) -> TcpStream {
     s
 }
 
-/// Whether `s` (which wrote a byte) gets nothing back within half a second: it waits
-/// in the kernel's backlog, not accepted.
-async fn kept_waiting(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    tokio::time::timeout(Duration::from_millis(500), s.read(&mut b))
-        .await
-        .is_err()
+/// Whether `s` (which wrote a byte) is kept waiting at `addr`: once the kernel holds
+/// it in the accept queue (sluice, at its cap, accepts nothing), it has nothing back.
+async fn kept_waiting(addr: SocketAddr, s: &TcpStream) -> bool {
+    wait_accept_queue(addr, 1).await;
+    nothing_to_read(s)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,7 +694,7 @@ async fn max_connections_lowered_and_raised_by_reload_with_connections_open() {
         })
         .await;
     assert!(
-        kept_waiting(&mut waiting).await,
+        kept_waiting(addr, &waiting).await,
         "let in over the lowered maximum"
     );
     open.clear();
@@ -665,7 +704,7 @@ async fn max_connections_lowered_and_raised_by_reload_with_connections_open() {
     let mut second = TcpStream::connect(addr).await.unwrap();
     second.write_all(b"s").await.unwrap();
     assert!(
-        kept_waiting(&mut second).await,
+        kept_waiting(addr, &second).await,
         "let in over the maximum of 1"
     );
     sluice.rewrite(capped(2, backend.addr));

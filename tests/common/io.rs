@@ -72,6 +72,12 @@ pub async fn until_closed(s: &mut TcpStream) -> std::io::Result<usize> {
     }
 }
 
+/// Whether `s` has nothing to read yet (no byte, no EOF, no error), without waiting.
+pub fn nothing_to_read(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 /// Waits until a connect to `addr` is refused, closing any connection that still lands.
 pub async fn until_refused(addr: SocketAddr) {
     eventually(

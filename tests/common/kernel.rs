@@ -1,4 +1,6 @@
-//! What the kernel shows about sockets (`/proc/net/tcp`, `/proc/PID/fd`).
+//! What the kernel shows about sockets (`/proc/net/tcp`, `/proc/PID/fd`): the state a
+//! test waits on when sluice itself has nothing to report, such as a client left
+//! waiting in a listening socket's accept queue.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -7,6 +9,8 @@ use std::net::SocketAddr;
 struct Row {
     local: String,
     listening: bool,
+    /// For a listening socket, the connections in its accept queue.
+    rx_queue: usize,
     inode: u64,
 }
 
@@ -18,10 +22,13 @@ fn rows(addr: SocketAddr) -> Vec<Row> {
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            // Columns: sl, local, remote, state (0A is LISTEN), ..., inode (the tenth).
+            // Columns: sl, local, remote, state (0A is LISTEN), tx:rx queues, ..., inode
+            // (the tenth).
+            let (_, rx) = f[4].split_once(':')?;
             Some(Row {
                 local: f[1].to_string(),
                 listening: f[3] == "0A",
+                rx_queue: usize::from_str_radix(rx, 16).ok()?,
                 inode: f[9].parse().ok()?,
             })
         })
@@ -62,4 +69,29 @@ pub fn listening_sockets(pid: u32, addr: SocketAddr) -> usize {
         .iter()
         .filter(|r| r.listening && ours.contains(&r.inode))
         .count()
+}
+
+/// Connections that completed their handshake on `addr` and wait to be accepted, over
+/// every listening socket there (one per worker with SO_REUSEPORT).
+pub fn accept_queue(addr: SocketAddr) -> usize {
+    rows(addr)
+        .iter()
+        .filter(|r| r.listening)
+        .map(|r| r.rx_queue)
+        .sum()
+}
+
+/// Waits until `n` connections wait in `addr`'s accept queue: clients that sluice, at
+/// its connection cap, leaves there rather than accepting.
+pub async fn wait_accept_queue(addr: SocketAddr, n: usize) {
+    let what = format!("{n} connections waiting to be accepted on {addr}");
+    super::eventually::eventually(&what, async || {
+        let queued = accept_queue(addr);
+        if queued == n {
+            Ok(())
+        } else {
+            Err(format!("{queued} waiting"))
+        }
+    })
+    .await
 }

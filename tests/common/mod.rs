@@ -9,7 +9,7 @@
 //! - [`io`]: payloads and exchanges, HTTP GET, text files.
 //! - [`eventually`]: the one way to wait, [`eventually()`], and its deadlines.
 //! - [`metrics`]: the exposition parser, [`Metrics`].
-//! - [`kernel`]: socket state the kernel shows (listening sockets).
+//! - [`kernel`]: socket state the kernel shows (accept queues, listening sockets).
 //! - [`pki`]: certificates made by `openssl`, and `openssl s_server` / `s_client`.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
