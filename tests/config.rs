@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
-use sluice::config::{Config, ConfigError};
+use sluice::config::Config;
 
 const LISTENER: &str =
     "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:7000\"]\nupstream = \"app\"\n";
@@ -280,23 +280,14 @@ fn invalid_configs() -> Vec<Invalid> {
     ]
 }
 
-/// What is wrong with how `Config::parse` refused `case`, if anything.
+/// What is wrong with how `Config::parse` refused `case`, if anything. Only the error's
+/// text is read, as `sluice check` prints it: the error type is the library's business.
 fn refused_as_expected(case: &Invalid, path: &Path) -> Result<(), String> {
-    let err = match Config::parse(&case.text, path) {
+    let shown = match Config::parse(&case.text, path) {
         Ok(_) => return Err("accepted".to_string()),
-        Err(e) => e,
-    };
-    let shown = err.to_string();
-    let ConfigError::Invalid(located) = &err else {
-        return Err(format!("not located: {shown}"));
+        Err(e) => e.to_string(),
     };
     let (line, col) = case.at;
-    if (located.line, located.column) != case.at {
-        return Err(format!(
-            "at {}:{}, not {line}:{col}: {shown}",
-            located.line, located.column
-        ));
-    }
     let at = format!("{}:{line}:{col}: ", path.display());
     if !shown.starts_with(&at) {
         return Err(format!("expected {at} in:\n{shown}"));
