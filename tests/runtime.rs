@@ -153,7 +153,7 @@ async fn a_reload_adds_a_listener_and_leaves_the_runtime_to_a_restart() {
 async fn sigterm_drains_a_stream_in_flight_and_exits_0() {
     const MIB: usize = 1024 * 1024;
     let backend = Backend::echo().await;
-    let mut sluice = Sluice::with(Fixture::front(&[backend.addr]).set("drain_timeout = \"60s\""))
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]).set("drain_timeout = \"60s\""))
         .per_core(2)
         .start()
         .await;

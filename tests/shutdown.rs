@@ -21,7 +21,7 @@ async fn wait_not_ready(sluice: &Sluice) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
     let backend = Backend::echo().await;
-    let mut sluice =
+    let sluice =
         Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"60s\"")).await;
     assert_eq!(sluice.get("/readyz").await.0, 200);
     let addr = sluice.addr("front");
@@ -54,8 +54,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_longer_than_drain_timeout_is_cut_at_the_deadline() {
     let backend = Backend::echo().await;
-    let mut sluice =
-        Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"1s\"")).await;
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"1s\"")).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"still here").await.unwrap();
     assert_eq!(read_n(&mut s, 10).await, b"still here");
@@ -83,8 +82,7 @@ async fn a_stream_longer_than_drain_timeout_is_cut_at_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let backend = Backend::echo().await;
-    let mut sluice =
-        Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"1h\"")).await;
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"1h\"")).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"x").await.unwrap();
     assert_eq!(read_n(&mut s, 1).await, b"x");
@@ -107,7 +105,7 @@ async fn systemd_is_told_ready_then_stopping() {
     // The harness names its own socket in NOTIFY_SOCKET, and starts no test before
     // READY=1 came: here, what sluice sent it.
     let backend = Backend::echo().await;
-    let mut sluice = Sluice::start(Fixture::front(&[backend.addr])).await;
+    let sluice = Sluice::start(Fixture::front(&[backend.addr])).await;
     let ready = format!("READY=1\nSTATUS=ready; admin endpoint on {}", sluice.admin);
     assert_eq!(sluice.notifications(), [ready], "READY=1 once listening");
     let sent = data(1000, 1);

@@ -79,11 +79,13 @@ pub fn nothing_to_read(s: &TcpStream) -> bool {
 }
 
 /// Waits until a connect to `addr` is refused, closing any connection that still lands.
+/// A reset is a connect caught in the accept queue as the listening socket closed.
 pub async fn until_refused(addr: SocketAddr) {
     eventually(
         &format!("connects to {addr} refused"),
         async || match TcpStream::connect(addr).await {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Err("a connect reset"),
             Err(e) => panic!("unexpected connect error: {e}"),
             Ok(_) => Err("a connect was accepted"),
         },

@@ -1,9 +1,10 @@
 //! The test harness: the real `sluice` binary on port 0, in front of real backends on
 //! loopback, driven the way an operator or systemd would drive it.
 //!
-//! - [`sluice`]: the process driver, a [`Sluice`] started by [`Sluice::with`]; it learns
-//!   readiness from `$NOTIFY_SOCKET` and its addresses from the admin endpoint, never
-//!   from log text.
+//! - [`sluice`]: the process driver, a [`Sluice`]; it learns its addresses from the
+//!   admin endpoint, never from log text.
+//! - [`launch`]: how it starts, [`Sluice::with`] and [`Launch`]; readiness comes from
+//!   `$NOTIFY_SOCKET`.
 //! - [`fixture`]: the one config builder, [`Fixture`].
 //! - [`backends`]: fake backends (echo, tagged, refusing, blackhole).
 //! - [`io`]: payloads and exchanges, HTTP GET, text files.
@@ -20,6 +21,7 @@ mod eventually;
 mod fixture;
 mod io;
 mod kernel;
+mod launch;
 mod metrics;
 pub mod pki;
 mod sluice;
@@ -29,5 +31,6 @@ pub use eventually::*;
 pub use fixture::*;
 pub use io::*;
 pub use kernel::*;
+pub use launch::*;
 pub use metrics::*;
 pub use sluice::*;
