@@ -27,7 +27,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Backend, Sluice};
+use common::{Backend, Fixture, Sluice};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -145,14 +145,17 @@ async fn run(plan: Plan) -> String {
         iperf.routes[0],
         http.routes[0],
     ];
-    let mut config = String::new();
-    for (name, backend) in &routes {
-        config.push_str(&format!(
-            "[[listener]]\nname = \"{name}\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"{name}\"\nmax_connections = 9000\n\
-             [[upstream]]\nname = \"{name}\"\n[[upstream.backend]]\naddress = \"{backend}\"\n"
-        ));
+    let mut config = Fixture::new();
+    for (name, _) in &routes {
+        config = config
+            .listener(name)
+            .to(name)
+            .listener_keys("max_connections = 9000");
     }
-    let sluice = Sluice::start_quiet(&config);
+    for (name, backend) in &routes {
+        config = config.upstream(name).backend(*backend);
+    }
+    let sluice = Sluice::with(&config).quiet().start().await;
     let through = |s: &Sluice| -> Vec<(&'static str, SocketAddr)> {
         routes.iter().map(|(n, _)| (*n, s.addr(n))).collect()
     };
@@ -168,7 +171,10 @@ async fn run(plan: Plan) -> String {
             .iter()
             .find(|(n, _)| *n == name)
             .unwrap_or_else(|| panic!("SLUICE_BENCH_ALSO: no variant {name:?}; see VARIANTS"));
-        let variant = Sluice::start_quiet(&format!("{extra}{config}"));
+        let variant = Sluice::with(config.clone().table(extra))
+            .quiet()
+            .start()
+            .await;
         targets.push(Target::new(name, &through(&variant), Some(variant.pid())));
         variants.push(variant);
     }

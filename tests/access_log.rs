@@ -5,16 +5,17 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::*;
 
-fn with_log(path: &Path, extra: &str, backends: &[std::net::SocketAddr]) -> String {
-    format!(
-        "[access_log]\npath = \"{}\"\n{extra}\n{}",
-        path.display(),
-        config("retries = 0", backends)
-    )
+/// `front` in front of `backends`, with an access log at `path` and `extra` keys in it.
+fn with_log(path: &Path, extra: &str, backends: &[std::net::SocketAddr]) -> Fixture {
+    Fixture::front(backends)
+        .upstream_keys("retries = 0")
+        .table(&format!(
+            "[access_log]\npath = \"{}\"\n{extra}",
+            path.display()
+        ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,7 +23,7 @@ async fn one_json_line_per_connection_with_its_fields() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
     let live = Backend::echo().await;
-    let sluice = Sluice::start(&with_log(&path, "format = \"json\"", &[live.addr]));
+    let sluice = Sluice::start(with_log(&path, "format = \"json\"", &[live.addr])).await;
     let sent = data(12_345, 1);
     assert_eq!(exchange(sluice.addr("front"), &sent).await, sent);
 
@@ -44,7 +45,7 @@ async fn a_rejected_connection_is_logged_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
     let dead = refusing();
-    let sluice = Sluice::start(&with_log(&path, "", &[dead.addr]));
+    let sluice = Sluice::start(with_log(&path, "", &[dead.addr])).await;
     let mut s = tokio::net::TcpStream::connect(sluice.addr("front"))
         .await
         .unwrap();
@@ -74,11 +75,7 @@ async fn a_log_that_blocks_never_stalls_connections_and_drops_are_counted() {
             .success()
     );
     let live = Backend::echo().await;
-    let sluice = Sluice::start(&with_log(
-        &path,
-        &format!("buffer = {BUFFER}"),
-        &[live.addr],
-    ));
+    let sluice = Sluice::start(with_log(&path, &format!("buffer = {BUFFER}"), &[live.addr])).await;
 
     for i in 0..CONNECTIONS {
         let sent = data(1000, i as u64);
@@ -126,7 +123,7 @@ async fn sigusr1_reopens_the_file_after_logrotate_moved_it() {
     let path = dir.path().join("access.log");
     let rotated = dir.path().join("access.log.1");
     let live = Backend::echo().await;
-    let sluice = Sluice::start(&with_log(&path, "", &[live.addr]));
+    let sluice = Sluice::start(with_log(&path, "", &[live.addr])).await;
     for i in 0..3 {
         exchange(sluice.addr("front"), &data(10, i)).await;
     }
@@ -134,11 +131,7 @@ async fn sigusr1_reopens_the_file_after_logrotate_moved_it() {
 
     std::fs::rename(&path, &rotated).unwrap();
     sluice.signal("USR1");
-    let deadline = Instant::now() + PROMPTLY;
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "the file was not reopened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the file reopened", async || path.exists()).await;
     for i in 0..2 {
         exchange(sluice.addr("front"), &data(10, i)).await;
     }

@@ -39,7 +39,7 @@ const REQUIRED: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_routes() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr])).await;
 
     assert_eq!(sluice.get("/healthz").await, (200, "ok\n".to_string()));
     assert_eq!(sluice.get("/readyz").await, (200, "ready\n".to_string()));
@@ -66,7 +66,8 @@ async fn status_routes() {
 async fn metrics_pass_promtool_and_carry_the_required_names() {
     let live = Backend::echo().await;
     let dead = refusing();
-    let sluice = Sluice::start(&config("retries = 1", &[live.addr, dead.addr]));
+    let sluice =
+        Sluice::start(Fixture::front(&[live.addr, dead.addr]).upstream_keys("retries = 1")).await;
     for i in 0..4 {
         let sent = data(5000, i);
         assert_eq!(exchange(sluice.addr("front"), &sent).await, sent);
@@ -133,17 +134,19 @@ async fn metrics_pass_promtool_and_carry_the_required_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_and_access_log_changes_wait_for_a_restart_and_config_shows_what_runs() {
     let backend = Backend::echo().await;
-    let base = config("", &[backend.addr]);
-    let sluice = Sluice::start(&base);
-    let moved =
-        format!("{base}\n[admin]\nbind = \"127.0.0.2:0\"\n[access_log]\nformat = \"json\"\n");
+    let base = Fixture::front(&[backend.addr]);
+    let sluice = Sluice::start(&base).await;
+    let moved = base
+        .clone()
+        .admin("127.0.0.2:0")
+        .table("[access_log]\nformat = \"json\"");
     let warnings = |what: &str| {
         let needle = format!("a change of [{what}] applies only after a restart");
         sluice.log().iter().filter(|l| l.contains(&needle)).count()
     };
 
     sluice.rewrite(&moved);
-    sluice.wait_generation(1).await;
+    sluice.wait_reloaded(1).await;
     assert_eq!((warnings("admin"), warnings("access_log")), (1, 1));
     let (_, body) = sluice.get("/config").await;
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -151,13 +154,13 @@ async fn admin_and_access_log_changes_wait_for_a_restart_and_config_shows_what_r
     assert_ne!(json["config"]["access_log"]["format"], "json", "{body}");
 
     // Each reload compares with what runs: the file still differs, so it warns again.
-    sluice.rewrite(&moved.replace("upstream = \"app\"", "upstream = \"app\"\nbacklog = 512"));
-    sluice.wait_generation(2).await;
+    sluice.rewrite(moved.listener_keys("backlog = 512"));
+    sluice.wait_reloaded(2).await;
     assert_eq!((warnings("admin"), warnings("access_log")), (2, 2));
 
     // Back to what runs: nothing to warn about.
-    sluice.rewrite(&base.replace("upstream = \"app\"", "upstream = \"app\"\nbacklog = 256"));
-    sluice.wait_generation(3).await;
+    sluice.rewrite(base.listener_keys("backlog = 256"));
+    sluice.wait_reloaded(3).await;
     assert_eq!((warnings("admin"), warnings("access_log")), (2, 2));
     assert_eq!(
         sluice.get("/healthz").await.0,

@@ -11,10 +11,10 @@ use common::*;
 async fn random_honours_weights() {
     const N: usize = 2000;
     let (a, b) = (tagged(b'a').await, tagged(b'b').await);
-    let sluice = Sluice::start(&weighted(
-        "balance = \"random\"",
-        &[(a.addr, 1), (b.addr, 3)],
-    ));
+    let sluice = Sluice::start(
+        Fixture::front_weighted(&[(a.addr, 1), (b.addr, 3)]).upstream_keys("balance = \"random\""),
+    )
+    .await;
     let mut to_b = 0;
     for _ in 0..N {
         let (_s, tag) = connect_tagged(sluice.addr("front"), None).await;
@@ -39,10 +39,11 @@ async fn open(sluice: &Sluice, n: usize) -> Vec<(tokio::net::TcpStream, u8)> {
 /// With some connections held on each backend, new ones go where fewer are open.
 async fn prefers_the_emptier_backend(balance: &str) {
     let (a, b) = (tagged(b'a').await, tagged(b'b').await);
-    let sluice = Sluice::start(&weighted(
-        &format!("balance = \"{balance}\""),
-        &[(a.addr, 1), (b.addr, 1)],
-    ));
+    let sluice = Sluice::start(
+        Fixture::front_weighted(&[(a.addr, 1), (b.addr, 1)])
+            .upstream_keys(&format!("balance = \"{balance}\"")),
+    )
+    .await;
     let mut held = open(&sluice, 10).await;
     let on_a = held.iter().filter(|(_, t)| *t == b'a').count();
     assert_eq!(on_a, 5, "ten held connections split evenly");
@@ -80,7 +81,8 @@ async fn power_of_two_prefers_the_emptier_backend() {
 async fn maglev_sends_each_client_address_to_the_same_backend() {
     let backends = [tagged(b'a').await, tagged(b'b').await, tagged(b'c').await];
     let list: Vec<_> = backends.iter().map(|b| (b.addr, 1)).collect();
-    let sluice = Sluice::start(&weighted("balance = \"maglev\"", &list));
+    let sluice =
+        Sluice::start(Fixture::front_weighted(&list).upstream_keys("balance = \"maglev\"")).await;
     let mut per_backend = [0usize; 3];
     for host in 2..=61u8 {
         let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, host));

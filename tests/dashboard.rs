@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::pki::{self, Issued, Pki};
 use common::*;
@@ -244,6 +244,9 @@ fn the_dashboard_type_checks_against_grafanas_published_schema() {
     );
 }
 
+/// How long Prometheus may take to start, scrape and evaluate: it is slower than sluice.
+const SLOW: Duration = Duration::from_secs(60);
+
 /// Debian's prometheus on a port of its own choosing, killed (by its pid) when dropped.
 struct Prometheus {
     child: Child,
@@ -301,11 +304,10 @@ impl Prometheus {
 
     /// Waits until the storage is open and queries are answered.
     async fn ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(self.addr, "/-/ready").await.0 != 200 {
-            assert!(Instant::now() < deadline, "prometheus never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        eventually_within("prometheus ready", SLOW, async || {
+            http_get(self.addr, "/-/ready").await.0 == 200
+        })
+        .await
     }
 
     async fn query(&self, expr: &str) -> Value {
@@ -331,18 +333,20 @@ impl Prometheus {
     }
 
     async fn wait_for(&self, expr: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        eventually_within(&format!("prometheus to have {expr}"), SLOW, async || {
             let v = self.query(expr).await;
-            if v["data"]["result"]
+            let found = v["data"]["result"]
                 .as_array()
-                .is_some_and(|r| !r.is_empty())
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "prometheus never had {expr}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+                .is_some_and(|r| !r.is_empty());
+            if found { Ok(()) } else { Err(v) }
+        })
+        .await
+    }
+
+    /// The number of samples of sluice Prometheus has scraped so far.
+    async fn scrapes(&self) -> f64 {
+        let series = self.series("count_over_time(sluice_build_info[1h])").await;
+        series.first().map_or(0.0, |(_, n)| *n)
     }
 }
 
@@ -374,18 +378,29 @@ fn substitute(expr: &str, instance: &str) -> String {
 /// `front` (queueing at one connection per backend) and `broken` (a refusing backend),
 /// plus `tls` terminating TLS with `cert` in front of the same echo backend, through an
 /// upstream of its own so that its clients never take `front`'s one slot.
-fn traffic_config(echo: SocketAddr, dead: SocketAddr, weight: u32, cert: &Issued) -> String {
-    format!(
-        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\
-         [[listener]]\nname = \"broken\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"dead\"\n\
-         [[listener]]\nname = \"tls\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"secured\"\n\
-         [listener.tls]\ncertificates = [{{ cert = {:?}, key = {:?} }}]\nhandshake_timeout = \"10s\"\n\
-         [[upstream]]\nname = \"app\"\nmax_connections_per_backend = 1\nqueue = {{ max = 10, timeout = \"30s\" }}\n\
-         [[upstream.backend]]\naddress = \"{echo}\"\nweight = {weight}\n\
-         [[upstream]]\nname = \"dead\"\nretries = 0\n[[upstream.backend]]\naddress = \"{dead}\"\n\
-         [[upstream]]\nname = \"secured\"\n[[upstream.backend]]\naddress = \"{echo}\"\n",
-        cert.cert, cert.key
-    )
+fn traffic_config(echo: SocketAddr, dead: SocketAddr, weight: u32, cert: &Issued) -> Fixture {
+    Fixture::new()
+        .listener("front")
+        .to("app")
+        .listener("broken")
+        .to("dead")
+        .listener("tls")
+        .to("secured")
+        .listener_table(
+            "tls",
+            &format!(
+                "certificates = [{{ cert = {:?}, key = {:?} }}]\nhandshake_timeout = \"10s\"",
+                cert.cert, cert.key
+            ),
+        )
+        .upstream("app")
+        .upstream_keys("max_connections_per_backend = 1\nqueue = { max = 10, timeout = \"30s\" }")
+        .weighted(&[(echo, weight)])
+        .upstream("dead")
+        .upstream_keys("retries = 0")
+        .backend(dead)
+        .upstream("secured")
+        .backend(echo)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,7 +411,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     let client = pki::client_config(&pki.path("ca.pem"), None);
     let echo = tagged(b'e').await;
     let dead = refusing();
-    let sluice = Sluice::start(&traffic_config(echo.addr, dead.addr, 1, &cert));
+    let sluice = Sluice::start(traffic_config(echo.addr, dead.addr, 1, &cert)).await;
     let prometheus = Prometheus::start(sluice.admin);
     let instance = sluice.admin.to_string();
     prometheus.ready().await;
@@ -448,10 +463,16 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .ok();
 
         if round == 1 {
-            sluice.rewrite(&traffic_config(echo.addr, dead.addr, 2, &cert));
+            sluice.rewrite(traffic_config(echo.addr, dead.addr, 2, &cert));
             sluice.wait_generation(1).await;
         }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Each round's traffic in a scrape of its own (rates need a sample on each
+        // side): wait for the scrape after this round, and one more after that.
+        let scraped = prometheus.scrapes().await;
+        eventually_within("two scrapes after the round", SLOW, async || {
+            prometheus.scrapes().await >= scraped + 2.0
+        })
+        .await;
     }
     prometheus.wait_for("sluice_config_generation == 1").await;
     prometheus
@@ -540,8 +561,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     );
 
     // Every alert rule loaded and evaluated without error.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_within("every alert rule evaluated", SLOW, async || {
         let (_, body) = http_get(prometheus.addr, "/api/v1/rules").await;
         let v: Value = serde_json::from_str(&body).unwrap();
         let rules: Vec<&Value> = v["data"]["groups"]
@@ -551,22 +571,16 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
         assert_eq!(rules.len(), 6);
-        let evaluated = rules.iter().all(|r| r["health"] == "ok");
-        if evaluated {
-            break;
-        }
         let bad: Vec<String> = rules
             .iter()
             .filter(|r| r["health"] == "err")
             .map(|r| format!("{}: {}", r["name"], r["lastError"]))
             .collect();
         assert!(bad.is_empty(), "alert rules failed: {bad:?}");
-        assert!(
-            Instant::now() < deadline,
-            "alert rules never evaluated: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let evaluated = rules.iter().all(|r| r["health"] == "ok");
+        if evaluated { Ok(()) } else { Err(body.clone()) }
+    })
+    .await;
 }
 
 #[test]

@@ -35,7 +35,7 @@ async fn a_dead_backend_goes_down_after_fall_checks_and_returns_after_rise() {
     let b = tagged(b'b').await;
     let a_addr = a.addr;
     let a_label = a_addr.to_string();
-    let sluice = Sluice::start(&weighted(CHECKS, &[(a.addr, 1), (b.addr, 1)]));
+    let sluice = Sluice::start(Fixture::front(&[a.addr, b.addr]).upstream_keys(CHECKS)).await;
     sluice
         .wait_metrics("a passing check", |m| {
             m.value(
@@ -57,7 +57,7 @@ async fn a_dead_backend_goes_down_after_fall_checks_and_returns_after_rise() {
             &[("backend", &a_label), ("result", "failure")]
         ) >= 2.0
     );
-    let line = sluice.wait_log(|l| l.contains("backend down")).await;
+    let line = sluice.wait_log("backend down").await;
     assert!(line.contains("failed 2 checks"), "{line}");
     let errors_before = errors_for(&m, &a_label);
     assert_eq!(
@@ -78,7 +78,7 @@ async fn a_dead_backend_goes_down_after_fall_checks_and_returns_after_rise() {
     })
     .await;
     sluice.wait_metrics("a back up", |m| up(m, &a) == 1.0).await;
-    let line = sluice.wait_log(|l| l.contains("backend up")).await;
+    let line = sluice.wait_log("backend up").await;
     assert!(line.contains("passed 2 checks"), "{line}");
     let spread = tags(&sluice, 10).await;
     assert_eq!(spread.matches('a').count(), 5, "{spread}");
@@ -98,7 +98,7 @@ async fn send_and_expect_fail_a_backend_that_answers_wrongly() {
     let good = answering(b"+PONG\r\n").await;
     let bad = answering(b"-ERR unknown\r\n").await;
     let checks = "health_check = { interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1, send = \"PING\\r\\n\", expect = \"+PONG\" }";
-    let sluice = Sluice::start(&weighted(checks, &[(good.addr, 1), (bad.addr, 1)]));
+    let sluice = Sluice::start(Fixture::front(&[good.addr, bad.addr]).upstream_keys(checks)).await;
 
     let m = sluice
         .wait_metrics("the wrong answer failing", |m| up(m, &bad) == 0.0)
@@ -111,7 +111,7 @@ async fn send_and_expect_fail_a_backend_that_answers_wrongly() {
         ),
         0.0
     );
-    let line = sluice.wait_log(|l| l.contains("backend down")).await;
+    let line = sluice.wait_log("backend down").await;
     assert!(line.contains("does not start with the expected"), "{line}");
 }
 
@@ -119,7 +119,7 @@ async fn send_and_expect_fail_a_backend_that_answers_wrongly() {
 async fn when_every_backend_is_down_a_client_is_closed_at_once() {
     let a = tagged(b'a').await;
     let a_label = a.addr.to_string();
-    let sluice = Sluice::start(&weighted(CHECKS, &[(a.addr, 1)]));
+    let sluice = Sluice::start(Fixture::front(&[a.addr]).upstream_keys(CHECKS)).await;
     drop(a);
     sluice
         .wait_metrics("a marked down", |m| {
@@ -145,10 +145,11 @@ async fn consecutive_connect_failures_eject_a_backend() {
     let dead = refusing();
     let live = tagged(b'l').await;
     let dead_label = dead.addr.to_string();
-    let sluice = Sluice::start(&weighted(
-        "retries = 1\npassive_ejection = { failures = 2, duration = \"1h\" }",
-        &[(dead.addr, 1), (live.addr, 1)],
-    ));
+    let sluice = Sluice::start(
+        Fixture::front(&[dead.addr, live.addr])
+            .upstream_keys("retries = 1\npassive_ejection = { failures = 2, duration = \"1h\" }"),
+    )
+    .await;
 
     assert_eq!(tags(&sluice, 10).await, "llllllllll");
 
@@ -169,5 +170,5 @@ async fn consecutive_connect_failures_eject_a_backend() {
         m.value("sluice_backend_up", &[("backend", &dead_label)]),
         0.0
     );
-    sluice.wait_log(|l| l.contains("backend ejected")).await;
+    sluice.wait_log("backend ejected").await;
 }

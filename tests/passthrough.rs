@@ -12,16 +12,17 @@ use common::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// Routes `a.pass.test` to `a` and `*.b.test` to `b`; `default` as written
-/// (`upstream = "..."` or nothing).
-fn routes(a: SocketAddr, b: SocketAddr, listener_extra: &str) -> String {
-    format!(
-        "[[listener]]\nname = \"sni\"\nbind = [\"127.0.0.1:0\"]\n{listener_extra}\n\
-         [[listener.route]]\nsni = [\"a.pass.test\"]\nupstream = \"a\"\n\
-         [[listener.route]]\nsni = [\"*.b.test\"]\nupstream = \"b\"\n\n\
-         [[upstream]]\nname = \"a\"\n[[upstream.backend]]\naddress = \"{a}\"\n\
-         [[upstream]]\nname = \"b\"\n[[upstream.backend]]\naddress = \"{b}\"\n"
-    )
+/// Listener `sni` routing `a.pass.test` to `a` and `*.b.test` to `b`, with no default
+/// upstream.
+fn routes(a: SocketAddr, b: SocketAddr) -> Fixture {
+    Fixture::new()
+        .listener("sni")
+        .route(&["a.pass.test"], "a")
+        .route(&["*.b.test"], "b")
+        .upstream("a")
+        .backend(a)
+        .upstream("b")
+        .backend(b)
 }
 
 struct Setup {
@@ -58,7 +59,7 @@ async fn round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_name_reaches_its_own_backend_and_certificate() {
     let setup = backends();
-    let sluice = Sluice::start(&routes(setup.a.addr, setup.b.addr, ""));
+    let sluice = Sluice::start(routes(setup.a.addr, setup.b.addr)).await;
     let addr = sluice.addr("sni");
     let ca = setup.pki.path("ca.pem");
     let ca_arg = ca.to_str().unwrap();
@@ -92,7 +93,7 @@ async fn each_name_reaches_its_own_backend_and_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_hello_sent_one_byte_per_write_still_routes() {
     let setup = backends();
-    let sluice = Sluice::start(&routes(setup.a.addr, setup.b.addr, ""));
+    let sluice = Sluice::start(routes(setup.a.addr, setup.b.addr)).await;
     let tcp = TcpStream::connect(sluice.addr("sni")).await.unwrap();
     tcp.set_nodelay(true).unwrap();
     let config = pki::client_config(&setup.pki.path("ca.pem"), None);
@@ -115,7 +116,9 @@ fn big_hello(ca: &std::path::Path, n: usize) -> Arc<rustls::ClientConfig> {
 async fn a_large_hello_routes_and_one_over_the_cap_is_refused() {
     let setup = backends();
     let ca = setup.pki.path("ca.pem");
-    let sluice = Sluice::start(&routes(setup.a.addr, setup.b.addr, "max_hello_size = 4096"));
+    let sluice =
+        Sluice::start(routes(setup.a.addr, setup.b.addr).listener_keys("max_hello_size = 4096"))
+            .await;
     let addr = sluice.addr("sni");
 
     // About 2,200 bytes: routed.
@@ -144,11 +147,10 @@ async fn a_large_hello_routes_and_one_over_the_cap_is_refused() {
 async fn garbage_silence_and_unknown_names_are_closed_and_counted() {
     let setup = backends();
     let ca = setup.pki.path("ca.pem");
-    let sluice = Sluice::start(&routes(
-        setup.a.addr,
-        setup.b.addr,
-        "hello_timeout = \"300ms\"",
-    ));
+    let sluice = Sluice::start(
+        routes(setup.a.addr, setup.b.addr).listener_keys("hello_timeout = \"300ms\""),
+    )
+    .await;
     let addr = sluice.addr("sni");
     let baseline = sluice.open_files();
 
@@ -187,7 +189,7 @@ async fn garbage_silence_and_unknown_names_are_closed_and_counted() {
     sluice.wait_open_files_at_most(baseline).await;
 
     // With a default upstream, an unknown name goes there.
-    let sluice = Sluice::start(&routes(setup.a.addr, setup.b.addr, "upstream = \"b\""));
+    let sluice = Sluice::start(routes(setup.a.addr, setup.b.addr).to("b")).await;
     let tcp = TcpStream::connect(sluice.addr("sni")).await.unwrap();
     let mut config = (*pki::client_config(&ca, None)).clone();
     // b's certificate does not name `nobody.test`: accept it for this check only by

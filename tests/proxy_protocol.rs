@@ -13,17 +13,19 @@ use common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-/// A listener accepting PROXY headers from `trusted`, in front of `backends`, with a
-/// JSON access log at `log`.
-fn accepting(trusted: &str, extra: &str, log: &Path, backends: &[SocketAddr]) -> String {
-    let mut c = format!(
-        "[access_log]\npath = \"{}\"\nformat = \"json\"\n\n[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\nproxy_protocol = {{ trusted = [{trusted}], timeout = \"500ms\" }}\n\n[[upstream]]\nname = \"app\"\nretries = 0\n{extra}\n",
-        log.display()
-    );
-    for b in backends {
-        c.push_str(&format!("[[upstream.backend]]\naddress = \"{b}\"\n"));
-    }
-    c
+/// A listener accepting PROXY headers from `trusted`, in front of `backends` (with
+/// `extra` upstream keys), with a JSON access log at `log`.
+fn accepting(trusted: &str, extra: &str, log: &Path, backends: &[SocketAddr]) -> Fixture {
+    Fixture::front(backends)
+        .listener_keys(&format!(
+            "proxy_protocol = {{ trusted = [{trusted}], timeout = \"500ms\" }}"
+        ))
+        .upstream_keys("retries = 0")
+        .upstream_keys(extra)
+        .table(&format!(
+            "[access_log]\npath = \"{}\"\nformat = \"json\"",
+            log.display()
+        ))
 }
 
 /// A v2 header for TCP over IPv4, built by hand from the spec rather than by sluice's
@@ -53,7 +55,7 @@ async fn v1_and_v2_from_a_trusted_peer_carry_the_client_into_the_access_log() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&accepting("\"127.0.0.1/32\"", "", &log, &[backend.addr]));
+    let sluice = Sluice::start(accepting("\"127.0.0.1/32\"", "", &log, &[backend.addr])).await;
     let addr = sluice.addr("front");
     let dest: SocketAddr = "192.0.2.1:443".parse().unwrap();
 
@@ -111,7 +113,7 @@ async fn untrusted_truncated_oversize_malformed_and_slow_headers_are_closed_and_
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let backend = Backend::echo().await;
-    let untrusting = Sluice::start(&accepting("\"10.0.0.0/8\"", "", &log, &[backend.addr]));
+    let untrusting = Sluice::start(accepting("\"10.0.0.0/8\"", "", &log, &[backend.addr])).await;
     let mut s = TcpStream::connect(untrusting.addr("front")).await.unwrap();
     s.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443\r\nhello")
         .await
@@ -131,7 +133,7 @@ async fn untrusted_truncated_oversize_malformed_and_slow_headers_are_closed_and_
         .await;
 
     let log2 = dir.path().join("access2.log");
-    let sluice = Sluice::start(&accepting("\"127.0.0.1\"", "", &log2, &[backend.addr]));
+    let sluice = Sluice::start(accepting("\"127.0.0.1\"", "", &log2, &[backend.addr])).await;
     let addr = sluice.addr("front");
     sluice.wait_holds_open(&log2).await;
     let baseline = sluice.open_files();
@@ -192,12 +194,13 @@ async fn maglev_hashes_the_client_named_by_the_header() {
     let log = dir.path().join("access.log");
     let backends = [tagged(1).await, tagged(2).await, tagged(3).await];
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let sluice = Sluice::start(&accepting(
+    let sluice = Sluice::start(accepting(
         "\"127.0.0.1\"",
         "balance = \"maglev\"",
         &log,
         &addrs,
-    ));
+    ))
+    .await;
     let addr = sluice.addr("front");
     let mut seen = std::collections::HashMap::new();
     for round in 0..3 {
@@ -228,7 +231,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start() -> Nginx {
+    async fn start() -> Nginx {
         assert!(
             Path::new("/usr/lib/nginx/modules/ngx_stream_module.so").exists(),
             "nginx with its stream module is needed: `make deps-test` installs it"
@@ -260,20 +263,19 @@ impl Nginx {
                 .spawn()
                 .expect("start nginx");
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let deadline = Instant::now() + PROMPTLY;
-            loop {
+            let listening = eventually("nginx listening", async || {
                 if let Ok(Some(_)) = child.try_wait() {
-                    break; // The port was taken meanwhile: try another.
+                    return Some(false); // The port was taken meanwhile: try another.
                 }
-                if std::net::TcpStream::connect(addr).is_ok() {
-                    return Nginx {
-                        child,
-                        addr,
-                        _dir: dir,
-                    };
-                }
-                assert!(Instant::now() < deadline, "nginx did not start");
-                std::thread::sleep(Duration::from_millis(20));
+                TcpStream::connect(addr).await.is_ok().then_some(true)
+            })
+            .await;
+            if listening {
+                return Nginx {
+                    child,
+                    addr,
+                    _dir: dir,
+                };
             }
         }
         panic!("nginx could not bind a free port in five attempts");
@@ -300,13 +302,13 @@ async fn answer(s: &mut TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_reads_the_v1_and_v2_headers_sluice_sends() {
-    let nginx = Nginx::start();
+    let nginx = Nginx::start().await;
     for version in ["v1", "v2"] {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("access.log");
         // The client's own PROXY header names it; sluice passes that on in its own.
         let extra = format!("send_proxy_protocol = \"{version}\"");
-        let sluice = Sluice::start(&accepting("\"127.0.0.1\"", &extra, &log, &[nginx.addr]));
+        let sluice = Sluice::start(accepting("\"127.0.0.1\"", &extra, &log, &[nginx.addr])).await;
         let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
         s.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443\r\n")
             .await
@@ -318,11 +320,7 @@ async fn nginx_reads_the_v1_and_v2_headers_sluice_sends() {
         );
 
         // Without an incoming header, the client is the real peer.
-        let plain = format!(
-            "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\n[[upstream]]\nname = \"app\"\n{extra}\n[[upstream.backend]]\naddress = \"{}\"\n",
-            nginx.addr
-        );
-        let sluice = Sluice::start(&plain);
+        let sluice = Sluice::start(Fixture::front(&[nginx.addr]).upstream_keys(&extra)).await;
         let front = sluice.addr("front");
         let mut s = TcpStream::connect(front).await.unwrap();
         let me = s.local_addr().unwrap();
@@ -342,13 +340,13 @@ async fn nginx_reads_the_v1_and_v2_headers_sluice_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_send_a_local_header_that_nginx_accepts() {
-    let nginx = Nginx::start();
+    let nginx = Nginx::start().await;
     for version in ["v1", "v2"] {
-        let config = format!(
-            "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\n[[upstream]]\nname = \"app\"\nsend_proxy_protocol = \"{version}\"\nhealth_check = {{ interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1, send_proxy_protocol = true, expect = \":\" }}\n[[upstream.backend]]\naddress = \"{}\"\n",
-            nginx.addr
-        );
-        let sluice = Sluice::start(&config);
+        let sluice = Sluice::start(Fixture::front(&[nginx.addr]).upstream_keys(&format!(
+            "send_proxy_protocol = \"{version}\"\n\
+             health_check = {{ interval = \"100ms\", timeout = \"100ms\", rise = 1, fall = 1, send_proxy_protocol = true, expect = \":\" }}"
+        )))
+        .await;
         let b = nginx.addr.to_string();
         let m = sluice
             .wait_metrics("passing checks", |m| {

@@ -69,12 +69,10 @@ async fn clients_through_slots(slots: u32) -> Vec<u32> {
         }
     })
     .await;
-    let sluice = Sluice::start(&config(
-        &format!(
-            "max_connections_per_backend = {slots}\nqueue = {{ max = 100, timeout = \"60s\" }}"
-        ),
-        &[backend.addr],
-    ));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).upstream_keys(&format!(
+        "max_connections_per_backend = {slots}\nqueue = {{ max = 100, timeout = \"60s\" }}"
+    )))
+    .await;
 
     // Arrive one at a time: two are served, the rest queue in this order.
     let mut clients = Vec::new();
@@ -124,10 +122,11 @@ async fn clients_through_slots(slots: u32) -> Vec<u32> {
 /// One slot, held by the returned client, and the config for it.
 async fn one_slot(queue: &str) -> (Backend, Sluice, TcpStream) {
     let backend = tagged(b't').await;
-    let sluice = Sluice::start(&config(
-        &format!("max_connections_per_backend = 1\nqueue = {queue}"),
-        &[backend.addr],
-    ));
+    let sluice = Sluice::start(
+        Fixture::front(&[backend.addr])
+            .upstream_keys(&format!("max_connections_per_backend = 1\nqueue = {queue}")),
+    )
+    .await;
     let (holder, tag) = connect_tagged(sluice.addr("front"), None).await;
     assert_eq!(tag, b't');
     (backend, sluice, holder)
@@ -218,35 +217,34 @@ async fn a_queued_client_that_half_closes_keeps_its_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_closed_at_its_max_lifetime_plus_jitter() {
     let backend = tagged(b't').await;
-    let sluice = Sluice::start(&config(
-        "max_lifetime = \"500ms\"\nmax_lifetime_jitter = \"200ms\"",
-        &[backend.addr],
-    ));
+    let sluice = Sluice::start(
+        Fixture::front(&[backend.addr])
+            .upstream_keys("max_lifetime = \"500ms\"\nmax_lifetime_jitter = \"200ms\""),
+    )
+    .await;
     let started = Instant::now();
     let (mut s, _) = connect_tagged(sluice.addr("front"), None).await;
 
-    // Busy all along, so only the lifetime can end it.
-    let mut closed = false;
-    while !closed {
+    // Busy all along, so only the lifetime can end it: a byte out, and its echo read
+    // for at most 50 ms (the pace of the traffic), until the connection closes.
+    eventually("the connection closed at its lifetime", async || {
         if s.write_all(b"p").await.is_err() {
-            break;
+            return true;
         }
         let mut b = [0u8; 1];
         match tokio::time::timeout(Duration::from_millis(50), s.read(&mut b)).await {
-            Ok(Ok(1)) | Err(_) => {}
-            Ok(_) => closed = true,
+            Ok(Ok(1)) | Err(_) => false,
+            Ok(_) => true,
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "never closed");
-    }
+    })
+    .await;
     let lived = started.elapsed();
     assert!(lived >= Duration::from_millis(500), "{lived:?}");
     assert!(
         lived < Duration::from_millis(700) + Duration::from_secs(1),
         "{lived:?}"
     );
-    sluice
-        .wait_log(|l| l.contains("reason=\"max_lifetime\""))
-        .await;
+    sluice.wait_log("reason=\"max_lifetime\"").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,18 +265,15 @@ async fn a_queued_client_that_sent_data_then_reset_leaves_at_once() {
 async fn raising_the_limit_by_reload_lets_a_waiting_client_in_at_once() {
     let backend = tagged(b't').await;
     let text = |limit: u32| {
-        config(
-            &format!(
-                "max_connections_per_backend = {limit}\nqueue = {{ max = 10, timeout = \"60s\" }}"
-            ),
-            &[backend.addr],
-        )
+        Fixture::front(&[backend.addr]).upstream_keys(&format!(
+            "max_connections_per_backend = {limit}\nqueue = {{ max = 10, timeout = \"60s\" }}"
+        ))
     };
-    let sluice = Sluice::start(&text(1));
+    let sluice = Sluice::start(text(1)).await;
     let (_holder, _) = connect_tagged(sluice.addr("front"), None).await;
     let mut waiting = enqueue(&sluice, 1.0).await;
 
-    sluice.rewrite(&text(2));
+    sluice.rewrite(text(2));
     sluice.wait_generation(1).await;
     assert_eq!(
         read_n(&mut waiting, 1).await,
@@ -290,14 +285,15 @@ async fn raising_the_limit_by_reload_lets_a_waiting_client_in_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_added_by_reload_holds_and_slots_freed_by_older_connections_are_handed_on() {
     let backend = tagged(b't').await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr])).await;
     // Two connections from before the reload, when there was no limit.
     let (first, _) = connect_tagged(sluice.addr("front"), None).await;
     let (second, _) = connect_tagged(sluice.addr("front"), None).await;
-    sluice.rewrite(&config(
-        "max_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }",
-        &[backend.addr],
-    ));
+    sluice.rewrite(
+        Fixture::front(&[backend.addr]).upstream_keys(
+            "max_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }",
+        ),
+    );
     sluice.wait_generation(1).await;
 
     let mut waiting = enqueue(&sluice, 1.0).await;
@@ -326,15 +322,13 @@ async fn a_waiter_held_back_by_what_it_tried_does_not_block_the_line() {
     let b1 = refusing();
     let b2 = tagged(b'2').await;
     let text = |comment: &str| {
-        format!(
-            "# {comment}\n{}",
-            weighted(
+        Fixture::front(&[b1.addr, b2.addr])
+            .set(&format!("# {comment}"))
+            .upstream_keys(
                 "retries = 1\nmax_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }\npassive_ejection = { failures = 0 }",
-                &[(b1.addr, 1), (b2.addr, 1)],
             )
-        )
     };
-    let sluice = Sluice::start(&text("first"));
+    let sluice = Sluice::start(text("first")).await;
     // The holder: b1 refuses, so it lands on b2 and fills it.
     let (_holder, tag) = connect_tagged(sluice.addr("front"), None).await;
     assert_eq!(tag, b'2');
@@ -345,7 +339,7 @@ async fn a_waiter_held_back_by_what_it_tried_does_not_block_the_line() {
 
     // b1 comes to life; a reload makes the queue look again.
     b1.listen_and_tag(b'1');
-    sluice.rewrite(&text("second"));
+    sluice.rewrite(text("second"));
     sluice.wait_generation(1).await;
 
     assert_eq!(

@@ -31,7 +31,7 @@ async fn sixteen_mib_each_way_is_byte_exact() {
 
 async fn sixteen_mib_each_way(relay: &str) {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).table(relay)).await;
     let sent = data(16 * MIB, 1);
 
     let got = exchange(sluice.addr("front"), &sent).await;
@@ -51,7 +51,7 @@ async fn sixteen_mib_each_way(relay: &str) {
     };
     assert_eq!(bytes("client_to_backend"), (16 * MIB) as f64);
     assert_eq!(bytes("backend_to_client"), (16 * MIB) as f64);
-    let line = sluice.wait_log(|l| l.contains("connection closed")).await;
+    let line = sluice.wait_log("connection closed").await;
     assert!(line.contains(&format!("bytes_in={}", 16 * MIB)), "{line}");
     assert!(line.contains(&format!("bytes_out={}", 16 * MIB)), "{line}");
     assert!(line.contains("reason=\"closed\""), "{line}");
@@ -62,14 +62,7 @@ async fn concurrent_connections_are_byte_exact_and_weighted() {
     const N: usize = 1000;
     let a = Backend::echo().await;
     let b = Backend::echo().await;
-    let text = format!(
-        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\
-         [[upstream]]\nname = \"app\"\n\
-         [[upstream.backend]]\naddress = \"{}\"\nweight = 3\n\
-         [[upstream.backend]]\naddress = \"{}\"\nweight = 1\n",
-        a.addr, b.addr
-    );
-    let sluice = Sluice::start(&text);
+    let sluice = Sluice::start(Fixture::front_weighted(&[(a.addr, 3), (b.addr, 1)])).await;
     let addr = sluice.addr("front");
 
     // Open all connections first, so that all N are proxied at the same time.
@@ -138,7 +131,7 @@ async fn client_half_close(relay: &str) {
         }
     })
     .await;
-    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).table(relay)).await;
     let request = data(MIB + 3, 8);
 
     let got = exchange(sluice.addr("front"), &request).await;
@@ -176,7 +169,7 @@ async fn backend_half_close(relay: &str) {
         }
     })
     .await;
-    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).table(relay)).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
 
     let mut got = Vec::new();
@@ -209,7 +202,7 @@ async fn backend_reset(relay: &str) {
         drop(s);
     })
     .await;
-    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).table(relay)).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"x").await.unwrap();
 
@@ -219,7 +212,7 @@ async fn backend_reset(relay: &str) {
         closed.is_err(),
         "the client sees a reset, not a clean close: {closed:?}"
     );
-    let line = sluice.wait_log(|l| l.contains("connection closed")).await;
+    let line = sluice.wait_log("connection closed").await;
     assert!(line.contains("reason=\"backend_reset\""), "{line}");
 }
 
@@ -246,7 +239,7 @@ async fn client_reset(relay: &str) {
         }
     })
     .await;
-    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).table(relay)).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     assert_eq!(read_n(&mut s, 4).await, b"ping");
@@ -258,14 +251,16 @@ async fn client_reset(relay: &str) {
         .await
         .expect("the backend's connection ends")
         .unwrap();
-    let line = sluice.wait_log(|l| l.contains("connection closed")).await;
+    let line = sluice.wait_log("connection closed").await;
     assert!(line.contains("reason=\"client_reset\""), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_an_idle_connection_but_not_a_busy_one() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&config("idle_timeout = \"600ms\"", &[backend.addr]));
+    let sluice =
+        Sluice::start(Fixture::front(&[backend.addr]).upstream_keys("idle_timeout = \"600ms\""))
+            .await;
 
     // Busy: a byte every 100 ms, for longer than the idle timeout, keeps it open.
     let mut busy = TcpStream::connect(sluice.addr("front")).await.unwrap();
@@ -295,22 +290,16 @@ async fn idle_timeout_closes_an_idle_connection_but_not_a_busy_one() {
     busy_task
         .await
         .expect("the busy connection stayed open throughout");
-    let line = sluice
-        .wait_log(|l| l.contains("reason=\"idle_timeout\""))
-        .await;
+    let line = sluice.wait_log("reason=\"idle_timeout\"").await;
     assert!(line.contains("bytes_in=5"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_listener_and_backend() {
     let backend = Backend::start_on("[::1]:0", echo).await;
-    let text = format!(
-        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\", \"[::1]:0\"]\nupstream = \"app\"\n\
-         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\n",
-        backend.addr
-    );
-    let sluice = Sluice::start(&text);
-    let addrs = &sluice.listeners["front"];
+    let sluice =
+        Sluice::start(Fixture::front(&[backend.addr]).bind(&["127.0.0.1:0", "[::1]:0"])).await;
+    let addrs = sluice.addrs("front");
     assert_eq!(addrs.len(), 2);
     assert!(addrs[1].is_ipv6());
 
@@ -329,7 +318,9 @@ async fn an_idle_timeout_still_delivers_what_was_relayed() {
     let payload = data(2 * MIB, 40);
     let expected = sha256(&payload);
     let backend = sending(payload).await;
-    let sluice = Sluice::start(&config("idle_timeout = \"150ms\"", &[backend.addr]));
+    let sluice =
+        Sluice::start(Fixture::front(&[backend.addr]).upstream_keys("idle_timeout = \"150ms\""))
+            .await;
     let s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     // A small receive buffer keeps the kernel from absorbing the payload for us.
     socket2::SockRef::from(&s)
@@ -355,9 +346,7 @@ async fn an_idle_timeout_still_delivers_what_was_relayed() {
         "bytes lost when the idle timeout closed"
     );
     assert_eq!(sha256(&got), expected);
-    sluice
-        .wait_log(|l| l.contains("reason=\"idle_timeout\""))
-        .await;
+    sluice.wait_log("reason=\"idle_timeout\"").await;
 }
 
 /// Sluice's own sockets (`ss` filter `filter`) that carry a keepalive timer.
@@ -376,7 +365,7 @@ fn keepalive_sockets(filter: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sides_of_a_proxied_connection_have_keepalive() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&config("", &[backend.addr]));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr])).await;
     let front = sluice.addr("front");
     let mut s = TcpStream::connect(front).await.unwrap();
     s.write_all(b"ka").await.unwrap();
@@ -415,7 +404,7 @@ async fn sending(payload: Vec<u8>) -> Backend {
 /// Sluice in front of a backend that sends `payload` and half-closes.
 async fn sending_backend(relay: &str, payload: Vec<u8>) -> (Backend, Sluice) {
     let backend = sending(payload).await;
-    let sluice = Sluice::start(&format!("{relay}{}", config("", &[backend.addr])));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).table(relay)).await;
     (backend, sluice)
 }
 
@@ -438,11 +427,10 @@ async fn splice_parks_what_a_slow_reader_has_not_taken_in_a_pipe_and_delivers_it
     let mut s = slow_client(&sluice).await;
 
     // The client reads nothing yet: the bytes sluice could not write wait in a pipe.
-    let deadline = Instant::now() + PROMPTLY;
-    while sluice.open_pipes() <= baseline {
-        assert!(Instant::now() < deadline, "no pipe ever held the payload");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("a pipe holding the payload", async || {
+        sluice.open_pipes() > baseline
+    })
+    .await;
 
     let mut got = Vec::new();
     tokio::time::timeout(STUCK, s.read_to_end(&mut got))
@@ -453,7 +441,9 @@ async fn splice_parks_what_a_slow_reader_has_not_taken_in_a_pipe_and_delivers_it
     assert_eq!(sha256(&got), expected);
     s.shutdown().await.unwrap();
     sluice
-        .wait_log(|l| l.contains("connection closed") && l.contains("reason=\"closed\""))
+        .wait_log_where("the connection closed cleanly", |l| {
+            l.contains("connection closed") && l.contains("reason=\"closed\"")
+        })
         .await;
     // Emptied pipes stay pooled for the next connection (at most 16 per worker
     // thread, two descriptors each), never one per connection.

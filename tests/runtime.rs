@@ -4,53 +4,9 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
-
 use common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-/// `config` under a `[runtime]` table with `mode = "per_core"` and `threads` workers.
-fn per_core(threads: usize, config: &str) -> String {
-    format!("[runtime]\nmode = \"per_core\"\nworker_threads = {threads}\n\n{config}")
-}
-
-/// Listening TCP sockets on `addr` (IPv4) that belong to process `pid`: its descriptors'
-/// socket inodes matched against the kernel's table of sockets.
-fn listening_sockets(pid: u32, addr: SocketAddr) -> usize {
-    let ours: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|link| {
-            let link = link.to_str()?;
-            link.strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
-        .collect();
-    let SocketAddr::V4(v4) = addr else {
-        panic!("an IPv4 address")
-    };
-    // /proc/net/tcp writes 127.0.0.1:8080 as 0100007F:1F90 (the address in host order).
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(v4.ip().octets()),
-        v4.port()
-    );
-    std::fs::read_to_string("/proc/net/tcp")
-        .unwrap()
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // Columns: sl, local, remote, state (0A is LISTEN), ..., inode (the tenth).
-            f[1] == local && f[3] == "0A" && f[9].parse().is_ok_and(|i: u64| ours.contains(&i))
-        })
-        .count()
-}
 
 /// The names of the process's threads.
 fn thread_names(pid: u32) -> Vec<String> {
@@ -64,7 +20,10 @@ fn thread_names(pid: u32) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections_are_byte_exact() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&per_core(2, &config("", &[backend.addr])));
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]))
+        .per_core(2)
+        .start()
+        .await;
     let addr = sluice.addr("front");
     // All open at once before any data moves, so the workers really hold them together.
     let mut streams = Vec::new();
@@ -97,7 +56,10 @@ async fn two_hundred_concurrent_connections_are_byte_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_listen_on_three_sockets_per_address() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&per_core(3, &config("", &[backend.addr])));
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]))
+        .per_core(3)
+        .start()
+        .await;
     let addr = sluice.addr("front");
     assert_eq!(listening_sockets(sluice.pid(), addr), 3);
     let names = thread_names(sluice.pid());
@@ -105,9 +67,13 @@ async fn three_workers_listen_on_three_sockets_per_address() {
         let name = format!("sluice-worker-{i}");
         assert!(names.contains(&name), "no thread {name} in {names:?}");
     }
-    assert!(sluice.log().iter().any(|l| l.contains("sluice ready")
-        && l.contains("runtime=\"per_core\"")
-        && l.contains("worker_threads=3")));
+    sluice
+        .wait_log_where("sluice ready on per_core with three workers", |l| {
+            l.contains("sluice ready")
+                && l.contains("runtime=\"per_core\"")
+                && l.contains("worker_threads=3")
+        })
+        .await;
     let sent = data(100_000, 3);
     assert_eq!(exchange(addr, &sent).await, sent);
 }
@@ -115,34 +81,16 @@ async fn three_workers_listen_on_three_sockets_per_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_another_sluice_listens_on_is_refused_at_start() {
     let backend = Backend::echo().await;
-    let first = Sluice::start(&per_core(2, &config("", &[backend.addr])));
+    let first = Sluice::with(Fixture::front(&[backend.addr]))
+        .per_core(2)
+        .start()
+        .await;
     let taken = first.addr("front");
     // Every socket of both would have SO_REUSEPORT and the same user, so without a
     // check the second would join the first's port and take part of its traffic.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sluice.toml");
-    let second =
-        per_core(2, &config("", &[backend.addr])).replace("127.0.0.1:0", &taken.to_string());
-    std::fs::write(&path, with_admin(&second)).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Polled: a second sluice that started would run until killed.
-    let deadline = Instant::now() + PROMPTLY;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("a second sluice started on {taken}, where the first listens");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let second = Fixture::front(&[backend.addr]).bind(&[&taken.to_string()]);
+    let out = Sluice::with(second).per_core(2).start_fails().await;
+    let stderr = out.stderr;
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("cannot bind listener \"front\" to {taken}")),
@@ -154,13 +102,30 @@ async fn a_port_another_sluice_listens_on_is_refused_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_adds_a_listener_and_leaves_the_runtime_to_a_restart() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&per_core(2, &listeners(&["one"], backend.addr)));
+    let sluice = Sluice::with(
+        Fixture::new()
+            .listener("one")
+            .upstream("app")
+            .backend(backend.addr),
+    )
+    .per_core(2)
+    .start()
+    .await;
 
     // The new listener applies; the new worker count waits for a restart.
-    sluice.rewrite(&per_core(3, &listeners(&["one", "two"], backend.addr)));
+    sluice.rewrite(
+        Fixture::new()
+            .table("[runtime]\nmode = \"per_core\"\nworker_threads = 3")
+            .listener("one")
+            .listener("two")
+            .upstream("app")
+            .backend(backend.addr),
+    );
     sluice.wait_generation(1).await;
     sluice
-        .wait_log(|l| l.contains("WARN") && l.contains("[runtime] changes take effect at restart"))
+        .wait_log_where("a warning that [runtime] waits for a restart", |l| {
+            l.contains("WARN") && l.contains("[runtime] changes take effect at restart")
+        })
         .await;
 
     let two = sluice.wait_listening("two", 0).await;
@@ -188,11 +153,10 @@ async fn a_reload_adds_a_listener_and_leaves_the_runtime_to_a_restart() {
 async fn sigterm_drains_a_stream_in_flight_and_exits_0() {
     const MIB: usize = 1024 * 1024;
     let backend = Backend::echo().await;
-    // A top-level key goes before the [runtime] table.
-    let mut sluice = Sluice::start(&format!(
-        "drain_timeout = \"60s\"\n{}",
-        per_core(2, &config("", &[backend.addr]))
-    ));
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]).set("drain_timeout = \"60s\""))
+        .per_core(2)
+        .start()
+        .await;
     let addr = sluice.addr("front");
     let sent = data(8 * MIB, 40);
     let (first, second) = sent.split_at(4 * MIB);
@@ -201,23 +165,14 @@ async fn sigterm_drains_a_stream_in_flight_and_exits_0() {
     let mut got = read_n(&mut s, first.len()).await;
 
     sluice.signal("TERM");
-    sluice.wait_log(|l| l.contains("shutting down")).await;
+    sluice.wait_log("shutting down").await;
     // Every worker's socket closes: no connect lands on any of them.
-    let deadline = Instant::now() + PROMPTLY;
-    loop {
-        match TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-            Err(e) => panic!("unexpected connect error: {e}"),
-            Ok(s) => drop(s),
-        }
-        assert!(Instant::now() < deadline, "sluice still accepts");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_refused(addr).await;
     got.extend(exchange_on(&mut s, second).await);
 
     assert_eq!(got.len(), sent.len());
     assert_eq!(sha256(&got), sha256(&sent));
-    let status = sluice.wait_exit(PROMPTLY);
+    let status = sluice.exited().await;
     assert_eq!(status.code(), Some(0));
     assert!(
         sluice
@@ -234,7 +189,11 @@ async fn the_descriptors_of_eight_workers_are_kept_from_proxied_connections() {
     // would be 32, and the ~50 descriptors sluice holds at start would leave room for
     // about 21: accept would fail with EMFILE before the cap.
     let backend = Backend::echo().await;
-    let sluice = Sluice::start_limited(&per_core(8, &config("", &[backend.addr])), Some(96));
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]))
+        .per_core(8)
+        .nofile(96)
+        .start()
+        .await;
     let addr = sluice.addr("front");
     let mut clients = Vec::new();
     for _ in 0..30 {

@@ -11,35 +11,18 @@ use tokio::net::TcpStream;
 
 const MIB: usize = 1024 * 1024;
 
-/// Polls until a connect to `addr` is refused, closing any connection that still lands.
-async fn wait_until_refused(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + PROMPTLY;
-    loop {
-        match TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
-            Err(e) => panic!("unexpected connect error: {e}"),
-            Ok(s) => drop(s),
-        }
-        assert!(Instant::now() < deadline, "the listener still accepts");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn wait_not_ready(sluice: &Sluice) {
-    let deadline = Instant::now() + PROMPTLY;
-    while sluice.get("/readyz").await.0 != 503 {
-        assert!(Instant::now() < deadline, "/readyz never failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("/readyz to fail", async || {
+        sluice.get("/readyz").await.0 == 503
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
     let backend = Backend::echo().await;
-    let mut sluice = Sluice::start(&format!(
-        "drain_timeout = \"60s\"\n{}",
-        config("", &[backend.addr])
-    ));
+    let sluice =
+        Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"60s\"")).await;
     assert_eq!(sluice.get("/readyz").await.0, 200);
     let addr = sluice.addr("front");
     let sent = data(8 * MIB, 30);
@@ -50,7 +33,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
 
     sluice.signal("TERM");
     wait_not_ready(&sluice).await;
-    wait_until_refused(addr).await;
+    until_refused(addr).await;
     assert_eq!(sluice.get("/healthz").await.0, 200, "alive while draining");
     let m = sluice.metrics().await;
     assert_eq!(m.value("sluice_draining", &[]), 1.0);
@@ -58,7 +41,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
 
     assert_eq!(got.len(), sent.len());
     assert_eq!(sha256(&got), sha256(&sent));
-    let status = sluice.wait_exit(PROMPTLY);
+    let status = sluice.exited().await;
     assert_eq!(status.code(), Some(0));
     assert!(
         sluice
@@ -71,10 +54,7 @@ async fn sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_longer_than_drain_timeout_is_cut_at_the_deadline() {
     let backend = Backend::echo().await;
-    let mut sluice = Sluice::start(&format!(
-        "drain_timeout = \"1s\"\n{}",
-        config("", &[backend.addr])
-    ));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"1s\"")).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"still here").await.unwrap();
     assert_eq!(read_n(&mut s, 10).await, b"still here");
@@ -86,7 +66,7 @@ async fn a_stream_longer_than_drain_timeout_is_cut_at_the_deadline() {
 
     assert!(closed.is_err() || closed.unwrap() == 0);
     assert!(waited >= Duration::from_secs(1), "cut after {waited:?}");
-    let status = sluice.wait_exit(PROMPTLY);
+    let status = sluice.exited().await;
     assert_eq!(status.code(), Some(0));
     let log = sluice.log();
     assert!(
@@ -102,19 +82,16 @@ async fn a_stream_longer_than_drain_timeout_is_cut_at_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let backend = Backend::echo().await;
-    let mut sluice = Sluice::start(&format!(
-        "drain_timeout = \"1h\"\n{}",
-        config("", &[backend.addr])
-    ));
+    let sluice = Sluice::start(Fixture::front(&[backend.addr]).set("drain_timeout = \"1h\"")).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"x").await.unwrap();
     assert_eq!(read_n(&mut s, 1).await, b"x");
 
     sluice.signal("TERM");
-    sluice.wait_log(|l| l.contains("shutting down")).await;
+    sluice.wait_log("shutting down").await;
     sluice.signal("TERM");
 
-    let status = sluice.wait_exit(PROMPTLY);
+    let status = sluice.exited().await;
     assert_eq!(status.code(), Some(130));
     assert_eq!(
         until_closed(&mut s).await.ok(),
@@ -125,22 +102,12 @@ async fn a_second_signal_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_is_told_ready_then_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    socket.set_read_timeout(Some(PROMPTLY)).unwrap();
+    // The harness names its own socket in NOTIFY_SOCKET, and starts no test before
+    // READY=1 came: here, what sluice sent it.
     let backend = Backend::echo().await;
-    let mut sluice = Sluice::start_env(
-        &config("", &[backend.addr]),
-        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
-    );
-
-    let mut buf = [0u8; 256];
-    let n = socket.recv(&mut buf).expect("READY=1 once listening");
-    assert_eq!(
-        std::str::from_utf8(&buf[..n]).unwrap(),
-        format!("READY=1\nSTATUS=ready; admin endpoint on {}", sluice.admin)
-    );
+    let sluice = Sluice::start(Fixture::front(&[backend.addr])).await;
+    let ready = format!("READY=1\nSTATUS=ready; admin endpoint on {}", sluice.admin);
+    assert_eq!(sluice.notifications(), [ready], "READY=1 once listening");
     let sent = data(1000, 1);
     assert_eq!(
         exchange(sluice.addr("front"), &sent).await,
@@ -149,7 +116,10 @@ async fn systemd_is_told_ready_then_stopping() {
     );
 
     sluice.signal("TERM");
-    let n = socket.recv(&mut buf).expect("STOPPING=1 when draining");
-    assert_eq!(&buf[..n], b"STOPPING=1\nSTATUS=draining");
-    assert_eq!(sluice.wait_exit(PROMPTLY).code(), Some(0));
+    let stopping = sluice.wait_notification("STOPPING=1").await;
+    assert_eq!(
+        stopping, "STOPPING=1\nSTATUS=draining",
+        "STOPPING=1 when draining"
+    );
+    assert_eq!(sluice.exited().await.code(), Some(0));
 }

@@ -12,17 +12,21 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A listener terminating TLS with `certs` (the first is the default) in front of
+/// A listener `tls` terminating TLS with `certs` (the first is the default) in front of
 /// `backend`, plus `tls_extra` lines inside the listener's `tls` table.
-fn tls_config(certs: &[&Issued], tls_extra: &str, backend: SocketAddr) -> String {
+fn tls_config(certs: &[&Issued], tls_extra: &str, backend: SocketAddr) -> Fixture {
     let list: Vec<String> = certs
         .iter()
         .map(|c| format!("{{ cert = {:?}, key = {:?} }}", c.cert, c.key))
         .collect();
-    format!(
-        "[[listener]]\nname = \"tls\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n[listener.tls]\ncertificates = [{}]\n{tls_extra}\n\n[[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{backend}\"\n",
-        list.join(", ")
-    )
+    Fixture::new()
+        .listener("tls")
+        .listener_table(
+            "tls",
+            &format!("certificates = [{}]\n{tls_extra}", list.join(", ")),
+        )
+        .upstream("app")
+        .backend(backend)
 }
 
 /// Answers one HTTP request with a body naming the request's path.
@@ -59,7 +63,7 @@ async fn sni_chooses_the_certificate_and_data_passes_byte_exact() {
     let second = pki.leaf("ca", "second", &["second.test"], 30);
     let wild = pki.leaf("ca", "wild", &["*.wild.test"], 30);
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&tls_config(&[&first, &second, &wild], "", backend.addr));
+    let sluice = Sluice::start(tls_config(&[&first, &second, &wild], "", backend.addr)).await;
     let addr = sluice.addr("tls");
 
     let ca = pki.path("ca.pem");
@@ -135,7 +139,7 @@ async fn curl_through_tls_termination_to_a_plain_http_backend() {
     pki.ca("ca");
     let cert = pki.leaf("ca", "web", &["web.test"], 30);
     let backend = http_backend().await;
-    let sluice = Sluice::start(&tls_config(&[&cert], "alpn = [\"http/1.1\"]", backend.addr));
+    let sluice = Sluice::start(tls_config(&[&cert], "alpn = [\"http/1.1\"]", backend.addr)).await;
     let addr = sluice.addr("tls");
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "20", "--cacert"])
@@ -196,7 +200,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let stranger = pki.leaf("other", "stranger", &["stranger"], 30);
     let backend = http_backend().await;
     let extra = format!("client_auth = {{ ca = {:?} }}", pki.path("clients.pem"));
-    let sluice = Sluice::start(&tls_config(&[&server], &extra, backend.addr));
+    let sluice = Sluice::start(tls_config(&[&server], &extra, backend.addr)).await;
     let addr = sluice.addr("tls");
     let curl = |client| curl_mtls(&pki, addr.port(), "/who", client);
 
@@ -247,7 +251,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         "client_auth = {{ ca = {:?}, required = false }}",
         pki.path("clients.pem")
     );
-    let optional = Sluice::start(&tls_config(&[&server], &extra, backend.addr));
+    let optional = Sluice::start(tls_config(&[&server], &extra, backend.addr)).await;
     let port = optional.addr("tls").port();
     let curl = |client| curl_mtls(&pki, port, "/optional", client);
     let without = curl(None);
@@ -260,11 +264,16 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     assert!(curl(Some(&good)).status.success());
 }
 
-/// An upstream speaking TLS to `backend` (an `openssl s_server`), verified against `ca`.
-fn upstream_tls_config(backend: SocketAddr, tls: &str, check: &str) -> String {
-    format!(
-        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"secure\"\n\n[[upstream]]\nname = \"secure\"\nretries = 0\n{check}\n[upstream.tls]\n{tls}\n[[upstream.backend]]\naddress = \"{backend}\"\n"
-    )
+/// `front` in front of upstream `secure`, which speaks TLS (the `tls` table's lines) to
+/// `backend` (an `openssl s_server`), with `check` keys.
+fn upstream_tls_config(backend: SocketAddr, tls: &str, check: &str) -> Fixture {
+    Fixture::new()
+        .listener("front")
+        .upstream("secure")
+        .upstream_keys("retries = 0")
+        .upstream_keys(check)
+        .upstream_table("tls", tls)
+        .backend(backend)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,7 +285,7 @@ async fn upstream_tls_to_openssl_s_server_and_a_stranger_is_refused() {
     let bad = pki.leaf("other", "bad", &["db.internal"], 30);
     let server = SServer::start(&good, &["-rev"]);
     let tls = format!("sni = \"db.internal\"\nca = {:?}", pki.path("ca.pem"));
-    let sluice = Sluice::start(&upstream_tls_config(server.addr, &tls, ""));
+    let sluice = Sluice::start(upstream_tls_config(server.addr, &tls, "")).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     s.write_all(b"hello through tls\n").await.unwrap();
     // s_server -rev answers each line reversed.
@@ -286,7 +295,7 @@ async fn upstream_tls_to_openssl_s_server_and_a_stranger_is_refused() {
 
     // The same CA check against a backend whose certificate another CA signed.
     let stranger = SServer::start(&bad, &["-rev"]);
-    let sluice = Sluice::start(&upstream_tls_config(stranger.addr, &tls, ""));
+    let sluice = Sluice::start(upstream_tls_config(stranger.addr, &tls, "")).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
     let closed = tokio::time::timeout(PROMPTLY, until_closed(&mut s)).await;
     assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
@@ -325,7 +334,7 @@ async fn health_checks_speak_tls_to_the_backend() {
     let trusted = SServer::start(&good, &["-rev"]);
     let untrusted = SServer::start(&bad, &["-rev"]);
 
-    let sluice = Sluice::start(&upstream_tls_config(trusted.addr, &tls, check));
+    let sluice = Sluice::start(upstream_tls_config(trusted.addr, &tls, check)).await;
     let a = trusted.addr.to_string();
     sluice
         .wait_metrics("a passing TLS check", |m| {
@@ -340,7 +349,7 @@ async fn health_checks_speak_tls_to_the_backend() {
         })
         .await;
 
-    let sluice = Sluice::start(&upstream_tls_config(untrusted.addr, &tls, check));
+    let sluice = Sluice::start(upstream_tls_config(untrusted.addr, &tls, check)).await;
     let b = untrusted.addr.to_string();
     let m = sluice
         .wait_metrics("the untrusted backend down", |m| {
@@ -377,11 +386,12 @@ async fn garbage_plain_http_and_silence_on_a_tls_port_close_promptly_and_leak_no
     pki.ca("ca");
     let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
     let backend = Backend::echo().await;
-    let sluice = Sluice::start(&tls_config(
+    let sluice = Sluice::start(tls_config(
         &[&cert],
         "handshake_timeout = \"500ms\"",
         backend.addr,
-    ));
+    ))
+    .await;
     let addr = sluice.addr("tls");
     let baseline = sluice.open_files();
 
@@ -440,7 +450,7 @@ async fn a_bad_certificate_names_its_file_and_a_reload_keeps_the_old_one() {
     let backend = Backend::echo().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, tls_config(&[&mismatched], "", backend.addr)).unwrap();
+    std::fs::write(&path, tls_config(&[&mismatched], "", backend.addr).toml()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("check")
         .arg(&path)
@@ -454,7 +464,7 @@ async fn a_bad_certificate_names_its_file_and_a_reload_keeps_the_old_one() {
     );
 
     // Rotating the certificate file in place reloads it, with no change to the config.
-    let sluice = Sluice::start(&tls_config(&[&cert], "", backend.addr));
+    let sluice = Sluice::start(tls_config(&[&cert], "", backend.addr)).await;
     let addr = sluice.addr("tls");
     let ca = pki.path("ca.pem");
     let ca = ca.to_str().unwrap();
@@ -478,9 +488,7 @@ async fn a_bad_certificate_names_its_file_and_a_reload_keeps_the_old_one() {
             m.value("sluice_config_last_reload_successful", &[]) == 0.0
         })
         .await;
-    let line = sluice
-        .wait_log(|l| l.contains("config reload failed"))
-        .await;
+    let line = sluice.wait_log("config reload failed").await;
     assert!(line.contains(&cert.cert.display().to_string()), "{line}");
     assert_eq!(
         pki::served_name(&pki::s_client(addr, &args).1).as_deref(),
@@ -502,7 +510,7 @@ async fn a_bad_certificate_names_its_file_and_a_reload_keeps_the_old_one() {
         cert: pki.path("later.pem"),
         key: pki.path("later.key"),
     };
-    sluice.rewrite(&tls_config(&[&later], "", backend.addr));
+    sluice.rewrite(tls_config(&[&later], "", backend.addr));
     sluice
         .wait_metrics("the reload refused", |m| {
             m.value("sluice_config_last_reload_successful", &[]) == 0.0
@@ -522,7 +530,7 @@ async fn min_version_refuses_older_clients_and_a_readable_key_is_warned_about() 
     let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
     let backend = Backend::echo().await;
     let config = tls_config(&[&cert], "min_version = \"1.3\"", backend.addr);
-    let sluice = Sluice::start(&config);
+    let sluice = Sluice::start(&config).await;
     let addr = sluice.addr("tls");
     let ca = pki.path("ca.pem");
     let ca = ca.to_str().unwrap();
@@ -550,7 +558,7 @@ async fn min_version_refuses_older_clients_and_a_readable_key_is_warned_about() 
     std::fs::set_permissions(&cert.key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
-    std::fs::write(&path, &config).unwrap();
+    std::fs::write(&path, config.toml()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .arg("check")
         .arg(&path)
@@ -596,7 +604,7 @@ async fn a_health_check_fails_when_the_backend_refuses_sluices_client_certificat
             client.cert,
             client.key
         );
-        let sluice = Sluice::start(&upstream_tls_config(backend.addr, &tls, check));
+        let sluice = Sluice::start(upstream_tls_config(backend.addr, &tls, check)).await;
         let verdict = if up == 0.0 { "failure" } else { "success" };
         let m = sluice
             .wait_metrics("three checks with one verdict", |m| {

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 fn errors(m: &Metrics, backend: &str, reason: &str) -> f64 {
@@ -31,7 +31,8 @@ fn rejected(m: &Metrics, reason: &str) -> f64 {
 async fn a_refusing_backend_falls_through_to_the_next() {
     let dead = refusing();
     let live = Backend::echo().await;
-    let sluice = Sluice::start(&config("retries = 1", &[dead.addr, live.addr]));
+    let sluice =
+        Sluice::start(Fixture::front(&[dead.addr, live.addr]).upstream_keys("retries = 1")).await;
 
     for i in 0..10 {
         let sent = data(10_000, i);
@@ -50,7 +51,8 @@ async fn a_refusing_backend_falls_through_to_the_next() {
 async fn when_every_backend_refuses_the_client_is_closed_and_counted() {
     let a = refusing();
     let b = refusing();
-    let sluice = Sluice::start(&config("retries = 5", &[a.addr, b.addr]));
+    let sluice =
+        Sluice::start(Fixture::front(&[a.addr, b.addr]).upstream_keys("retries = 5")).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
 
     let closed = until_closed(&mut s).await;
@@ -68,7 +70,7 @@ async fn when_every_backend_refuses_the_client_is_closed_and_counted() {
     assert_eq!(errors(&m, &a.addr.to_string(), "refused"), 1.0);
     assert_eq!(errors(&m, &b.addr.to_string(), "refused"), 1.0);
     assert_eq!(m.value("sluice_backend_connections_active", &[]), 0.0);
-    let line = sluice.wait_log(|l| l.contains("connection rejected")).await;
+    let line = sluice.wait_log("connection rejected").await;
     assert!(
         line.contains("reason=\"upstream_unavailable\"")
             || line.contains("reason=upstream_unavailable"),
@@ -79,10 +81,10 @@ async fn when_every_backend_refuses_the_client_is_closed_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_never_answers_times_out_at_connect_timeout() {
     let hole = blackhole();
-    let sluice = Sluice::start(&config(
-        "connect_timeout = \"500ms\"\nretries = 0",
-        &[hole.addr],
-    ));
+    let sluice = Sluice::start(
+        Fixture::front(&[hole.addr]).upstream_keys("connect_timeout = \"500ms\"\nretries = 0"),
+    )
+    .await;
     // Stamped before connecting: sluice's timer cannot start any earlier.
     let started = Instant::now();
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
@@ -112,10 +114,11 @@ async fn a_backend_that_never_answers_times_out_at_connect_timeout() {
 async fn after_a_connect_timeout_the_next_backend_is_tried() {
     let hole = blackhole();
     let live = Backend::echo().await;
-    let sluice = Sluice::start(&config(
-        "connect_timeout = \"300ms\"\nretries = 1",
-        &[hole.addr, live.addr],
-    ));
+    let sluice = Sluice::start(
+        Fixture::front(&[hole.addr, live.addr])
+            .upstream_keys("connect_timeout = \"300ms\"\nretries = 1"),
+    )
+    .await;
 
     for i in 0..2 {
         let sent = data(1000, i);
@@ -137,12 +140,7 @@ async fn after_a_connect_timeout_the_next_backend_is_tried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weight_zero_takes_no_connections() {
     let idle = Backend::echo().await;
-    let text = format!(
-        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\n\
-         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\nweight = 0\n",
-        idle.addr
-    );
-    let sluice = Sluice::start(&text);
+    let sluice = Sluice::start(Fixture::front_weighted(&[(idle.addr, 0)])).await;
     let mut s = TcpStream::connect(sluice.addr("front")).await.unwrap();
 
     assert_eq!(until_closed(&mut s).await.unwrap(), 0);
@@ -157,12 +155,8 @@ async fn weight_zero_takes_no_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_holds_and_a_waiting_client_is_served_when_a_slot_frees() {
     let backend = Backend::echo().await;
-    let text = format!(
-        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"app\"\nmax_connections = 2\n\
-         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\n",
-        backend.addr
-    );
-    let sluice = Sluice::start(&text);
+    let sluice =
+        Sluice::start(Fixture::front(&[backend.addr]).listener_keys("max_connections = 2")).await;
     let addr = sluice.addr("front");
     let mut first = TcpStream::connect(addr).await.unwrap();
     let mut second = TcpStream::connect(addr).await.unwrap();
@@ -171,14 +165,14 @@ async fn max_connections_holds_and_a_waiting_client_is_served_when_a_slot_frees(
         assert_eq!(read_n(s, 1).await, b"1");
     }
 
-    // The third completes its handshake in the kernel's backlog but is not served.
+    // The third completes its handshake in the kernel's backlog but is not served: the
+    // kernel holds it for an accept that does not come.
     let mut third = TcpStream::connect(addr).await.unwrap();
     third.write_all(b"3").await.unwrap();
-    let mut b = [0u8; 1];
-    let early = tokio::time::timeout(Duration::from_millis(500), third.read(&mut b)).await;
+    wait_accept_queue(addr, 1).await;
     assert!(
-        early.is_err(),
-        "the third client was served over the cap: {early:?}"
+        nothing_to_read(&third),
+        "the third client was served over the cap"
     );
     let m = sluice.metrics().await;
     assert_eq!(
@@ -214,11 +208,11 @@ async fn the_process_caps_connections_to_keep_the_admin_endpoint_reachable() {
     // multi-thread runtime reserves no descriptors for workers (tests/runtime.rs checks
     // per_core's reserve).
     let backend = Backend::echo().await;
-    let config = format!(
-        "[runtime]\nmode = \"multi_thread\"\n{}",
-        config("", &[backend.addr])
-    );
-    let sluice = Sluice::start_limited(&config, Some(64));
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]))
+        .multi_thread()
+        .nofile(64)
+        .start()
+        .await;
     let addr = sluice.addr("front");
 
     let mut clients = Vec::new();
@@ -232,12 +226,9 @@ async fn the_process_caps_connections_to_keep_the_admin_endpoint_reachable() {
         .await;
     assert_eq!(m.value("sluice_process_max_connections", &[]), 16.0);
     assert_eq!(m.value("sluice_accept_errors_total", &[]), 0.0, "no EMFILE");
-    assert!(
-        sluice
-            .log()
-            .iter()
-            .any(|l| l.contains("the open-file limit allows fewer connections"))
-    );
+    sluice
+        .wait_log("the open-file limit allows fewer connections")
+        .await;
 
     // Closing four lets the four waiting in the backlog in.
     drop(clients.drain(..4));
@@ -252,7 +243,10 @@ async fn the_process_caps_connections_to_keep_the_admin_endpoint_reachable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     let backend = Backend::echo().await;
-    let sluice = Sluice::start_limited(&config("", &[backend.addr]), Some(64));
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]))
+        .nofile(64)
+        .start()
+        .await;
     let addr = sluice.addr("front");
 
     // Idle admin connections take sluice's spare descriptors until none is left.
@@ -263,10 +257,12 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
     // Connecting completes in the kernel's backlog; only once the admin endpoint itself
     // has run out are the descriptors surely gone (without this, the client below could
     // be accepted first, under load).
-    sluice.wait_log(|l| l.contains("admin accept failed")).await;
+    sluice.wait_log("admin accept failed").await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     let line = sluice
-        .wait_log(|l| l.contains("accept failed") && l.contains("listener=front"))
+        .wait_log_where("front's accept failing", |l| {
+            l.contains("accept failed") && l.contains("listener=front")
+        })
         .await;
     assert!(line.contains("os error 24"), "EMFILE: {line}");
 
@@ -287,13 +283,13 @@ async fn the_accept_loop_survives_running_out_of_file_descriptors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_address_does_not_hold_its_listeners_last_slot() {
     let backend = Backend::echo().await;
-    let text = format!(
-        "[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:0\", \"127.0.0.2:0\"]\nupstream = \"app\"\nmax_connections = 1\n\
-         [[upstream]]\nname = \"app\"\n[[upstream.backend]]\naddress = \"{}\"\n",
-        backend.addr
-    );
-    let sluice = Sluice::start(&text);
-    for addr in &sluice.listeners["front"] {
+    let sluice = Sluice::start(
+        Fixture::front(&[backend.addr])
+            .bind(&["127.0.0.1:0", "127.0.0.2:0"])
+            .listener_keys("max_connections = 1"),
+    )
+    .await;
+    for addr in sluice.addrs("front") {
         let sent = data(1000, 7);
         assert_eq!(exchange(*addr, &sent).await, sent, "through {addr}");
     }
