@@ -420,7 +420,7 @@ fn an_empty_file_is_invalid() {
 #[test]
 fn missing_file() {
     let out = sluice(&["check", "/nonexistent/sluice.toml"]);
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(66), "EX_NOINPUT, not a config error");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
         stderr.contains("/nonexistent/sluice.toml: cannot read config"),

@@ -321,14 +321,13 @@ async fn a_waiter_held_back_by_what_it_tried_does_not_block_the_line() {
     // b1 refuses at first; b2 takes one connection at a time.
     let b1 = refusing();
     let b2 = tagged(b'2').await;
-    let text = |comment: &str| {
-        Fixture::front(&[b1.addr, b2.addr])
-            .set(&format!("# {comment}"))
-            .upstream_keys(
-                "retries = 1\nmax_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }\npassive_ejection = { failures = 0 }",
-            )
+    // The two configs differ in the queue's timeout only: enough for a reload to apply.
+    let text = |timeout: &str| {
+        Fixture::front(&[b1.addr, b2.addr]).upstream_keys(&format!(
+            "retries = 1\nmax_connections_per_backend = 1\nqueue = {{ max = 10, timeout = \"{timeout}\" }}\npassive_ejection = {{ failures = 0 }}"
+        ))
     };
-    let sluice = Sluice::start(text("first")).await;
+    let sluice = Sluice::start(text("60s")).await;
     // The holder: b1 refuses, so it lands on b2 and fills it.
     let (_holder, tag) = connect_tagged(sluice.addr("front"), None).await;
     assert_eq!(tag, b'2');
@@ -339,7 +338,7 @@ async fn a_waiter_held_back_by_what_it_tried_does_not_block_the_line() {
 
     // b1 comes to life; a reload makes the queue look again.
     b1.listen_and_tag(b'1');
-    sluice.rewrite(text("second"));
+    sluice.rewrite(text("61s"));
     sluice.wait_generation(1).await;
 
     assert_eq!(
