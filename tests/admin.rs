@@ -153,7 +153,10 @@ async fn admin_and_access_log_changes_wait_for_a_restart_and_config_shows_what_r
         .await;
     assert_eq!((warnings("admin"), warnings("access_log")), (1, 1));
     assert_eq!(
-        sluice.metrics().await.value("sluice_config_generation", &[]),
+        sluice
+            .metrics()
+            .await
+            .value("sluice_config_generation", &[]),
         0.0
     );
     let (_, body) = sluice.get("/config").await;

@@ -420,7 +420,11 @@ fn an_empty_file_is_invalid() {
 #[test]
 fn missing_file() {
     let out = sluice(&["check", "/nonexistent/sluice.toml"]);
-    assert_eq!(out.status.code(), Some(66), "EX_NOINPUT, not a config error");
+    assert_eq!(
+        out.status.code(),
+        Some(66),
+        "EX_NOINPUT, not a config error"
+    );
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
         stderr.contains("/nonexistent/sluice.toml: cannot read config"),
@@ -435,11 +439,33 @@ fn a_missing_certificate_file_is_named() {
     );
     let (code, stderr, path, _dir) = check("sluice.toml", &text);
     assert_eq!(code, Some(64), "{stderr}");
-    // Resolved against the config file's directory.
+    // Resolved against the config file's directory, and reported at the key naming it.
     let expected = path.parent().unwrap().join("missing.pem");
+    let named = format!(
+        "{}:5:34: {}: cannot read",
+        path.display(),
+        expected.display()
+    );
+    assert!(stderr.contains(&named), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_names_the_key_of_a_missing_certificate_and_says_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n{LISTENER}tls = {{ certificates = [{{ cert = \"missing.pem\", key = \"missing.key\" }}] }}\n{UPSTREAM}"
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = Sluice::with_file(dir, path.clone()).start_fails().await;
+    assert_eq!(out.status.code(), Some(64), "{}", out.stderr);
+    let named = format!("{}:7:34: ", path.display());
+    assert_eq!(out.stderr.matches(&named).count(), 1, "{}", out.stderr);
+    assert!(!out.stdout.contains("missing.pem"), "once: {}", out.stdout);
     assert!(
-        stderr.contains(&format!("{}: cannot read", expected.display())),
-        "{stderr}"
+        !out.stdout.contains("listening"),
+        "nothing is bound before the certificates load: {}",
+        out.stdout
     );
 }
 
@@ -467,11 +493,7 @@ async fn run_exits_1_when_a_port_is_taken() {
     let out = Sluice::with(fixture).start_fails().await;
 
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        out.stderr.contains(&format!(
-            "cannot bind listener \"front\" to 127.0.0.1:{port}"
-        )),
-        "{}",
-        out.stderr
-    );
+    let error = format!("cannot bind listener \"front\" to 127.0.0.1:{port}");
+    assert!(out.stderr.contains(&error), "{}", out.stderr);
+    assert!(!out.stdout.contains(&error), "said once: {}", out.stdout);
 }

@@ -717,3 +717,29 @@ async fn max_connections_lowered_and_raised_by_reload_with_connections_open() {
     );
     assert_eq!(backend.accepted(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_that_changes_nothing_is_logged_and_keeps_the_generation() {
+    let backend = Backend::echo().await;
+    let fixture = Fixture::front(&[backend.addr]);
+    let sluice = Sluice::start(&fixture).await;
+    sluice.signal("HUP");
+    sluice
+        .wait_log("reload requested (SIGHUP): nothing changed")
+        .await;
+    // A comment is not a change either.
+    sluice.rewrite(fixture.clone().set("# a comment"));
+    sluice
+        .wait_log("config file changed, but nothing that a reload applies")
+        .await;
+    let m = sluice.metrics().await;
+    assert_eq!(m.value("sluice_config_generation", &[]), 0.0);
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "success")]),
+        0.0
+    );
+    assert_eq!(m.value("sluice_config_last_reload_successful", &[]), 1.0);
+    // Then a real change applies as generation 1.
+    sluice.rewrite(fixture.listener_keys("backlog = 100"));
+    sluice.wait_reloaded(1).await;
+}

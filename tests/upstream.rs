@@ -294,3 +294,32 @@ async fn a_quiet_address_does_not_hold_its_listeners_last_slot() {
         assert_eq!(exchange(*addr, &sent).await, sent, "through {addr}");
     }
 }
+
+/// The default max_connections does not warn on a 20,000 open-file limit (2 workers
+/// leave a process cap of 9,979, below the default of 10,000); the same value written
+/// in the file does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_max_connections_fits_a_common_file_limit_without_a_warning() {
+    let backend = Backend::echo().await;
+    let warning = "the open-file limit allows fewer connections";
+    let start = async |fixture: Fixture| {
+        Sluice::with(fixture)
+            .per_core(2)
+            .nofile(20_000)
+            .start()
+            .await
+    };
+    let quiet = start(Fixture::front(&[backend.addr])).await;
+    let cap = quiet
+        .metrics()
+        .await
+        .value("sluice_process_max_connections", &[]);
+    assert!(cap < 10_000.0, "the cap {cap} is below the default");
+    // The warning would come before this line: once it is read, its absence counts.
+    quiet.wait_log("sluice ready").await;
+    assert!(!quiet.log().iter().any(|l| l.contains(warning)));
+
+    let explicit =
+        start(Fixture::front(&[backend.addr]).listener_keys("max_connections = 10000")).await;
+    explicit.wait_log(warning).await;
+}
