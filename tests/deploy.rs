@@ -1,7 +1,9 @@
 //! The deploy files, checked with what this machine can run: systemd-analyze for the
 //! unit, the Kubernetes schemas (kubernetes-validate) and yamllint for the manifests,
-//! sluice itself for the config they carry. The Dockerfile cannot be built here (no
-//! container engine); its inputs are checked to exist.
+//! what they say read back (who reaches the admin port, which image), sluice itself for
+//! the config they carry. The Dockerfile cannot be built here (no container engine); its
+//! inputs are checked to exist and to be in the build context, and its built-in config
+//! to fail `sluice check` with an error that says to mount one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -243,4 +245,56 @@ fn the_dockerfile_copies_files_that_exist() {
     }
     assert!(copied >= 4);
     assert!(text.contains("USER 10001"), "runs as a non-root user");
+}
+
+#[test]
+fn the_build_context_holds_what_the_dockerfile_copies_and_not_target() {
+    // `docker build -f deploy/Dockerfile .`: the context is the repository root, and the
+    // .dockerignore there applies. It lists what is let in after excluding everything.
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(patterns.first(), Some(&"*"), "everything is excluded first");
+    assert!(
+        !patterns.iter().any(|p| p.contains("target")),
+        "target/ stays out of the context"
+    );
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(
+                patterns.contains(&format!("!{src}").as_str()),
+                "{src} ({line}) is not in the build context: add !{src} to .dockerignore"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_image_config_is_an_example_that_fails_check_saying_to_mount_one() {
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    assert!(text.contains("COPY deploy/image.toml /etc/sluice/sluice.toml"));
+    assert!(text.contains(r#"CMD ["run", "--config", "/etc/sluice/sluice.toml"]"#));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("check")
+        .arg(root().join("deploy/image.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    // The error quotes the value, so the value is the message.
+    assert!(
+        stderr.contains("image.toml:")
+            && stderr.contains(
+                "no config mounted: mount a directory with your sluice.toml at /etc/sluice"
+            ),
+        "{stderr}"
+    );
 }
