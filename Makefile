@@ -7,7 +7,6 @@ CARGO     ?= cargo
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT       := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 RELEASE   := target/release/sluice
-DEMO      := target/demo
 SCHEMA    := target/grafana-schema
 CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml) deploy/kubernetes/sluice.toml
 
@@ -34,6 +33,7 @@ endef
 
 deps-run:
 	$(call need,python3,python3)
+	$(call need,setsid,util-linux)
 	$(call need,curl,curl)
 
 deps-test: deps-nginx
@@ -43,6 +43,9 @@ deps-test: deps-nginx
 	$(call need,ss,iproute2)
 	$(call need,curl,curl)
 	$(call need,systemd-analyze,systemd)
+	$(call need,python3,python3)
+	$(call need,setsid,util-linux)
+	$(call need,script,bsdutils)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
 	  echo "installing kubernetes-validate and yamllint (pip)"; \
 	  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint; }
@@ -51,22 +54,12 @@ deps-test: deps-nginx
 	  echo "installing Grafana's dashboard schema and typescript (npm) into $(SCHEMA)"; \
 	  npm install --prefix $(SCHEMA) --silent --no-audit --no-fund @grafana/schema@13.2.3 typescript@5.9.3; }
 
-# Two demo HTTP backends (python3 -m http.server) on 127.0.0.1:8081 and :8082, stopped
-# again when sluice exits (Ctrl-C drains and stops everything).
+# Two demo HTTP backends (python3 -m http.server) on 127.0.0.1:8081 and :8082 and sluice
+# in front of them, all stopped together however the demo ends: Ctrl-C (sluice drains),
+# the terminal closing, or a kill of make (deploy/demo.sh says how). `exec`: make's
+# SIGTERM reaches the script itself, not a shell in between.
 run: build deps-run demo-keys
-	@mkdir -p $(DEMO)/a $(DEMO)/b
-	@echo "hello from backend a (127.0.0.1:8081)" > $(DEMO)/a/index.html
-	@echo "hello from backend b (127.0.0.1:8082)" > $(DEMO)/b/index.html
-	@python3 -m http.server --bind 127.0.0.1 --directory $(DEMO)/a 8081 >$(DEMO)/a.log 2>&1 & a=$$!; \
-	 python3 -m http.server --bind 127.0.0.1 --directory $(DEMO)/b 8082 >$(DEMO)/b.log 2>&1 & b=$$!; \
-	 trap 'kill $$a $$b 2>/dev/null' EXIT INT TERM; \
-	 echo; \
-	 echo "  sluice on 127.0.0.1:8080 (and TLS on :8443) -> demo backends 127.0.0.1:8081, 127.0.0.1:8082"; \
-	 echo "  try:  curl http://127.0.0.1:8080/    and    curl http://127.0.0.1:9555/metrics"; \
-	 echo "        curl --cacert config/examples/certs/ca.pem https://localhost:8443/   (TLS)"; \
-	 echo "  Ctrl-C to stop"; \
-	 echo; \
-	 $(RELEASE) run --config config/sluice.toml
+	@exec sh deploy/demo.sh $(RELEASE)
 
 # nextest runs each test in its own process; plain cargo test is the fallback.
 test: deps-test

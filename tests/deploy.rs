@@ -1,12 +1,15 @@
 //! The deploy files, checked with what this machine can run: systemd-analyze for the
 //! unit, the Kubernetes schemas (kubernetes-validate) and yamllint for the manifests,
-//! sluice itself for the config they carry. The Dockerfile cannot be built here (no
-//! container engine); its inputs are checked to exist.
+//! what they say read back (who reaches the admin port, which image), sluice itself for
+//! the config they carry. The Dockerfile cannot be built here (no container engine); its
+//! inputs are checked to exist and to be in the build context, and its built-in config
+//! to fail `sluice check` with an error that says to mount one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use serde_json::Value;
 use sluice::config::Config;
 
 fn root() -> PathBuf {
@@ -60,7 +63,7 @@ fn the_kubernetes_manifests_match_the_schemas() {
         .arg("--strict")
         .arg(&manifests));
     assert!(ok, "kubernetes-validate:\n{output}");
-    assert_eq!(output.matches("passed").count(), 3, "{output}");
+    assert_eq!(output.matches("passed").count(), 5, "{output}");
     let (ok, output) = run(Command::new("yamllint")
         .args(["-d", "relaxed"])
         .arg(root().join("deploy/kubernetes")));
@@ -71,6 +74,137 @@ fn the_kubernetes_manifests_match_the_schemas() {
         "a subPath mount freezes the file: hot reload needs the directory"
     );
     assert!(text.contains("path: /readyz"));
+}
+
+/// The documents of a YAML file, as JSON (PyYAML comes with kubernetes-validate).
+fn documents(file: &str) -> Vec<Value> {
+    let script = "import sys, json, yaml\njson.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)\n";
+    let (ok, text) = run(Command::new("python3")
+        .args(["-c", script])
+        .arg(root().join(file)));
+    assert!(ok, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The one document of `kind` named `name`.
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "{kind} {name}");
+    found[0]
+}
+
+/// Whether every label in `selector` (a map) is among `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A Service port, or a NetworkPolicy port, that reaches the container's admin port.
+fn is_admin(port: &Value) -> bool {
+    ["name", "port", "targetPort"]
+        .iter()
+        .any(|k| port[k] == "admin" || port[k] == 9555)
+}
+
+#[test]
+fn only_prometheus_reaches_the_admin_port() {
+    let docs = documents("deploy/kubernetes/sluice.yaml");
+    let pods = &find(&docs, "Deployment", "sluice")["spec"]["template"]["metadata"]["labels"];
+    let services: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Service").collect();
+
+    // Clients: the Service for them has the app port only.
+    let clients = find(&docs, "Service", "sluice");
+    let ports = clients["spec"]["ports"].as_array().unwrap();
+    assert!(
+        !ports.iter().any(is_admin),
+        "the client-facing Service exposes the admin port: {ports:?}"
+    );
+    assert!(ports.iter().any(|p| p["targetPort"] == "app"));
+
+    // Prometheus: the admin port only through the headless metrics Service, which the
+    // ServiceMonitor selects (and not the client-facing one).
+    let metrics = find(&docs, "Service", "sluice-metrics");
+    for service in &services {
+        if service["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(is_admin)
+        {
+            assert_eq!(service["metadata"]["name"], "sluice-metrics");
+        }
+    }
+    assert_eq!(
+        metrics["spec"]["clusterIP"], "None",
+        "headless: pod addresses"
+    );
+    assert!(selects(&metrics["spec"]["selector"], pods));
+    let monitor = &documents("deploy/kubernetes/servicemonitor.yaml")[0];
+    let wanted = &monitor["spec"]["selector"]["matchLabels"];
+    assert!(selects(wanted, &metrics["metadata"]["labels"]));
+    assert!(!selects(wanted, &clients["metadata"]["labels"]));
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "admin");
+
+    // The NetworkPolicy: it covers sluice's pods, lets anyone reach the app port, and the
+    // admin port only from Prometheus's pods. A rule without `ports` opens every port.
+    let policy = find(&docs, "NetworkPolicy", "sluice");
+    assert!(selects(&policy["spec"]["podSelector"]["matchLabels"], pods));
+    assert!(
+        policy["spec"]["policyTypes"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("Ingress"))
+    );
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    let mut app_open = false;
+    for rule in rules {
+        let ports = rule["ports"].as_array();
+        let opens_admin = ports.is_none_or(|ports| ports.iter().any(is_admin));
+        let from = rule["from"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        if opens_admin {
+            assert!(!from.is_empty(), "the admin port open to all: {rule}");
+            for peer in from {
+                assert_eq!(
+                    peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "prometheus",
+                    "the admin port open to more than Prometheus: {peer}"
+                );
+                assert!(
+                    peer.get("ipBlock").is_none() && peer.get("namespaceSelector").is_some(),
+                    "{peer}"
+                );
+            }
+        } else if from.is_empty() && ports.unwrap().iter().any(|p| p["port"] == "app") {
+            app_open = true;
+        }
+    }
+    assert!(app_open, "clients cannot reach the app port: {rules:?}");
+}
+
+#[test]
+fn the_deployment_pins_the_image_and_pulls_it_only_when_missing() {
+    let docs = documents("deploy/kubernetes/sluice.yaml");
+    let container =
+        &find(&docs, "Deployment", "sluice")["spec"]["template"]["spec"]["containers"][0];
+    // The tag the docs and the Dockerfile's comment build (docs/operations.md).
+    assert_eq!(
+        container["image"],
+        format!("sluice:{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(container["imagePullPolicy"], "IfNotPresent");
+    let docs_text = std::fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    for needed in [
+        "kind load docker-image",
+        "minikube image load",
+        "docker push",
+    ] {
+        assert!(docs_text.contains(needed), "docs/operations.md: {needed}");
+    }
 }
 
 #[test]
@@ -111,4 +245,56 @@ fn the_dockerfile_copies_files_that_exist() {
     }
     assert!(copied >= 4);
     assert!(text.contains("USER 10001"), "runs as a non-root user");
+}
+
+#[test]
+fn the_build_context_holds_what_the_dockerfile_copies_and_not_target() {
+    // `docker build -f deploy/Dockerfile .`: the context is the repository root, and the
+    // .dockerignore there applies. It lists what is let in after excluding everything.
+    let ignore = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(patterns.first(), Some(&"*"), "everything is excluded first");
+    assert!(
+        !patterns.iter().any(|p| p.contains("target")),
+        "target/ stays out of the context"
+    );
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(
+                patterns.contains(&format!("!{src}").as_str()),
+                "{src} ({line}) is not in the build context: add !{src} to .dockerignore"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_image_config_is_an_example_that_fails_check_saying_to_mount_one() {
+    let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    assert!(text.contains("COPY deploy/image.toml /etc/sluice/sluice.toml"));
+    assert!(text.contains(r#"CMD ["run", "--config", "/etc/sluice/sluice.toml"]"#));
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("check")
+        .arg(root().join("deploy/image.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    // The error quotes the value, so the value is the message.
+    assert!(
+        stderr.contains("image.toml:")
+            && stderr.contains(
+                "no config mounted: mount a directory with your sluice.toml at /etc/sluice"
+            ),
+        "{stderr}"
+    );
 }
