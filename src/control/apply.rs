@@ -24,18 +24,18 @@ pub struct Applied {
 }
 
 impl Server {
-    /// Applies `config` (read from `text`, TLS files loaded into `material`) as
-    /// `generation`. Nothing changes if a listening address cannot be bound.
+    /// Applies `config` (read from `text`, TLS files loaded into `material`, compared
+    /// with the snapshot in force in `diff`) as `generation`. Nothing changes if a
+    /// listening address cannot be bound.
     pub(super) fn apply(
         &mut self,
         config: Arc<Config>,
         text: String,
         material: Material,
+        diff: SnapshotDiff,
         generation: u64,
     ) -> Result<Applied, Error> {
         let bound = self.listeners.bind_new(&config)?;
-        let previous = self.snapshots.load_full();
-        let diff = SnapshotDiff::new(&previous, &config, &material);
         let (snapshot, mut diff) = Snapshot::build(
             config,
             generation,
@@ -50,7 +50,7 @@ impl Server {
         retire::forget_tls(&diff, &self.metrics);
         let summary = diff.to_string();
         let janitor = retire::Janitor::new(&mut diff);
-        drop((previous, diff));
+        drop(diff);
         self.snapshots.store(Arc::clone(&snapshot));
         // A raised limit or a new backend may let waiters in now.
         for upstream in &snapshot.upstreams {
@@ -106,7 +106,8 @@ impl Server {
             Ok(m) => m,
             Err(e) => return self.reload_failed(&e.to_string()),
         };
-        if *config == *previous.config && material.fingerprint == previous.tls_fingerprint {
+        let diff = SnapshotDiff::new(&previous, &config, &material);
+        if diff.is_empty() {
             // What runs is what is on disk (a file that failed earlier and was restored
             // no longer counts as a failed reload), and nothing that a reload applies
             // changed: the generation counts only changes that took effect.
@@ -123,7 +124,7 @@ impl Server {
         }
         let generation = previous.generation + 1;
         drop(previous);
-        match self.apply(config, text, material, generation) {
+        match self.apply(config, text, material, diff, generation) {
             Ok(applied) => {
                 self.metrics.config_reloads_success.inc();
                 tracing::info!(

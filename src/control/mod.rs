@@ -35,7 +35,7 @@ use crate::data::listener::{self, BindError, Listeners};
 use crate::data::runtime::Workers;
 use crate::metrics::Metrics;
 use crate::shutdown::{self, Shutdown};
-use crate::snapshot::{Snapshot, SnapshotHandle};
+use crate::snapshot::{Snapshot, SnapshotDiff, SnapshotHandle};
 use crate::upstream::check::{Checks, Current};
 
 /// Why sluice could not start.
@@ -145,7 +145,9 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         cut: shutdown.cut.clone(),
         status: Arc::clone(&status),
     };
-    let started = server.apply(Arc::clone(&config), text, material, 0)?;
+    // The empty snapshot is what start applies the first config to.
+    let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
+    let started = server.apply(Arc::clone(&config), text, material, diff, 0)?;
     drop(started);
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));

@@ -27,6 +27,9 @@ pub struct SnapshotDiff {
     backends: Vec<(String, Changes)>,
     drain_timeout_changed: bool,
     relay_changed: bool,
+    /// Anything in the config differs: what the named changes above do not cover is
+    /// still a change, so a new top-level key cannot be silently ignored by a reload.
+    config_changed: bool,
     /// A certificate, key or CA file's content changed.
     tls_files_changed: bool,
     /// What each upstream of the next config takes over, by name.
@@ -91,6 +94,7 @@ impl SnapshotDiff {
             backends: Vec::new(),
             drain_timeout_changed: old.drain_timeout != next.drain_timeout,
             relay_changed: old.relay != next.relay,
+            config_changed: **old != *next,
             tls_files_changed: previous.tls_fingerprint != material.fingerprint,
             carried: HashMap::new(),
             retired: previous.retired.clone(),
@@ -198,6 +202,7 @@ impl SnapshotDiff {
             && self.backends.iter().all(|(_, c)| c.is_empty())
             && !self.drain_timeout_changed
             && !self.relay_changed
+            && !self.config_changed
             && !self.tls_files_changed
     }
 }
@@ -255,7 +260,9 @@ impl fmt::Display for SnapshotDiff {
         if self.tls_files_changed {
             parts.push("TLS files changed".to_string());
         }
-        if parts.is_empty() {
+        if parts.is_empty() && self.config_changed {
+            f.write_str("settings changed")
+        } else if parts.is_empty() {
             f.write_str("no effective change")
         } else {
             f.write_str(&parts.join("; "))
