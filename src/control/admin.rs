@@ -31,13 +31,21 @@ pub struct Status {
     pub snapshots: SnapshotHandle,
     /// True once every listener is bound; false again when the drain begins.
     pub ready: AtomicBool,
-    /// Each listener's bound addresses, updated after every applied config.
-    pub listening: Mutex<Vec<(String, Vec<SocketAddr>)>>,
+    /// Each listener's bound addresses, and the generation of the config they are for,
+    /// updated once the listeners of every applied config are running.
+    pub listening: Mutex<Listening>,
+}
+
+/// What `/listeners` reports: one generation's bound addresses, by listener.
+#[derive(Default)]
+pub struct Listening {
+    pub generation: u64,
+    pub listeners: Vec<(String, Vec<SocketAddr>)>,
 }
 
 impl Status {
-    pub fn set_listening(&self, listening: Vec<(String, Vec<SocketAddr>)>) {
-        // Every update replaces the whole list, so a poisoned lock holds a complete one.
+    pub fn set_listening(&self, listening: Listening) {
+        // Every update replaces the whole value, so a poisoned lock holds a complete one.
         *self.listening.lock().unwrap_or_else(|p| p.into_inner()) = listening;
     }
 }
@@ -98,17 +106,17 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             json(format!("{body:#}\n"))
         }
         "/listeners" => {
-            let generation = status.snapshots.load().generation;
-            let listening = status
-                .listening
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(
-                    |(name, addresses)| serde_json::json!({ "name": name, "addresses": addresses }),
-                )
-                .collect::<Vec<_>>();
-            let body = serde_json::json!({ "generation": generation, "listeners": listening });
+            let body = {
+                let listening = status.listening.lock().unwrap_or_else(|p| p.into_inner());
+                let listeners = listening
+                    .listeners
+                    .iter()
+                    .map(|(name, addresses)| {
+                        serde_json::json!({ "name": name, "addresses": addresses })
+                    })
+                    .collect::<Vec<_>>();
+                serde_json::json!({ "generation": listening.generation, "listeners": listeners })
+            };
             json(format!("{body:#}\n"))
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::control::signals::Trigger;
-use crate::control::{Error, Server, retire};
+use crate::control::{Error, Server, admin, retire};
 use crate::data::listener::Changes;
 use crate::edge::tls::{self, Material};
 use crate::snapshot::{Snapshot, SnapshotDiff};
@@ -58,8 +58,10 @@ impl Server {
         }
         janitor.spawn(Arc::clone(&self.snapshots));
         let listeners = self.listeners.apply(&snapshot.config, bound);
-        self.status
-            .set_listening(self.listeners.addresses(&snapshot.config));
+        self.status.set_listening(admin::Listening {
+            generation,
+            listeners: self.listeners.addresses(&snapshot.config),
+        });
         self.checks
             .reconcile(&snapshot.upstreams, &self.current, &self.checks_stop);
         self.applied_text = text;
