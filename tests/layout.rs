@@ -55,7 +55,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("snapshot", 5),
     // The data plane: listener, conn, relay, gate, runtime.
     ("data", 6),
-    // The control plane: server, apply, watch, signals, admin, drain, retire.
+    // The control plane: Server and run (mod.rs), apply, watch, signals, admin, drain, retire.
     ("control", 7),
 ];
 
