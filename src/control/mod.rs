@@ -147,8 +147,7 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
-    let started = server.apply(Arc::clone(&config), text, material, diff, 0)?;
-    drop(started);
+    server.apply(Arc::clone(&config), text, material, diff, 0)?;
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     status.ready.store(true, Ordering::Relaxed);

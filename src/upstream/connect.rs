@@ -234,13 +234,11 @@ impl Upstream {
                     .await
                     .map_err(ConnectError::from)?
             } else {
-                {
-                    let slot = self.pool.take(client, &tried, &mut cursor);
-                    if slot.is_none() && tried.is_empty() {
-                        return Err(ConnectError::NoHealthyBackend);
-                    }
-                    slot
+                let slot = self.pool.take(client, &tried, &mut cursor);
+                if slot.is_none() && tried.is_empty() {
+                    return Err(ConnectError::NoHealthyBackend);
                 }
+                slot
             };
             let Some(backend) = slot else { break };
             let lease = Lease {
