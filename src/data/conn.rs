@@ -132,7 +132,8 @@ impl Open {
     async fn relay(&mut self) {
         let stops = relay::Stops {
             shutdown: &self.stop,
-            removed: &self.lease.backend().removed,
+            removed: self.lease.sessions(),
+            retired: &self.lease.backend().removed,
         };
         let counters = self.record.counters();
         let outcome = match (&mut self.client, &mut self.backend) {

@@ -62,6 +62,9 @@ pub enum End {
     MaxLifetime,
     /// A reload removed the backend (`on_backend_removed` drain or close).
     BackendRemoved,
+    /// An operator closed the backend's connections (`sluice ctl close`, maint with
+    /// close, the end of a drain's `close_after`).
+    BackendClosed,
     /// Cut at the end of the shutdown drain.
     Shutdown,
 }
@@ -75,6 +78,7 @@ impl End {
             End::IdleTimeout => "idle_timeout",
             End::MaxLifetime => "max_lifetime",
             End::BackendRemoved => "backend_removed",
+            End::BackendClosed => "backend_closed",
             End::Shutdown => "shutdown",
         }
     }
@@ -115,17 +119,22 @@ impl Limits {
 pub struct Stops<'a> {
     /// The shutdown drain's deadline.
     pub shutdown: &'a CancellationToken,
-    /// The backend's removal by a reload; a child of `shutdown`, so the relay waits on
-    /// this one token for both, and tells them apart by whether `shutdown` is cancelled.
+    /// The backend's sessions (an operator's close), a child of its removal by a
+    /// reload, itself a child of `shutdown`: the relay waits on this one token for all
+    /// three, and tells them apart by which of the parents is cancelled.
     pub removed: &'a CancellationToken,
+    /// The backend's removal by a reload (`Backend::removed`).
+    pub retired: &'a CancellationToken,
 }
 
 /// Why a relay was stopped, once `Stops::removed` has fired.
-fn stopped_by(shutdown: &CancellationToken) -> End {
+fn stopped_by(shutdown: &CancellationToken, retired: &CancellationToken) -> End {
     if shutdown.is_cancelled() {
         End::Shutdown
-    } else {
+    } else if retired.is_cancelled() {
         End::BackendRemoved
+    } else {
+        End::BackendClosed
     }
 }
 
@@ -152,6 +161,7 @@ pub fn relay<'a>(
         timer: sleep_until(limits.deadline(now)),
         stopped: Stopped::new(stops.removed),
         shutdown: stops.shutdown,
+        retired: stops.retired,
     }
 }
 
@@ -173,7 +183,8 @@ pin_project_lite::pin_project! {
         #[pin]
         timer: Sleep,
         shutdown: &'a CancellationToken,
-        // Fires on the backend's removal or the shutdown cut.
+        retired: &'a CancellationToken,
+        // Fires on an operator's close, the backend's removal or the shutdown cut.
         #[pin]
         stopped: Stopped<'a>,
     }
@@ -208,7 +219,7 @@ impl Relay<'_> {
     fn step(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let mut this = self.as_mut().project();
         if this.stopped.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(stopped_by(this.shutdown));
+            return Poll::Ready(stopped_by(this.shutdown, this.retired));
         }
         let moved_before = this.up.moved + this.down.moved;
         let (client, backend) = (*this.client, *this.backend);
@@ -534,7 +545,7 @@ async fn drive(
             },
             () = &mut idle => break End::IdleTimeout,
             () = &mut lifetime => break End::MaxLifetime,
-            () = &mut stopped => break stopped_by(stops.shutdown),
+            () = &mut stopped => break stopped_by(stops.shutdown, stops.retired),
         }
         if c2b_done && b2c_done {
             break End::Closed;
@@ -768,6 +779,7 @@ mod tests {
                 Stops {
                     shutdown: &stop,
                     removed: &removed,
+                    retired: &removed,
                 },
                 Counters {
                     client_to_backend: &up,

@@ -37,7 +37,9 @@ label!(
     ConnectFailure,
     AcceptFailure,
     HandshakeResult,
-    Direction
+    Direction,
+    AdminState,
+    CtlResult
 );
 
 /// One handle per value of label `L`, built by `make` for each value.
@@ -152,6 +154,36 @@ pub enum Direction {
     BackendToClient,
 }
 
+/// A backend's admin state, set by an operator through the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, VariantArray, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum AdminState {
+    /// Takes new connections (if healthy and weighted).
+    Ready,
+    /// No new connections; open ones continue.
+    Drain,
+    /// No new connections, health checks paused.
+    Maint,
+}
+
+/// How a control socket request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, VariantArray, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum CtlResult {
+    /// Done (or, for a read, answered).
+    Ok,
+    /// Malformed JSON, a bad value, a body over the limit.
+    BadRequest,
+    /// TCP without the right bearer token.
+    Unauthorized,
+    /// An unknown route, upstream or backend.
+    NotFound,
+    /// A GET to a mutation or a POST to a read.
+    MethodNotAllowed,
+    /// The operation was valid but failed (a reload refused by the config check).
+    Failed,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +224,14 @@ mod tests {
             "aborted",
         ]);
         check::<Direction>(&["client_to_backend", "backend_to_client"]);
+        check::<AdminState>(&["ready", "drain", "maint"]);
+        check::<CtlResult>(&[
+            "ok",
+            "bad_request",
+            "unauthorized",
+            "not_found",
+            "method_not_allowed",
+            "failed",
+        ]);
     }
 }

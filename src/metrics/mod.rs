@@ -12,6 +12,7 @@ mod scope;
 pub use labels::{
     AcceptFailure, CheckResult, ConnectFailure, Direction, HandshakeResult, Label, RejectReason,
 };
+pub use labels::{AdminState, CtlResult};
 pub use scope::{BackendMetrics, ListenerMetrics, Series, TlsMetrics, UpstreamMetrics};
 
 use prometheus::{
@@ -47,6 +48,9 @@ pub const PROCESS_MAX_CONNECTIONS: &str = "sluice_process_max_connections";
 pub const TLS_HANDSHAKES: &str = "sluice_tls_handshakes_total";
 pub const TLS_HANDSHAKE_DURATION: &str = "sluice_tls_handshake_duration_seconds";
 pub const TLS_CERTIFICATE_EXPIRY: &str = "sluice_tls_certificate_expiry_timestamp_seconds";
+pub const BACKEND_ADMIN_STATE: &str = "sluice_backend_admin_state";
+pub const BACKEND_WEIGHT: &str = "sluice_backend_weight";
+pub const CTL_REQUESTS: &str = "sluice_ctl_requests_total";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -87,6 +91,10 @@ pub struct Metrics {
     tls_handshakes: IntCounterVec,
     tls_handshake_duration: HistogramVec,
     tls_certificate_expiry: IntGaugeVec,
+    backend_admin_state: IntGaugeVec,
+    backend_weight: IntGaugeVec,
+    /// Control socket requests, by route and result.
+    pub ctl_requests: IntCounterVec,
     pub config_generation: IntGauge,
     pub config_reloads_success: IntCounter,
     pub config_reloads_failure: IntCounter,
@@ -276,6 +284,24 @@ impl Metrics {
                 &registry,
                 PROCESS_MAX_CONNECTIONS,
                 "Proxied connections the open-file limit allows in all, keeping descriptors spare for the admin endpoint",
+            )?,
+            backend_admin_state: gauge_vec(
+                &registry,
+                BACKEND_ADMIN_STATE,
+                "1 for the backend's admin state (ready, drain, maint; set by sluice ctl), 0 for the others",
+                &["upstream", "backend", "state"],
+            )?,
+            backend_weight: gauge_vec(
+                &registry,
+                BACKEND_WEIGHT,
+                "The backend's effective weight: the configured one, or the override set by sluice ctl",
+                &["upstream", "backend"],
+            )?,
+            ctl_requests: counter_vec(
+                &registry,
+                CTL_REQUESTS,
+                "Control socket requests, by route and result (ok, bad_request, unauthorized, not_found, method_not_allowed, failed)",
+                &["route", "result"],
             )?,
             registry,
         };

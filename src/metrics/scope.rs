@@ -7,8 +7,8 @@ use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, I
 
 use super::Metrics;
 use super::labels::{
-    AcceptFailure, CheckResult, ConnectFailure, Direction, HandshakeResult, Label, RejectReason,
-    per_value,
+    AcceptFailure, AdminState, CheckResult, ConnectFailure, Direction, HandshakeResult, Label,
+    RejectReason, per_value,
 };
 use strum::EnumCount;
 
@@ -122,10 +122,21 @@ pub struct BackendMetrics {
     pub up: IntGauge,
     health_checks: [IntCounter; CheckResult::COUNT],
     pub ejections: IntCounter,
+    /// 1 for the current admin state, 0 for the others.
+    admin_state: [IntGauge; AdminState::COUNT],
+    /// The effective weight.
+    pub weight: IntGauge,
     pub series: Series,
 }
 
 impl BackendMetrics {
+    /// Sets the admin-state gauges to `state`.
+    pub fn set_admin_state(&self, state: AdminState) {
+        for (i, g) in self.admin_state.iter().enumerate() {
+            g.set(i64::from(i == state.index()));
+        }
+    }
+
     pub fn health_check(&self, result: CheckResult) -> &IntCounter {
         &self.health_checks[result.index()]
     }
@@ -205,6 +216,12 @@ impl Metrics {
                 s.counter(&self.health_checks, &[upstream, address, r.as_str()])
             }),
             ejections: s.counter(&self.backend_ejections, b),
+            admin_state: per_value(|a: AdminState| {
+                let g = s.gauge(&self.backend_admin_state, &[upstream, address, a.as_str()]);
+                g.set(i64::from(a == AdminState::Ready));
+                g
+            }),
+            weight: s.gauge(&self.backend_weight, b),
             series: s,
         }
     }

@@ -1,11 +1,13 @@
 //! One backend server: its identity (an address within an upstream) and its live state.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
+use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::BackendMetrics;
+use crate::metrics::{AdminState, BackendMetrics};
 use crate::upstream::health::Health;
 
 /// One backend server and its live state. Keyed by (upstream, address): a reload that
@@ -15,6 +17,12 @@ pub struct Backend {
     pub address: SocketAddr,
     /// From the latest config; 0 means no new connections.
     weight: AtomicU32,
+    /// An operator's weight (`sluice ctl weight`), in force over the configured one;
+    /// [`NO_OVERRIDE`] when there is none.
+    weight_override: AtomicU32,
+    /// An operator's [`AdminState`] as its index: anything but ready takes no new
+    /// connections, maint also pauses the health checks.
+    admin: AtomicU8,
     /// Connections open or being opened to this backend: the balancers read this count,
     /// the per-backend limit caps it, and the gauge mirrors it.
     active: AtomicU64,
@@ -26,7 +34,14 @@ pub struct Backend {
     /// (`on_backend_removed`), and, as a child of the shutdown cut, at the drain's
     /// deadline: a relay waits on this one token for both.
     pub removed: CancellationToken,
+    /// What the relays of connections opened now wait on: a child of `removed`, replaced
+    /// by a fresh one each time an operator closes the backend's connections, so that
+    /// closing them (`sluice ctl close`, maint with close) does not retire the backend.
+    sessions: ArcSwap<CancellationToken>,
 }
+
+/// The value of `weight_override` when no operator set a weight.
+const NO_OVERRIDE: u32 = u32::MAX;
 
 impl Backend {
     /// `cut` is the shutdown drain's deadline: [`Backend::removed`] is its child.
@@ -37,14 +52,19 @@ impl Backend {
         cut: &CancellationToken,
     ) -> Backend {
         metrics.up.set(1);
+        metrics.weight.set(i64::from(weight));
+        let removed = cut.child_token();
         Backend {
             address,
             weight: AtomicU32::new(weight),
+            weight_override: AtomicU32::new(NO_OVERRIDE),
+            admin: AtomicU8::new(AdminState::Ready as u8),
             active: AtomicU64::new(0),
             health: Health::default(),
             metrics,
             retired: AtomicBool::new(false),
-            removed: cut.child_token(),
+            sessions: ArcSwap::from_pointee(removed.child_token()),
+            removed,
         }
     }
 
@@ -63,12 +83,68 @@ impl Backend {
         b
     }
 
+    /// The effective weight: an operator's override, else the configured weight.
     pub fn weight(&self) -> u32 {
+        match self.weight_override.load(Ordering::Relaxed) {
+            NO_OVERRIDE => self.weight.load(Ordering::Relaxed),
+            w => w,
+        }
+    }
+
+    /// The weight the config gives (what a reload sets).
+    pub fn configured_weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
     }
 
+    /// Sets the configured weight; an override stays in force over it.
     pub fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
+        self.metrics.weight.set(i64::from(self.weight()));
+    }
+
+    /// The operator's weight, if one is set.
+    pub fn weight_override(&self) -> Option<u32> {
+        match self.weight_override.load(Ordering::Relaxed) {
+            NO_OVERRIDE => None,
+            w => Some(w),
+        }
+    }
+
+    /// Sets or clears the operator's weight. The caller rebuilds the balancer
+    /// ([`crate::upstream::pool::Pool::rebalance`]) for the algorithms that keep tables.
+    pub fn set_weight_override(&self, weight: Option<u32>) {
+        let stored = weight.unwrap_or(NO_OVERRIDE).min(NO_OVERRIDE);
+        self.weight_override.store(stored, Ordering::Relaxed);
+        self.metrics.weight.set(i64::from(self.weight()));
+    }
+
+    pub fn admin_state(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            x if x == AdminState::Drain as u8 => AdminState::Drain,
+            x if x == AdminState::Maint as u8 => AdminState::Maint,
+            _ => AdminState::Ready,
+        }
+    }
+
+    /// Sets the operator's admin state; returns the state before.
+    pub fn set_admin_state(&self, state: AdminState) -> AdminState {
+        let before = self.admin_state();
+        self.admin.store(state as u8, Ordering::Relaxed);
+        self.metrics.set_admin_state(state);
+        self.metrics.up.set(i64::from(self.available()));
+        before
+    }
+
+    /// The token a relay opened now waits on (one load, no lock).
+    pub fn sessions(&self) -> Arc<CancellationToken> {
+        self.sessions.load_full()
+    }
+
+    /// Closes every connection open to this backend now, and keeps the backend in
+    /// service: later connections wait on a fresh token.
+    pub fn close_sessions(&self) {
+        let old = self.sessions.swap(Arc::new(self.removed.child_token()));
+        crate::shutdown::cancel(&old);
     }
 
     /// Takes a slot: one more connection open or being opened.
@@ -105,8 +181,12 @@ impl Backend {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Takes new connections: in the config, weight above zero, up, not ejected.
+    /// Takes new connections: in the config, weight above zero, admin state ready, up,
+    /// not ejected.
     pub fn available(&self) -> bool {
-        self.weight() > 0 && !self.is_retired() && self.health.available()
+        self.weight() > 0
+            && !self.is_retired()
+            && self.admin.load(Ordering::Relaxed) == AdminState::Ready as u8
+            && self.health.available()
     }
 }

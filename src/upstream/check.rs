@@ -127,6 +127,11 @@ async fn check_loop(
     sleep(check.interval.mul_f64(fastrand::f64())).await;
     let (mut passes, mut fails) = (0u32, 0u32);
     loop {
+        // Paused while an operator holds the backend in maint: its verdict stays as it was.
+        if backend.admin_state() == crate::metrics::AdminState::Maint {
+            sleep(check.interval).await;
+            continue;
+        }
         // The upstream as configured now: its TLS and PROXY settings may have changed.
         let result = match current(&upstream) {
             None => Err(CheckFailure::Removed),

@@ -17,7 +17,6 @@ use crate::edge::tls::Origination;
 use crate::metrics::{ConnectFailure, Metrics, UpstreamMetrics};
 use crate::stream::BackendStream;
 use crate::upstream::backend::Backend;
-use crate::upstream::balance;
 use crate::upstream::pool::Pool;
 use crate::upstream::queue::{Queue, QueueError, Slots};
 
@@ -82,6 +81,9 @@ pub struct Lease {
     backend: Arc<Backend>,
     /// Where the freed slot goes next.
     queue: Arc<Queue<Pool>>,
+    /// The backend's sessions token when the slot was taken: an operator's close after
+    /// that ends this connection too, even while it is still connecting.
+    sessions: Arc<CancellationToken>,
 }
 
 /// Why no backend connection could be made for a client.
@@ -133,9 +135,10 @@ impl Upstream {
                 },
             )
             .collect();
+        // Built from the effective weights: a kept backend keeps an operator's override.
         let pool = Arc::new(Pool::new(
             backends,
-            balance::for_upstream(cfg.balance, &cfg.backends),
+            cfg.balance,
             cfg.max_connections_per_backend,
         ));
         let queue = match carried.queue {
@@ -242,6 +245,7 @@ impl Upstream {
             };
             let Some(backend) = slot else { break };
             let lease = Lease {
+                sessions: backend.sessions(),
                 backend,
                 queue: Arc::clone(&self.queue),
             };
@@ -307,6 +311,11 @@ impl Upstream {
 impl Lease {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
+    }
+
+    /// What the relay waits on for an operator's close (see [`Backend::close_sessions`]).
+    pub fn sessions(&self) -> &CancellationToken {
+        &self.sessions
     }
 }
 

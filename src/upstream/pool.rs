@@ -4,36 +4,59 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
+use crate::config;
 use crate::upstream::backend::Backend;
-use crate::upstream::balance::Balance;
+use crate::upstream::balance::{self, Balance};
 use crate::upstream::queue::Slots;
 
 /// The backends of one upstream as one snapshot has them, with their balancer and limit.
 pub struct Pool {
     /// Shared with the snapshots before and after this one: see [`Backend`].
     pub backends: Vec<Arc<Backend>>,
-    balancer: Box<dyn Balance>,
+    /// Replaced when an operator changes a weight: round robin and Maglev build their
+    /// tables from the weights, the others read `Backend::weight` live.
+    balancer: ArcSwap<Box<dyn Balance>>,
+    kind: config::Balance,
     /// Per-backend cap; `None` for unlimited backends.
     limit: Option<u64>,
 }
 
 impl Pool {
-    pub fn new(
-        backends: Vec<Arc<Backend>>,
-        balancer: Box<dyn Balance>,
-        limit: Option<u64>,
-    ) -> Pool {
+    /// A pool balancing `backends` with `kind`, built from their effective weights.
+    pub fn new(backends: Vec<Arc<Backend>>, kind: config::Balance, limit: Option<u64>) -> Pool {
+        let balancer = ArcSwap::from_pointee(balance::for_upstream(kind, &weights(&backends)));
         Pool {
             backends,
             balancer,
+            kind,
             limit,
         }
+    }
+
+    /// Rebuilds the balancer from the backends' effective weights now: after an
+    /// operator's weight change, so that every algorithm honours it.
+    pub fn rebalance(&self) {
+        let balancer = balance::for_upstream(self.kind, &weights(&self.backends));
+        self.balancer.store(Arc::new(balancer));
     }
 
     /// Whether backends take only so many connections (then clients may wait in a queue).
     pub fn is_limited(&self) -> bool {
         self.limit.is_some()
     }
+}
+
+/// The backends as a balancer is built from: address and effective weight.
+fn weights(backends: &[Arc<Backend>]) -> Vec<config::Backend> {
+    backends
+        .iter()
+        .map(|b| config::Backend {
+            address: b.address,
+            weight: b.weight(),
+        })
+        .collect()
 }
 
 impl Slots for Pool {
@@ -52,6 +75,7 @@ impl Slots for Pool {
         };
         let i = self
             .balancer
+            .load()
             .pick(&self.backends, client, cursor, &eligible)?;
         let b = &self.backends[i];
         b.take();
@@ -72,30 +96,17 @@ impl Slots for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
-    use crate::upstream::balance;
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     fn pool(limit: Option<u64>, backends: &[(u16, u32)]) -> Pool {
-        let configured: Vec<config::Backend> = backends
-            .iter()
-            .map(|&(port, weight)| config::Backend {
-                address: addr(port),
-                weight,
-            })
-            .collect();
         let live = backends
             .iter()
             .map(|&(port, weight)| Arc::new(Backend::for_test(addr(port), weight, 0)))
             .collect();
-        Pool::new(
-            live,
-            balance::for_upstream(config::Balance::RoundRobin, &configured),
-            limit,
-        )
+        Pool::new(live, config::Balance::RoundRobin, limit)
     }
 
     #[test]
@@ -110,6 +121,36 @@ mod tests {
         let mut slots = slots.into_iter();
         Pool::give_back(slots.next().unwrap());
         assert!(p.take(addr(9), &[], &mut None).is_some());
+    }
+
+    /// Each algorithm honours an operator's weight: the table-building ones once the
+    /// pool is rebalanced, the others at once.
+    #[test]
+    fn a_weight_override_takes_effect_in_every_algorithm() {
+        use config::Balance::*;
+        for kind in [RoundRobin, LeastConnections, PowerOfTwo, Random, Maglev] {
+            let live: Vec<_> = (1..=2)
+                .map(|port| Arc::new(Backend::for_test(addr(port), 1, 0)))
+                .collect();
+            let p = Pool::new(live, kind, None);
+            p.backends[0].set_weight_override(Some(0));
+            p.rebalance();
+            for client in 0..50u16 {
+                let b = p.take(
+                    SocketAddr::from(([10, 0, 0, client as u8], client)),
+                    &[],
+                    &mut None,
+                );
+                assert_eq!(b.expect("backend 2").address, addr(2), "{kind:?}");
+            }
+            p.backends[0].set_weight_override(Some(9));
+            p.backends[1].set_weight_override(Some(0));
+            p.rebalance();
+            let b = p.take(addr(9), &[], &mut None).expect("backend 1");
+            assert_eq!(b.address, addr(1), "{kind:?}");
+            p.backends[1].set_weight_override(None);
+            assert_eq!(p.backends[1].weight(), 1, "the configured weight again");
+        }
     }
 
     #[test]
