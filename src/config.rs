@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod control;
 mod edge;
 mod raw;
 mod upstream;
 mod values;
+pub use control::{Control, DEFAULT_CONTROL_SOCKET};
 pub use edge::*;
 pub use values::parse_duration;
 
@@ -70,6 +72,8 @@ pub struct Config {
     pub relay: Relay,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
+    /// The control socket (`[control]`); read at start only.
+    pub control: Option<Control>,
     /// Where each certificate, key and CA file is named in the file.
     #[serde(skip)]
     pub named_files: NamedFiles,

@@ -1,4 +1,4 @@
-//! The `sluice` command: `run` the proxy, or `check` config files.
+//! The `sluice` command: `run` the proxy, `check` config files, or `ctl` a running one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,12 +55,17 @@ enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Change a running sluice through its control socket ([control] in the config):
+    /// drain, maint or re-weight a backend, fail readiness, reload.
+    #[command(after_help = sluice::control::ctl::client::EXIT_CODES)]
+    Ctl(sluice::control::ctl::client::CtlArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { files } => check(&files),
         Command::Run { config } => run(config),
+        Command::Ctl(args) => ExitCode::from(sluice::control::ctl::client::run(args)),
     }
 }
 

@@ -28,6 +28,7 @@ pub(super) struct RawConfig {
     runtime: Option<RawRuntime>,
     access_log: Option<RawAccessLog>,
     relay: Option<RawRelay>,
+    control: Option<super::control::RawControl>,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
     #[serde(default, rename = "upstream")]
@@ -251,7 +252,9 @@ impl RawConfig {
         let relay = Relay {
             splice: self.relay.and_then(|r| r.splice).unwrap_or(DEFAULT_SPLICE),
         };
+        let control = self.control.map(|c| c.validate(path)).transpose()?;
         Ok(Config {
+            control,
             source: path.to_path_buf(),
             drain_timeout,
             admin,

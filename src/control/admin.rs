@@ -31,6 +31,10 @@ pub struct Status {
     pub snapshots: SnapshotHandle,
     /// True once every listener is bound; false again when the drain begins.
     pub ready: AtomicBool,
+    /// Set by `sluice ctl unready`: `/readyz` answers 503 while sluice keeps serving.
+    pub unready_by_operator: AtomicBool,
+    /// The control socket's runtime overrides, shown by `/config` beside the config.
+    pub overrides: Arc<crate::control::ctl::overrides::Overrides>,
     /// Each listener's bound addresses, and the generation of the config they are for,
     /// updated once the listeners of every applied config are running.
     pub listening: Mutex<Listening>,
@@ -102,6 +106,7 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "source": snapshot.config.source.display().to_string(),
                 "loaded_at": snapshot.loaded_at,
                 "config": &*snapshot.config,
+                "overrides": status.overrides.to_json(),
             });
             json(format!("{body:#}\n"))
         }
@@ -120,6 +125,10 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             json(format!("{body:#}\n"))
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if status.unready_by_operator.load(Ordering::Relaxed) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready (sluice ctl unready)\n",
+        ),
         "/readyz" if status.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(

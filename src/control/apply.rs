@@ -46,12 +46,16 @@ impl Server {
             &self.cut,
         );
         let snapshot = Arc::new(snapshot);
+        // Held until the swap: an operator's change lands in this snapshot or the next.
+        let mut overrides = self.overrides.lock();
+        overrides.apply(&snapshot);
         retire::retire_removed(&diff, snapshot.config.drain_timeout);
         retire::forget_tls(&diff, &self.metrics);
         let summary = diff.to_string();
         let janitor = retire::Janitor::new(&mut diff);
         drop(diff);
         self.snapshots.store(Arc::clone(&snapshot));
+        drop(overrides);
         // A raised limit or a new backend may let waiters in now.
         for upstream in &snapshot.upstreams {
             upstream.queue.dispatch();
@@ -78,8 +82,9 @@ impl Server {
     }
 
     /// Reads, validates and applies the config file; on any error the running
-    /// configuration stays exactly as it was.
-    pub async fn reload(&mut self, trigger: Trigger) {
+    /// configuration stays exactly as it was. Returns the generation in force after it,
+    /// or the error (file:line:col for an invalid config).
+    pub async fn reload(&mut self, trigger: Trigger) -> Result<u64, String> {
         let path = self.config_path.clone();
         let text = match tokio::fs::read_to_string(&path).await {
             Ok(t) => t,
@@ -117,12 +122,13 @@ impl Server {
             self.applied_text = text;
             match trigger {
                 Trigger::Signal => tracing::info!("reload requested (SIGHUP): nothing changed"),
+                Trigger::Ctl => tracing::info!("reload requested (sluice ctl): nothing changed"),
                 Trigger::File if !same_text => tracing::info!(
                     "config file changed, but nothing that a reload applies: generation stays"
                 ),
                 Trigger::File => tracing::debug!("config and TLS files unchanged"),
             }
-            return;
+            return Ok(previous.generation);
         }
         let generation = previous.generation + 1;
         drop(previous);
@@ -137,15 +143,17 @@ impl Server {
                     stopped = ?applied.listeners.closed,
                     "config reloaded"
                 );
+                Ok(applied.snapshot.generation)
             }
             Err(e) => self.reload_failed(&e.to_string()),
         }
     }
 
-    fn reload_failed(&self, error: &str) {
+    fn reload_failed(&self, error: &str) -> Result<u64, String> {
         self.metrics.config_reloads_failure.inc();
         self.metrics.config_last_reload_successful.set(0);
         tracing::error!(error = %error, "config reload failed; the running config is unchanged");
+        Err(error.to_string())
     }
 }
 
@@ -158,7 +166,7 @@ pub(super) async fn load_tls(config: &Arc<Config>) -> Result<Material, Error> {
     }
 }
 
-/// `[runtime]`, `[admin]` and `[access_log]` apply only at start: warns about a change
+/// `[runtime]`, `[admin]`, `[access_log]` and `[control]` apply only at start: warns about a change
 /// to them and keeps what runs in `config`, so that `/config` shows what runs and the
 /// next reload compares with it rather than with this file.
 fn keep_restart_only(config: &mut Config, running: &Config) {
@@ -173,6 +181,10 @@ fn keep_restart_only(config: &mut Config, running: &Config) {
     if config.admin != running.admin {
         tracing::warn!(in_force = %running.admin.bind, "a change of [admin] applies only after a restart");
         config.admin = running.admin.clone();
+    }
+    if config.control != running.control {
+        tracing::warn!("a change of [control] applies only after a restart");
+        config.control = running.control.clone();
     }
     if config.access_log != running.access_log {
         tracing::warn!("a change of [access_log] applies only after a restart");

@@ -11,9 +11,11 @@
 //! | `retire.rs` | what a reload removed: backends out of service, metric series forgotten |
 //! | `apply.rs` | apply a config: bind, diff, build, retire, swap, reconcile |
 //! | `admin.rs` | the read-only admin endpoint |
+//! | `ctl/` | the control socket (`sluice ctl`): runtime overrides, readiness, reload |
 
 pub mod admin;
 pub mod apply;
+pub mod ctl;
 pub mod drain;
 pub mod retire;
 pub mod signals;
@@ -50,6 +52,8 @@ pub enum Error {
     #[error("{0}")]
     Tls(#[from] crate::edge::tls::TlsError),
     #[error("{0}")]
+    Ctl(#[from] ctl::CtlError),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -74,6 +78,8 @@ pub struct Server {
     cut: CancellationToken,
     /// What the admin endpoint reports: the listening addresses change with a reload.
     status: Arc<Status>,
+    /// The control socket's runtime overrides, applied to every snapshot built.
+    overrides: Arc<ctl::Overrides>,
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
@@ -110,6 +116,13 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         .local_addr()
         .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
     tracing::info!(address = %admin_address, "admin listening");
+    let overrides =
+        ctl::Overrides::load(config.control.as_ref().and_then(|c| c.state_file.clone()))
+            .map_err(ctl::CtlError::from)?;
+    let control = config.control.as_ref().map(ctl::bind).transpose()?;
+    if let Some(c) = &control {
+        tracing::info!(socket = %c.path().display(), tcp = ?c.tcp_address(), "control socket listening");
+    }
 
     let shutdown = Shutdown::default();
     let snapshots: SnapshotHandle =
@@ -120,6 +133,8 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         snapshots: Arc::clone(&snapshots),
         ready: false.into(),
         listening: Default::default(),
+        unready_by_operator: false.into(),
+        overrides: Arc::clone(&overrides),
     });
     let current: Current = {
         let snapshots = Arc::clone(&snapshots);
@@ -144,12 +159,27 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         file_watch,
         cut: shutdown.cut.clone(),
         status: Arc::clone(&status),
+        overrides: Arc::clone(&overrides),
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
     server.apply(Arc::clone(&config), text, material, diff, 0)?;
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
+    let (reloads_tx, mut reloads) = tokio::sync::mpsc::channel::<ctl::ReloadRequest>(4);
+    let control_path = control.as_ref().map(|c| c.path().to_path_buf());
+    let control = control.map(|bound| {
+        tokio::spawn(ctl::serve(
+            bound,
+            Arc::new(ctl::Ctl {
+                overrides,
+                snapshots: Arc::clone(&snapshots),
+                status: Arc::clone(&status),
+                metrics: Arc::clone(&metrics),
+                reloads: reloads_tx,
+            }),
+        ))
+    });
     status.ready.store(true, Ordering::Relaxed);
     // The admin address in STATUS: what `systemctl status` shows, and how the tests find
     // the endpoint that tells them everything else.
@@ -168,8 +198,18 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     drop(config);
 
     let signal = loop {
-        match events.recv().await {
-            Some(Event::Reload(trigger)) => server.reload(trigger).await,
+        let event = tokio::select! {
+            event = events.recv() => event,
+            Some(reply) = reloads.recv() => {
+                let _ = reply.send(server.reload(signals::Trigger::Ctl).await);
+                continue;
+            }
+        };
+        match event {
+            Some(Event::Reload(trigger)) => {
+                // Logged by the reload itself, success or failure.
+                let _ = server.reload(trigger).await;
+            }
             Some(Event::ReopenAccessLog) => {
                 if let Some(log) = &server.access_log {
                     log.reopen();
@@ -196,6 +236,12 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     tracing::info!(cut, "shutdown complete");
     shutdown::cancel(&server.checks_stop);
     admin.abort();
+    if let Some(task) = control {
+        task.abort();
+    }
+    if let Some(path) = control_path {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 

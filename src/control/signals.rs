@@ -29,6 +29,8 @@ pub enum Event {
 pub enum Trigger {
     File,
     Signal,
+    /// `sluice ctl reload`, through the control socket.
+    Ctl,
 }
 
 /// Where events are sent from: the signal task and the file watch.
