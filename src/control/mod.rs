@@ -169,9 +169,12 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     let (reloads_tx, mut reloads) = tokio::sync::mpsc::channel::<ctl::ReloadRequest>(4);
     let control_path = control.as_ref().map(|c| c.path().to_path_buf());
     let control = control.map(|bound| {
+        let (socket, tcp) = (bound.path().to_path_buf(), bound.tcp_address());
         tokio::spawn(ctl::serve(
             bound,
             Arc::new(ctl::Ctl {
+                socket,
+                tcp,
                 overrides,
                 snapshots: Arc::clone(&snapshots),
                 status: Arc::clone(&status),

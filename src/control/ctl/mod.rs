@@ -83,6 +83,9 @@ pub struct Ctl {
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
     pub reloads: mpsc::Sender<ReloadRequest>,
+    /// Where the control sockets are, for `GET /v1/control` (a TCP port 0 resolved).
+    pub socket: PathBuf,
+    pub tcp: Option<std::net::SocketAddr>,
 }
 
 /// Who made a request, for the log line of each change.

@@ -12,6 +12,7 @@
 //! | `/v1/backend/close` | POST | `upstream`, `backend` | close its connections now |
 //! | `/v1/readiness` | GET, POST | `ready` | fail or restore `/readyz` |
 //! | `/v1/reload` | POST | | reload the config file; the generation or the error |
+//! | `/v1/control` | GET | | where the control sockets are (a TCP port 0 resolved) |
 //!
 //! A binary upgrade (`/v1/upgrade`, with the SIGUSR2 handoff) is to be added here once
 //! that path exists; it is not served yet.
@@ -76,6 +77,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/v1/backend/close", &[Method::POST]),
     ("/v1/readiness", &[Method::GET, Method::POST]),
     ("/v1/reload", &[Method::POST]),
+    ("/v1/control", &[Method::GET]),
 ];
 
 pub(super) async fn respond(
@@ -158,6 +160,10 @@ async fn answer(
         ("/v1/readiness", Method::GET) => Ok(Answer::ok(readiness(ctl))),
         ("/v1/readiness", _) => set_readiness(ctl, &peer, parse(&body)?),
         ("/v1/reload", _) => reload(ctl, &peer).await,
+        ("/v1/control", _) => Ok(Answer::ok(json!({
+            "socket": ctl.socket.display().to_string(),
+            "tcp": ctl.tcp.map(|a| a.to_string()),
+        }))),
         _ => Err(Answer::error(StatusCode::NOT_FOUND, "no such route")),
     }
 }
