@@ -29,6 +29,8 @@ const REQUIRED: &[&str] = &[
     "sluice_config_reloads_total",
     "sluice_config_last_reload_successful",
     "sluice_config_last_reload_success_timestamp_seconds",
+    "sluice_backend_admin_state",
+    "sluice_backend_weight",
     "process_open_fds",
     "process_max_fds",
     "process_resident_memory_bytes",

@@ -570,7 +570,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .iter()
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
-        assert_eq!(rules.len(), 6);
+        assert_eq!(rules.len(), 7);
         let bad: Vec<String> = rules
             .iter()
             .filter(|r| r["health"] == "err")
