@@ -7,7 +7,7 @@
 //!
 //! | module | plane |
 //! |---|---|
-//! | [`control`] | the control plane: start and reload (one `apply`), signals as events, the file watch, the drain, retirement of what a reload removed, the admin endpoint |
+//! | [`control`] | the control plane: start and reload (one `apply`), signals as events, the file watch, the drain, retirement of what a reload removed, the admin endpoint, the control socket and `sluice ctl` |
 //! | [`data`] | the data plane: listeners (bind, accept under `max_connections`), one connection's stages (`conn`), the relay, the counting gates, the runtimes |
 //! | [`snapshot`] | [`snapshot::Snapshot`], everything a connection needs, and [`snapshot::SnapshotDiff`], what applying a config changes |
 //! | [`upstream`] | backends and their state, the pool (balancer + slots), the queue, connect with retry, health checks, `balance/` |
@@ -27,7 +27,7 @@
 //!    terminated, or on a passthrough listener the ClientHello's server name picks the
 //!    upstream. Each stage has its own timeout and its own rejection reason.
 //! 3. The listener's route names an upstream; the upstream's pool asks its balancer for a
-//!    backend that is available (up, not ejected, weight above 0), has room under
+//!    backend that is available (up, not ejected, weight above 0, admin state ready), has room under
 //!    `max_connections_per_backend` and was not yet tried. When every such backend is
 //!    full, the client waits in the upstream's FIFO queue. sluice connects under
 //!    `connect_timeout` and on failure tries another backend, up to `retries` more
