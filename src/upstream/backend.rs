@@ -113,7 +113,7 @@ impl Backend {
     /// Sets or clears the operator's weight. The caller rebuilds the balancer
     /// ([`crate::upstream::pool::Pool::rebalance`]) for the algorithms that keep tables.
     pub fn set_weight_override(&self, weight: Option<u32>) {
-        let stored = weight.unwrap_or(NO_OVERRIDE).min(NO_OVERRIDE);
+        let stored = weight.map_or(NO_OVERRIDE, |w| w.min(NO_OVERRIDE - 1));
         self.weight_override.store(stored, Ordering::Relaxed);
         self.metrics.weight.set(i64::from(self.weight()));
     }
