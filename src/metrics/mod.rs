@@ -195,7 +195,7 @@ impl Metrics {
             backend_up: gauge_vec(
                 &registry,
                 BACKEND_UP,
-                "1 when the backend takes new connections (health checks pass, not ejected), else 0",
+                "1 when the backend takes new connections as far as its health and the config go (checks pass, not ejected, configured weight above 0), else 0; an operator's drain, maint or weight is in sluice_backend_admin_state and sluice_backend_weight",
                 &["upstream", "backend"],
             )?,
             health_checks: counter_vec(

@@ -131,7 +131,6 @@ impl Backend {
         let before = self.admin_state();
         self.admin.store(state as u8, Ordering::Relaxed);
         self.metrics.set_admin_state(state);
-        self.metrics.up.set(i64::from(self.available()));
         before
     }
 
@@ -168,7 +167,7 @@ impl Backend {
     /// Takes a retired backend back into service (a later config has it again).
     pub fn revive(&self) {
         self.retired.store(false, Ordering::Relaxed);
-        self.metrics.up.set(i64::from(self.available()));
+        self.metrics.up.set(i64::from(self.up()));
     }
 
     pub fn is_retired(&self) -> bool {
@@ -179,6 +178,14 @@ impl Backend {
     pub fn active(&self) -> u64 {
         // SeqCst, paired with the queue's `waiting` count: see queue.rs.
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// What `sluice_backend_up` exports: in the config with a configured weight above
+    /// zero, checks pass, not ejected. An operator's drain, maint or weight is left out
+    /// (it has `sluice_backend_admin_state` and `sluice_backend_weight`), so planned
+    /// maintenance does not page as a backend down.
+    pub fn up(&self) -> bool {
+        self.configured_weight() > 0 && !self.is_retired() && self.health.available()
     }
 
     /// Takes new connections: in the config, weight above zero, admin state ready, up,

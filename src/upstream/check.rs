@@ -120,7 +120,7 @@ async fn check_loop(
     // A transition may let queued clients in: tell the upstream as it is configured now.
     let changed = |backend: &Backend| match current(&upstream) {
         Some(u) => u.availability_changed(backend),
-        None => backend.metrics.up.set(i64::from(backend.available())),
+        None => backend.metrics.up.set(i64::from(backend.up())),
     };
     // Start at a random point of the first interval, and vary each interval by ±10%, so
     // many sluice instances (and many backends) are not checked in step.

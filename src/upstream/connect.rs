@@ -292,7 +292,7 @@ impl Upstream {
 
     /// A backend went up or down: update its gauge and let waiters use new room.
     pub fn availability_changed(&self, b: &Backend) {
-        b.metrics.up.set(i64::from(b.available()));
+        b.metrics.up.set(i64::from(b.up()));
         self.queue.dispatch();
     }
 

@@ -128,6 +128,7 @@ impl Overrides {
                     for k in file.overrides {
                         set.insert(k.entry, k.set);
                     }
+                    tracing::info!(state_file = %path.display(), overrides = set.len(), "runtime overrides read from the state file");
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => {
@@ -223,6 +224,8 @@ impl Locked<'_> {
 
     /// Writes the store to the state file, if there is one: a temporary file beside it,
     /// synced, then renamed over it, so a crash leaves the old file or the new one.
+    /// Written in place on the control thread, under the lock, so that writes land in
+    /// the order of the changes; it runs only when an operator changes something.
     pub fn save(&self) -> Result<(), StateError> {
         let Some(path) = self.state_file else {
             return Ok(());
