@@ -301,7 +301,14 @@ async fn maint_with_close_ends_open_connections_promptly_and_counts_them() {
         })
         .await;
     sluice.wait_log("reason=\"backend_closed\"").await;
-    let m = sluice.metrics().await;
+    let m = sluice
+        .wait_metrics("the three closes counted", |m| {
+            m.value(
+                "sluice_backend_connections_closed_by_operator_total",
+                &[("backend", &addr)],
+            ) == 3.0
+        })
+        .await;
     assert_eq!(ctl_count(&m, "backend/state", "ok"), 1.0);
     assert_eq!(
         m.value(

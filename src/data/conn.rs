@@ -544,6 +544,9 @@ impl Record {
         m.duration.observe(duration.as_secs_f64());
         let listener = &self.route().listener;
         let backend = lease.backend().address;
+        if outcome.end == End::BackendClosed {
+            lease.backend().metrics.closed_by_operator.inc();
+        }
         if let Some(log) = &self.snapshot.access_log {
             log.record(&access_log::Entry {
                 listener,

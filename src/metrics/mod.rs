@@ -51,6 +51,7 @@ pub const TLS_CERTIFICATE_EXPIRY: &str = "sluice_tls_certificate_expiry_timestam
 pub const BACKEND_ADMIN_STATE: &str = "sluice_backend_admin_state";
 pub const BACKEND_WEIGHT: &str = "sluice_backend_weight";
 pub const CTL_REQUESTS: &str = "sluice_ctl_requests_total";
+pub const BACKEND_CLOSED_BY_OPERATOR: &str = "sluice_backend_connections_closed_by_operator_total";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -93,6 +94,7 @@ pub struct Metrics {
     tls_certificate_expiry: IntGaugeVec,
     backend_admin_state: IntGaugeVec,
     backend_weight: IntGaugeVec,
+    backend_closed_by_operator: IntCounterVec,
     /// Control socket requests, by route and result.
     pub ctl_requests: IntCounterVec,
     pub config_generation: IntGauge,
@@ -295,6 +297,12 @@ impl Metrics {
                 &registry,
                 BACKEND_WEIGHT,
                 "The backend's effective weight: the configured one, or the override set by sluice ctl",
+                &["upstream", "backend"],
+            )?,
+            backend_closed_by_operator: counter_vec(
+                &registry,
+                BACKEND_CLOSED_BY_OPERATOR,
+                "Connections to the backend ended by an operator's close (sluice ctl close, maint --close, a drain's close_after)",
                 &["upstream", "backend"],
             )?,
             ctl_requests: counter_vec(

@@ -126,6 +126,8 @@ pub struct BackendMetrics {
     admin_state: [IntGauge; AdminState::COUNT],
     /// The effective weight.
     pub weight: IntGauge,
+    /// Connections ended by an operator's close.
+    pub closed_by_operator: IntCounter,
     pub series: Series,
 }
 
@@ -222,6 +224,7 @@ impl Metrics {
                 g
             }),
             weight: s.gauge(&self.backend_weight, b),
+            closed_by_operator: s.counter(&self.backend_closed_by_operator, b),
             series: s,
         }
     }
