@@ -1098,3 +1098,35 @@ async fn a_drain_with_close_after_closes_what_is_left_then() {
         "ready"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_closed_and_the_socket_serves_again_once_they_go() {
+    let a = Backend::echo().await;
+    let sluice = Sluice::start(Fixture::front(&[a.addr]).table(CONTROL)).await;
+    let path = socket(&sluice);
+    // 64 clients that never send a request hold every slot.
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(UnixStream::connect(&path).await.unwrap());
+    }
+    let mut over = UnixStream::connect(&path).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(STUCK, over.read(&mut buf))
+        .await
+        .expect("closed");
+    assert!(matches!(n, Ok(0) | Err(_)), "the 65th is closed: {n:?}");
+    sluice
+        .wait_log("control socket: too many connections open")
+        .await;
+    drop(idle);
+    eventually("the socket to serve again", async || {
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        let _ = s
+            .write_all(b"GET /v1/backends HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        answer.starts_with(b"HTTP/1.1 200")
+    })
+    .await;
+}

@@ -36,6 +36,10 @@ pub use overrides::Overrides;
 /// A client that has not sent its request headers by then is dropped (as on the admin
 /// endpoint).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control connections open at once, both sockets together; more are closed at once, so
+/// a client that opens many (on TCP, even without the token) cannot take sluice's
+/// descriptors. An operator's tool opens one at a time.
+const MAX_CONNECTIONS: usize = 64;
 
 /// A reload asked for through the control socket: the reply is the generation in force
 /// after it, or the error (with file:line:col for a config error).
@@ -223,14 +227,17 @@ fn read_token(path: &Path) -> Result<Arc<[u8]>, CtlError> {
 /// Serves the control sockets until the task is dropped.
 pub async fn serve(bound: Bound, ctl: Arc<Ctl>) {
     let Bound { unix, tcp, .. } = bound;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     if let Some((socket, token)) = tcp {
-        let ctl = Arc::clone(&ctl);
+        let (ctl, slots) = (Arc::clone(&ctl), Arc::clone(&slots));
         tokio::spawn(async move {
             loop {
                 match socket.accept().await {
                     Ok((stream, _)) => {
+                        let Some(slot) = take(&slots) else { continue };
                         let _ = stream.set_nodelay(true);
-                        connection(stream, Arc::clone(&ctl), None, Some(Arc::clone(&token)));
+                        let token = Some(Arc::clone(&token));
+                        connection(stream, Arc::clone(&ctl), None, token, slot);
                     }
                     Err(e) => accept_failed(e).await,
                 }
@@ -240,6 +247,7 @@ pub async fn serve(bound: Bound, ctl: Arc<Ctl>) {
     loop {
         match unix.accept().await {
             Ok((stream, _)) => {
+                let Some(slot) = take(&slots) else { continue };
                 let peer = match stream.peer_cred() {
                     Ok(c) => Peer::Unix {
                         uid: c.uid(),
@@ -250,11 +258,23 @@ pub async fn serve(bound: Bound, ctl: Arc<Ctl>) {
                         continue;
                     }
                 };
-                connection(stream, Arc::clone(&ctl), Some(peer), None);
+                connection(stream, Arc::clone(&ctl), Some(peer), None, slot);
             }
             Err(e) => accept_failed(e).await,
         }
     }
+}
+
+/// A connection slot, or `None` (the connection is dropped) when all are taken.
+fn take(slots: &Arc<tokio::sync::Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let slot = Arc::clone(slots).try_acquire_owned().ok();
+    if slot.is_none() {
+        tracing::warn!(
+            max = MAX_CONNECTIONS,
+            "control socket: too many connections open; closing a new one"
+        );
+    }
+    slot
 }
 
 async fn accept_failed(e: std::io::Error) {
@@ -263,8 +283,13 @@ async fn accept_failed(e: std::io::Error) {
 }
 
 /// Serves one connection: `peer` for the Unix socket, `token` (the one expected) for TCP.
-fn connection<S>(stream: S, ctl: Arc<Ctl>, peer: Option<Peer>, token: Option<Arc<[u8]>>)
-where
+fn connection<S>(
+    stream: S,
+    ctl: Arc<Ctl>,
+    peer: Option<Peer>,
+    token: Option<Arc<[u8]>>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
@@ -284,5 +309,6 @@ where
         if let Err(e) = served {
             tracing::debug!(error = %e, "control connection ended with an error");
         }
+        drop(slot);
     });
 }
