@@ -163,7 +163,13 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
-    server.apply(Arc::clone(&config), text, material, diff, 0)?;
+    if let Err(e) = server.apply(Arc::clone(&config), text, material, diff, 0) {
+        // Not left behind for the next start to find stale.
+        if let Some(c) = &control {
+            let _ = std::fs::remove_file(c.path());
+        }
+        return Err(e);
+    }
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     let (reloads_tx, mut reloads) = tokio::sync::mpsc::channel::<ctl::ReloadRequest>(4);
