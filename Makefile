@@ -45,6 +45,7 @@ deps-test: deps-nginx
 	$(call need,systemd-analyze,systemd)
 	$(call need,python3,python3)
 	$(call need,setsid,util-linux)
+	$(call need,setpriv,util-linux)
 	$(call need,script,bsdutils)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
 	  echo "installing kubernetes-validate and yamllint (pip)"; \

@@ -1130,3 +1130,29 @@ async fn connections_past_the_limit_are_closed_and_the_socket_serves_again_once_
     })
     .await;
 }
+
+/// The socket's mode is what keeps other users out: with its directory open to all,
+/// another uid still cannot connect (exit 4), and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_is_not_permitted() {
+    let a = Backend::echo().await;
+    let sluice = Sluice::start(Fixture::front(&[a.addr]).table(CONTROL)).await;
+    let path = socket(&sluice);
+    let dir = path.parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let target = path.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_sluice"))
+            .args(["ctl", "--socket", &target, "unready"])
+            .output()
+            .expect("setpriv (util-linux) is installed")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    assert_eq!(sluice.get("/readyz").await.0, 200, "nothing changed");
+}
