@@ -11,12 +11,16 @@
 //! | `retire.rs` | what a reload removed: backends out of service, metric series forgotten |
 //! | `apply.rs` | apply a config: bind, diff, build, retire, swap, reconcile |
 //! | `admin.rs` | the read-only admin endpoint |
+//! | `outcome.rs` | the last config load's outcome (start or reload), for its readers |
+//! | `status/` | the status page and its JSON twin, collected from the snapshot and atomics |
 
 pub mod admin;
 pub mod apply;
 pub mod drain;
+pub mod outcome;
 pub mod retire;
 pub mod signals;
+pub mod status;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -120,6 +124,13 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         snapshots: Arc::clone(&snapshots),
         ready: false.into(),
         listening: Default::default(),
+        last_load: outcome::LastLoad::new(outcome::Outcome::new(
+            outcome::Cause::Start,
+            outcome::LoadResult::Unchanged { generation: 0 },
+        )),
+        started: status::Started::now(),
+        process_cap,
+        page: Default::default(),
     });
     let current: Current = {
         let snapshots = Arc::clone(&snapshots);
@@ -147,7 +158,14 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
-    server.apply(Arc::clone(&config), text, material, diff, 0)?;
+    let applied = server.apply(Arc::clone(&config), text, material, diff, 0)?;
+    status.last_load.set(outcome::Outcome::new(
+        outcome::Cause::Start,
+        outcome::LoadResult::Applied {
+            generation: 0,
+            changes: applied.summary,
+        },
+    ));
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     status.ready.store(true, Ordering::Relaxed);
