@@ -224,6 +224,7 @@ struct UpstreamView<'a> {
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <title>{% if r.problems.is_empty() %}OK{% else %}{{ r.problems.len() }} PROBLEM(S){% endif %} - sluice status</title>
 <style>{{ style|safe }}</style>
 </head>
