@@ -424,3 +424,82 @@ async fn the_json_twin_has_the_documented_shape() {
     s.read_to_string(&mut reply).await.unwrap();
     assert!(reply.contains(" 405 "), "{reply}");
 }
+
+/// The figure in docs/operations.md ("The status page"), not a check of time: page
+/// loads of `/` and `/status.json` with 9,000 proxied connections open (18,000
+/// descriptors in sluice, under the 20,000 this machine allows a process), against the
+/// same loads with none open. It asserts only that the page counts them all.
+///
+/// `cargo nextest run --release --run-ignored only -E 'test(page_load_against_9000)' --no-capture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run it by name"]
+async fn page_load_against_9000_open_connections() {
+    const CONNECTIONS: usize = 9000;
+    const LOADS: usize = 50;
+    let backend_ = Backend::echo().await;
+    let sluice = Sluice::with(Fixture::front(&[backend_.addr]))
+        .nofile(20_000)
+        .start()
+        .await;
+    let front = sluice.addr("front");
+    async fn loads(admin: SocketAddr, path: &str) -> (Vec<Duration>, usize) {
+        let mut times = Vec::with_capacity(LOADS);
+        let mut size = 0;
+        for _ in 0..LOADS {
+            let started = std::time::Instant::now();
+            let (head, body) = get_with_head(admin, path).await;
+            times.push(started.elapsed());
+            assert!(head.contains(" 200 "), "{head}");
+            size = body.len();
+        }
+        times.sort();
+        (times, size)
+    }
+    let show = |what: &str, (times, size): &(Vec<Duration>, usize)| {
+        eprintln!(
+            "{what}: {LOADS} loads, median {:.2} ms, p90 {:.2} ms, max {:.2} ms, {size} bytes",
+            times[LOADS / 2].as_secs_f64() * 1e3,
+            times[LOADS * 9 / 10].as_secs_f64() * 1e3,
+            times[LOADS - 1].as_secs_f64() * 1e3,
+        );
+    };
+    let idle_html = loads(sluice.admin, "/").await;
+    let idle_json = loads(sluice.admin, "/status.json").await;
+
+    // Open the connections 100 at a time, each proven proxied by a one-byte echo.
+    let mut open = Vec::with_capacity(CONNECTIONS);
+    while open.len() < CONNECTIONS {
+        let batch = (CONNECTIONS - open.len()).min(100);
+        let tasks: Vec<_> = (0..batch)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut s = TcpStream::connect(front).await.unwrap();
+                    s.write_all(b"x").await.unwrap();
+                    assert_eq!(read_n(&mut s, 1).await, b"x");
+                    s
+                })
+            })
+            .collect();
+        for t in tasks {
+            open.push(t.await.unwrap());
+        }
+    }
+    wait_status(&sluice, "9000 connections open", |r| {
+        r["listeners"][0]["active"] == CONNECTIONS && r["process"]["connections"] == CONNECTIONS
+    })
+    .await;
+    eprintln!("sluice holds {} descriptors", sluice.open_files());
+    let busy_html = loads(sluice.admin, "/").await;
+    let busy_json = loads(sluice.admin, "/status.json").await;
+    show("GET / with no connection open", &idle_html);
+    show("GET /status.json with no connection open", &idle_json);
+    show(
+        &format!("GET / with {CONNECTIONS} connections open"),
+        &busy_html,
+    );
+    show(
+        &format!("GET /status.json with {CONNECTIONS} connections open"),
+        &busy_json,
+    );
+    drop(open);
+}

@@ -356,11 +356,9 @@ pub fn render(r: &Report) -> String {
         },
         reload_result,
         reload_error,
-        open_files: match (r.process.open_files, r.process.open_files_limit) {
-            (Some(n), Some(l)) => format!("{n} of the limit {l}"),
-            (Some(n), None) => n.to_string(),
-            (None, Some(l)) => format!("limit {l}"),
-            (None, None) => "unknown".to_string(),
+        open_files: match r.process.open_files_limit {
+            Some(l) => format!("limit {l} (each proxied connection takes 2)"),
+            None => "limit unknown".to_string(),
         },
         listeners: html(&TableHtml {
             t: &table(LISTENER_COLUMNS, &r.listeners, now),
