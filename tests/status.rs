@@ -503,3 +503,57 @@ async fn page_load_against_9000_open_connections() {
     );
     drop(open);
 }
+
+/// `make run` serves the page at http://127.0.0.1:9555/ (README): the demo config's
+/// admin address is that one, and on the demo config (its addresses moved to ports of
+/// the kernel's choosing, its backends replaced by echo backends) the page shows both
+/// listeners and both backends, in service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_config_shows_its_listeners_and_backends() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let demo = std::fs::read_to_string(format!("{root}/config/sluice.toml")).unwrap();
+    let admin = demo.split("\n[admin]\n").nth(1).expect("an [admin] table");
+    assert!(
+        admin
+            .lines()
+            .take_while(|l| !l.starts_with('['))
+            .any(|l| l.trim() == r#"bind = "127.0.0.1:9555""#),
+        "the demo's admin endpoint is where README sends a user"
+    );
+    let (a, b) = (Backend::echo().await, Backend::echo().await);
+    let text = demo
+        .replace("127.0.0.1:9555", "127.0.0.1:0")
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8443", "127.0.0.1:0")
+        .replace("127.0.0.1:8081", &a.addr.to_string())
+        .replace("127.0.0.1:8082", &b.addr.to_string())
+        .replace(
+            "\"examples/certs/",
+            &format!("\"{root}/config/examples/certs/"),
+        );
+    let sluice = Sluice::start(text).await;
+    for seed in 0..2 {
+        let sent = data(10_000, seed);
+        assert_eq!(exchange(sluice.addr("web"), &sent).await, sent);
+    }
+    let r = wait_status(&sluice, "two connections counted", |r| {
+        r["listeners"][0]["accepted"] == 2
+    })
+    .await;
+    assert_eq!(r["problems"], serde_json::json!([]), "{r:#}");
+    let (_, body) = get_with_head(sluice.admin, "/").await;
+    let text = visible_text(&body);
+    for expected in [
+        "OK : every listener and backend is in service".to_string(),
+        format!("web {} tcp web", sluice.addr("web")),
+        format!("web-tls {} tls web", sluice.addr("web-tls")),
+        "Upstream web".to_string(),
+        format!("{} UP for", a.addr),
+        format!("{} UP for", b.addr),
+    ] {
+        assert!(
+            text.contains(&expected),
+            "{expected:?} not on the page:\n{text}"
+        );
+    }
+}
