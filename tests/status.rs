@@ -16,9 +16,10 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An upstream whose checks see a killed backend within a fraction of a second.
+/// An upstream whose checks see a killed backend (refused at once) within half a second,
+/// and give a live one half a second to answer, so a loaded machine does not fail it.
 const CHECKS: &str =
-    r#"health_check = { interval = "200ms", timeout = "150ms", rise = 1, fall = 1 }"#;
+    r#"health_check = { interval = "500ms", timeout = "500ms", rise = 1, fall = 1 }"#;
 
 /// `GET path` over HTTP/1.0: the response head (lower-cased) and the body.
 async fn get_with_head(admin: SocketAddr, path: &str) -> (String, String) {
@@ -259,12 +260,20 @@ async fn the_browser_check_sees_a_page_that_fetches_from_outside() {
 /// `<img onerror>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_text_from_a_config_or_a_backend_is_escaped() {
+    // Reads the check's PING, replies, half-closes, and waits for the check to close, so
+    // every check reads the same whole reply (never a reset).
     let hostile = Backend::start(|mut s: TcpStream| async move {
+        let mut ping = [0u8; 6];
+        if s.read_exact(&mut ping).await.is_err() {
+            return;
+        }
         let _ = s.write_all(b"<img src=x onerror=alert(1)>").await;
+        let _ = s.shutdown().await;
+        let _ = until_closed(&mut s).await;
     })
     .await;
     let fixture = Fixture::front(&[hostile.addr]).upstream_keys(
-        r#"health_check = { interval = "200ms", timeout = "150ms", rise = 1, fall = 1, send = "PING\r\n", expect = "+PONG and more than the reply's length" }"#,
+        r#"health_check = { interval = "500ms", timeout = "500ms", rise = 1, fall = 1, send = "PING\r\n", expect = "+PONG and more than the reply's length" }"#,
     );
     let sluice = Sluice::start(&fixture).await;
     wait_status(&sluice, "the check's mismatch", |r| {
@@ -415,6 +424,12 @@ async fn the_json_twin_has_the_documented_shape() {
         r["upstreams"][0]["queue"].is_null(),
         "no per-backend limit, no queue"
     );
+    let (head, body) = get_with_head(sluice.admin, "/status").await;
+    assert!(
+        head.contains("content-type: text/html"),
+        "/status is the page too: {head}"
+    );
+    assert!(body.contains("<h1>sluice status</h1>"), "{body}");
     // Read-only: a POST changes nothing and is refused.
     let mut s = TcpStream::connect(sluice.admin).await.unwrap();
     s.write_all(b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
