@@ -572,3 +572,47 @@ async fn the_demo_config_shows_its_listeners_and_backends() {
         );
     }
 }
+
+/// A backend ejected after connect failures of real traffic is named EJECTED with the
+/// time left, its connect errors counted by reason, while its peer stays UP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_backend_is_named_with_its_connect_errors() {
+    let live = Backend::echo().await;
+    let dead = refusing();
+    let sluice = Sluice::start(
+        Fixture::front(&[dead.addr, live.addr])
+            .upstream_keys("retries = 1\npassive_ejection = { failures = 1, duration = \"1h\" }"),
+    )
+    .await;
+    // A client whose connect fails there ejects it and is retried on the live one;
+    // each look sends one more, checked end to end, in case the first went to the live one.
+    let r = eventually("the refusing backend ejected", async || {
+        let sent = data(1000, 7);
+        assert_eq!(exchange(sluice.addr("front"), &sent).await, sent);
+        let r = status_json(&sluice).await;
+        if backend(&r, "app", dead.addr)["state"] == "ejected" {
+            Ok(r)
+        } else {
+            Err(format!("{r:#}"))
+        }
+    })
+    .await;
+    let b = backend(&r, "app", dead.addr);
+    assert_eq!(b["connect_errors"]["refused"], 1, "{b:#}");
+    assert!(b["ejected_for_seconds"].as_f64().unwrap() > 3000.0, "{b:#}");
+    assert_eq!(backend(&r, "app", live.addr)["state"], "up");
+    let (_, body) = get_with_head(sluice.admin, "/").await;
+    let text = visible_text(&body);
+    assert!(
+        text.contains(&format!("{} EJECTED for 59m", dead.addr)),
+        "{text}"
+    );
+    assert!(text.contains("refused 1"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "EJECTED: backend {} of upstream app after connect failures",
+            dead.addr
+        )),
+        "{text}"
+    );
+}
