@@ -158,12 +158,16 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
-    let applied = server.apply(Arc::clone(&config), text, material, diff, 0)?;
+    // Only the summary: the `Applied` (and the snapshot it holds) goes at once, or the
+    // first snapshot would stay alive for as long as sluice runs.
+    let changes = server
+        .apply(Arc::clone(&config), text, material, diff, 0)?
+        .summary;
     status.last_load.set(outcome::Outcome::new(
         outcome::Cause::Start,
         outcome::LoadResult::Applied {
             generation: 0,
-            changes: applied.summary,
+            changes,
         },
     ));
 

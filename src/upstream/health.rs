@@ -47,7 +47,7 @@ pub struct LastCheck {
 }
 
 /// Now as Unix milliseconds.
-pub fn unix_ms() -> u64 {
+fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
