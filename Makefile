@@ -10,7 +10,7 @@ RELEASE   := target/release/sluice
 SCHEMA    := target/grafana-schema
 CONFIGS   := config/sluice.toml $(wildcard config/examples/*.toml) deploy/kubernetes/sluice.toml
 
-.PHONY: help build run test check deny bench bench-quick deps-run deps-test deps-check deps-deny deps-bench deps-nginx demo-keys clean
+.PHONY: help build run test check deny bench bench-quick deps-run deps-test deps-check deps-deny deps-bench deps-nginx demo-keys clean screenshot
 
 help:
 	@echo "make run          build, start two demo backends and sluice on config/sluice.toml"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench        the benchmarks; results in target/bench/results.md"
 	@echo "make bench-quick  a shorter benchmark run, for iteration"
 	@echo "make build        the release binary, $(RELEASE)"
+	@echo "make screenshot   docs/status.png, the status page in headless Chromium (tests/status.rs)"
 
 build:
 	$(CARGO) build --release --locked
@@ -47,6 +48,7 @@ deps-test: deps-nginx
 	$(call need,setsid,util-linux)
 	$(call need,setpriv,util-linux)
 	$(call need,script,bsdutils)
+	$(call need,chromium,chromium)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
 	  echo "installing kubernetes-validate and yamllint (pip)"; \
 	  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint; }
@@ -138,3 +140,8 @@ bench-quick: build deps-bench
 
 clean:
 	$(CARGO) clean
+
+# docs/status.png, which README.md shows: the status page of a sluice with a killed
+# backend and a refused reload, taken by the browser test that checks that page.
+screenshot: deps-test
+	SLUICE_STATUS_SCREENSHOT=$(CURDIR)/docs/status.png $(CARGO) test --locked --test status -- --exact chromium_shows_a_killed_backend_and_a_failed_reload_and_fetches_nothing_else

@@ -50,6 +50,7 @@ backends="$backends $!"
 if [ "$config" = config/sluice.toml ]; then
   echo
   echo "  sluice on 127.0.0.1:8080 (and TLS on :8443) -> demo backends 127.0.0.1:$port_a, 127.0.0.1:$port_b"
+  echo "  status page:  http://127.0.0.1:9555/   (open it in a browser; live)"
   echo "  try:  curl http://127.0.0.1:8080/    and    curl http://127.0.0.1:9555/metrics"
   echo "        curl --cacert config/examples/certs/ca.pem https://localhost:8443/   (TLS)"
   echo "  Ctrl-C to stop"

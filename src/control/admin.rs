@@ -1,7 +1,8 @@
 //! The admin endpoint (hyper, HTTP/1.1), on its own address, loopback by default.
 //! Read-only: `/metrics`, `/healthz` (the process is alive), `/readyz` (listeners are
 //! bound and sluice is not draining), `/config` (the config in use, as JSON) and
-//! `/listeners` (each listener's bound addresses, port 0 resolved, as JSON).
+//! `/listeners` (each listener's bound addresses, port 0 resolved, as JSON), and the
+//! status page: `/` (or `/status`, HTML) and its JSON twin `/status.json` (`status/`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,13 +12,17 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue, X_CONTENT_TYPE_OPTIONS,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::control::outcome::LastLoad;
+use crate::control::status::{self, Started};
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotHandle;
 
@@ -38,6 +43,13 @@ pub struct Status {
     /// Each listener's bound addresses, and the generation of the config they are for,
     /// updated once the listeners of every applied config are running.
     pub listening: Mutex<Listening>,
+    /// For the status page (`status/`): the last config load's outcome.
+    pub last_load: LastLoad,
+    /// For the status page: when sluice started, and its process-wide connection cap.
+    pub started: Started,
+    pub process_cap: usize,
+    /// The status page's own memory (queue lengths seen), touched only by its requests.
+    pub page: status::Memory,
 }
 
 /// What `/listeners` reports: one generation's bound addresses, by listener.
@@ -124,6 +136,24 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             };
             json(format!("{body:#}\n"))
         }
+        "/" | "/status" => {
+            let page = status::render(&report(status));
+            let mut r = no_store(Response::new(Full::new(Bytes::from(page))));
+            let h = r.headers_mut();
+            h.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            if let Ok(csp) = HeaderValue::from_str(&status::CONTENT_SECURITY_POLICY) {
+                h.insert(CONTENT_SECURITY_POLICY, csp);
+            }
+            r
+        }
+        "/status.json" => {
+            let body = serde_json::to_string_pretty(&report(status))
+                .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+            no_store(json(body + "\n"))
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if status.unready_by_operator.load(Ordering::Relaxed) => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -133,9 +163,36 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz, /readyz, /config or /listeners\n",
+            "not found: try /, /status.json, /metrics, /healthz, /readyz, /config or /listeners\n",
         ),
     }
+}
+
+/// The status report, collected now from the snapshot in force and the atomics.
+fn report(status: &Status) -> status::Report {
+    let snapshot = status.snapshots.load();
+    let listening = {
+        let l = status.listening.lock().unwrap_or_else(|p| p.into_inner());
+        l.listeners.clone()
+    };
+    status::collect(&status::Sources {
+        metrics: &status.metrics,
+        snapshot: &snapshot,
+        listening: &listening,
+        last_load: status.last_load.get(),
+        started: &status.started,
+        process_cap: status.process_cap,
+        ready: status.ready.load(Ordering::Relaxed),
+        memory: &status.page,
+    })
+}
+
+/// A page that changes with every request: never cached, never sniffed as another type.
+fn no_store(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let h = r.headers_mut();
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    r
 }
 
 fn text(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

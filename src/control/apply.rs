@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::control::outcome::{LoadResult, Outcome};
 use crate::control::signals::Trigger;
 use crate::control::{Error, Server, admin, retire};
 use crate::data::listener::Changes;
@@ -89,7 +90,8 @@ impl Server {
         let text = match tokio::fs::read_to_string(&path).await {
             Ok(t) => t,
             Err(e) => {
-                return self.reload_failed(&format!("{}: cannot read config: {e}", path.display()));
+                let error = format!("{}: cannot read config: {e}", path.display());
+                return self.reload_failed(trigger, &error, None);
             }
         };
         let previous = self.snapshots.load_full();
@@ -99,7 +101,7 @@ impl Server {
         } else {
             match Config::parse(&text, &path) {
                 Ok(c) => c,
-                Err(e) => return self.reload_failed(&e.to_string()),
+                Err(e) => return self.reload_failed(trigger, &e.to_string(), Some(&e)),
             }
         };
         keep_restart_only(&mut config, &previous.config);
@@ -111,7 +113,7 @@ impl Server {
         self.file_watch.watch_files(&files);
         let material = match load_tls(&config).await {
             Ok(m) => m,
-            Err(e) => return self.reload_failed(&e.to_string()),
+            Err(e) => return self.reload_failed(trigger, &e.to_string(), None),
         };
         let diff = SnapshotDiff::new(&previous, &config, &material);
         if diff.is_empty() {
@@ -120,6 +122,11 @@ impl Server {
             // changed: the generation counts only changes that took effect.
             self.metrics.config_last_reload_successful.set(1);
             self.applied_text = text;
+            let generation = previous.generation;
+            let unchanged = LoadResult::Unchanged { generation };
+            self.status
+                .last_load
+                .set(Outcome::new(trigger.into(), unchanged));
             match trigger {
                 Trigger::Signal => tracing::info!("reload requested (SIGHUP): nothing changed"),
                 Trigger::Ctl => tracing::info!("reload requested (sluice ctl): nothing changed"),
@@ -135,6 +142,13 @@ impl Server {
         match self.apply(config, text, material, diff, generation) {
             Ok(applied) => {
                 self.metrics.config_reloads_success.inc();
+                self.status.last_load.set(Outcome::new(
+                    trigger.into(),
+                    LoadResult::Applied {
+                        generation: applied.snapshot.generation,
+                        changes: applied.summary.clone(),
+                    },
+                ));
                 tracing::info!(
                     generation = applied.snapshot.generation,
                     ?trigger,
@@ -145,13 +159,28 @@ impl Server {
                 );
                 Ok(applied.snapshot.generation)
             }
-            Err(e) => self.reload_failed(&e.to_string()),
+            Err(e) => self.reload_failed(trigger, &e.to_string(), None),
         }
     }
 
-    fn reload_failed(&self, error: &str) -> Result<u64, String> {
+    /// Counts, records (for the status page) and logs a refused reload; `invalid` is
+    /// the config error, when the file itself was at fault.
+    fn reload_failed(
+        &self,
+        trigger: Trigger,
+        error: &str,
+        invalid: Option<&crate::config::ConfigError>,
+    ) -> Result<u64, String> {
         self.metrics.config_reloads_failure.inc();
         self.metrics.config_last_reload_successful.set(0);
+        let generation = self.snapshots.load().generation;
+        let result = match invalid {
+            Some(e) => LoadResult::invalid(generation, e),
+            None => LoadResult::failed(generation, error),
+        };
+        self.status
+            .last_load
+            .set(Outcome::new(trigger.into(), result));
         tracing::error!(error = %error, "config reload failed; the running config is unchanged");
         Err(error.to_string())
     }

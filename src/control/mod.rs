@@ -12,13 +12,17 @@
 //! | `apply.rs` | apply a config: bind, diff, build, retire, swap, reconcile |
 //! | `admin.rs` | the read-only admin endpoint |
 //! | `ctl/` | the control socket (`sluice ctl`): runtime overrides, readiness, reload |
+//! | `outcome.rs` | the last config load's outcome (start or reload), for its readers |
+//! | `status/` | the status page and its JSON twin, collected from the snapshot and atomics |
 
 pub mod admin;
 pub mod apply;
 pub mod ctl;
 pub mod drain;
+pub mod outcome;
 pub mod retire;
 pub mod signals;
+pub mod status;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -135,6 +139,13 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         listening: Default::default(),
         unready_by_operator: false.into(),
         overrides: Arc::clone(&overrides),
+        last_load: outcome::LastLoad::new(outcome::Outcome::new(
+            outcome::Cause::Start,
+            outcome::LoadResult::Unchanged { generation: 0 },
+        )),
+        started: status::Started::now(),
+        process_cap,
+        page: Default::default(),
     });
     let current: Current = {
         let snapshots = Arc::clone(&snapshots);
@@ -163,13 +174,25 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
-    if let Err(e) = server.apply(Arc::clone(&config), text, material, diff, 0) {
-        // Not left behind for the next start to find stale.
-        if let Some(c) = &control {
-            let _ = std::fs::remove_file(c.path());
+    // Only the summary: the `Applied` (and the snapshot it holds) goes at once, or the
+    // first snapshot would stay alive for as long as sluice runs.
+    let changes = match server.apply(Arc::clone(&config), text, material, diff, 0) {
+        Ok(applied) => applied.summary,
+        Err(e) => {
+            // Not left behind for the next start to find stale.
+            if let Some(c) = &control {
+                let _ = std::fs::remove_file(c.path());
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
+    status.last_load.set(outcome::Outcome::new(
+        outcome::Cause::Start,
+        outcome::LoadResult::Applied {
+            generation: 0,
+            changes,
+        },
+    ));
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     let (reloads_tx, mut reloads) = tokio::sync::mpsc::channel::<ctl::ReloadRequest>(4);

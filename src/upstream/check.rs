@@ -146,6 +146,9 @@ async fn check_loop(
             Err(_) => CheckResult::Failure,
         };
         backend.metrics.health_check(counted).inc();
+        backend
+            .health
+            .record_check(counted, result.as_ref().err().map(ToString::to_string));
         match result {
             Ok(()) => {
                 fails = 0;

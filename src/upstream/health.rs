@@ -4,12 +4,19 @@
 //! A backend is *available* when its active verdict is up and it is not ejected.
 //! Connections read that through atomics; only the check tasks and failed connects
 //! write it.
+//!
+//! For the status page (`control/status/`) it also keeps, off the connection path, when
+//! the active verdict last changed and the last check's result: the check tasks write
+//! those, the admin endpoint reads them.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
 
 use crate::config::PassiveEjection;
+use crate::metrics::CheckResult;
 
 /// The health of one backend.
 #[derive(Debug)]
@@ -22,6 +29,28 @@ pub struct Health {
     ejections: AtomicU32,
     /// End of the current ejection in ms after [`origin`]; 0 when not ejected.
     ejected_until: AtomicU64,
+    /// Unix time (ms) of the last change of the active verdict, or of the backend's
+    /// creation if it never changed: the status page's "since".
+    changed_at: AtomicU64,
+    /// The last active check's outcome; written by the check task once per interval.
+    last_check: ArcSwapOption<LastCheck>,
+}
+
+/// One active check's outcome, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastCheck {
+    /// Unix time (ms) the check finished.
+    pub at_ms: u64,
+    pub result: CheckResult,
+    /// Why it failed; `None` on success.
+    pub error: Option<String>,
+}
+
+/// Now as Unix milliseconds.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Default for Health {
@@ -31,6 +60,8 @@ impl Default for Health {
             failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            changed_at: AtomicU64::new(unix_ms()),
+            last_check: ArcSwapOption::empty(),
         }
     }
 }
@@ -78,7 +109,39 @@ impl Health {
     }
 
     pub(crate) fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::Relaxed);
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            self.changed_at.store(unix_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Unix time (ms) the active verdict last changed (or the backend was created).
+    pub fn changed_at_ms(&self) -> u64 {
+        self.changed_at.load(Ordering::Relaxed)
+    }
+
+    /// How much longer the current ejection lasts; `None` when not ejected.
+    pub fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let now = now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
+    /// Connect failures of real traffic in a row, since the last success.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_check(&self, result: CheckResult, error: Option<String>) {
+        self.last_check.store(Some(std::sync::Arc::new(LastCheck {
+            at_ms: unix_ms(),
+            result,
+            error,
+        })));
+    }
+
+    /// The last active check's outcome, if a check has run.
+    pub fn last_check(&self) -> Option<std::sync::Arc<LastCheck>> {
+        self.last_check.load_full()
     }
 }
 

@@ -72,6 +72,11 @@ pub struct Queue<S: Slots> {
     current: ArcSwap<S>,
     length: IntGauge,
     wait: Histogram,
+    /// When the oldest waiter joined, in ms after `origin` plus one; 0 with nobody in
+    /// line. Stored under the waiters' lock whenever the front changes, so the status
+    /// page reads the oldest wait without taking the lock.
+    oldest: AtomicU64,
+    origin: std::time::Instant,
 }
 
 struct Waiters<T> {
@@ -87,6 +92,8 @@ struct Waiter<T> {
     /// Receives the slot taken for this waiter, or `None` when no backend it has not
     /// tried is available any more.
     slot: oneshot::Sender<Option<T>>,
+    /// When it joined, as [`Queue::oldest`] counts.
+    since: u64,
 }
 
 impl<S: Slots> Queue<S> {
@@ -108,7 +115,33 @@ impl<S: Slots> Queue<S> {
             current: ArcSwap::new(slots),
             length,
             wait,
+            oldest: AtomicU64::new(0),
+            origin: std::time::Instant::now(),
         }
+    }
+
+    /// Clients waiting now (the gauge's atomic, without the lock).
+    pub fn len(&self) -> usize {
+        usize::try_from(self.length.get()).unwrap_or(0)
+    }
+
+    /// How long the oldest waiter has waited; `None` with nobody in line. Lock-free.
+    pub fn oldest_wait(&self) -> Option<Duration> {
+        match self.oldest.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now().saturating_sub(since))),
+        }
+    }
+
+    /// The queue's clock: ms after `origin`, plus one so that 0 can mean "nobody".
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Records the front waiter's arrival; call under the lock after the line changed.
+    fn front_changed(&self, w: &Waiters<S::Slot>) {
+        let since = w.queue.front().map_or(0, |f| f.since);
+        self.oldest.store(since, Ordering::Relaxed);
     }
 
     /// Makes `slots` (of the snapshot being applied) the ones dispatch hands out.
@@ -172,8 +205,12 @@ impl<S: Slots> Queue<S> {
                 client,
                 tried: tried.to_vec(),
                 slot: tx,
+                since: self.now(),
             });
             self.length.set(w.queue.len() as i64);
+            if w.queue.len() == 1 {
+                self.front_changed(&w);
+            }
             (id, rx)
         };
         let mut place = Place {
@@ -235,6 +272,7 @@ impl<S: Slots> Queue<S> {
             }
         }
         self.length.set(w.queue.len() as i64);
+        self.front_changed(&w);
     }
 }
 
@@ -259,6 +297,7 @@ impl<S: Slots> Drop for Place<'_, S> {
                 self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
             }
             self.queue.length.set(w.queue.len() as i64);
+            self.queue.front_changed(&w);
         }
         if let Ok(Some(slot)) = rx.try_recv() {
             S::give_back(slot);
@@ -380,10 +419,15 @@ mod tests {
             let q = Arc::clone(&q);
             tokio::spawn(async move { acquire(&q, 1).await.err() })
         };
+        assert_eq!(q.oldest_wait(), None, "nobody waits yet");
         in_line(&q, 1).await;
+        assert!(q.oldest_wait().is_some(), "the waiter's wait is seen");
+        assert_eq!(q.len(), 1);
         assert_eq!(acquire(&q, 2).await.err(), Some(QueueError::Full));
         assert_eq!(waiting.await.unwrap(), Some(QueueError::Timeout));
         assert!(q.is_empty(), "a waiter that timed out leaves the line");
+        assert_eq!(q.oldest_wait(), None, "and its wait with it");
+        assert_eq!(q.len(), 0);
         assert_eq!(q.waiting.load(Ordering::SeqCst), 0);
     }
 

@@ -12,11 +12,13 @@
 //! - [`metrics`]: the exposition parser, [`Metrics`].
 //! - [`kernel`]: socket state the kernel shows (accept queues, listening sockets).
 //! - [`pki`]: certificates made by `openssl`, and `openssl s_server` / `s_client`.
+//! - [`browser`]: headless Chromium: a page's DOM, the requests it made, screenshots.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 // Private but for `pki`, which tests name: a glob import of a module `sluice` would
 // shadow the crate.
 mod backends;
+mod browser;
 mod eventually;
 mod fixture;
 mod io;
@@ -27,6 +29,7 @@ pub mod pki;
 mod sluice;
 
 pub use backends::*;
+pub use browser::*;
 pub use eventually::*;
 pub use fixture::*;
 pub use io::*;
