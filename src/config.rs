@@ -12,10 +12,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod discovery;
 mod edge;
 mod raw;
 mod upstream;
 mod values;
+pub use discovery::{
+    DEFAULT_HOLD, DEFAULT_MAX_INTERVAL, DEFAULT_MIN_INTERVAL, DEFAULT_RESOLVER_ATTEMPTS,
+    DEFAULT_RESOLVER_TIMEOUT, Discovered, DnsName, Resolver,
+};
 pub use edge::*;
 pub use values::parse_duration;
 
@@ -70,6 +75,8 @@ pub struct Config {
     pub relay: Relay,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<Upstream>,
+    /// How backend names are resolved (`[resolver]`).
+    pub resolver: Resolver,
     /// Where each certificate, key and CA file is named in the file.
     #[serde(skip)]
     pub named_files: NamedFiles,
@@ -208,8 +215,13 @@ pub struct Upstream {
     #[serde(serialize_with = "duration_text")]
     pub idle_timeout: Duration,
     pub retries: u32,
-    /// Never empty; addresses are unique within the upstream.
+    /// The endpoints: the IP-literal entries in config order, then those the names in
+    /// `discovered` resolve to now (see `control/discovery.rs`). Addresses are unique
+    /// within the upstream. Empty only while no name has resolved.
     pub backends: Vec<Backend>,
+    /// Backend entries written as `"host:port"`, and the upstream's `discover` SRV name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub discovered: Vec<Discovered>,
     /// Most connections open to each backend at once; `None` is no limit.
     pub max_connections_per_backend: Option<u64>,
     /// Where clients wait while every backend is at `max_connections_per_backend`.
@@ -295,6 +307,17 @@ pub struct Backend {
     pub address: SocketAddr,
     /// 0 means the backend takes no new connections.
     pub weight: u32,
+    /// The name this endpoint was resolved from; `None` for an IP literal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<DnsName>,
+    /// SRV priority: only the lowest priority with an available endpoint takes
+    /// connections. 0 for everything not from SRV.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub priority: u16,
+}
+
+fn is_zero(p: &u16) -> bool {
+    *p == 0
 }
 
 /// How an upstream picks a backend for a new connection.

@@ -34,6 +34,8 @@ pub struct Status {
     /// Each listener's bound addresses, and the generation of the config they are for,
     /// updated once the listeners of every applied config are running.
     pub listening: Mutex<Listening>,
+    /// For `/config`: each backend name with its current addresses and their TTL.
+    pub discovery: crate::control::discovery::View,
 }
 
 /// What `/listeners` reports: one generation's bound addresses, by listener.
@@ -102,6 +104,7 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "source": snapshot.config.source.display().to_string(),
                 "loaded_at": snapshot.loaded_at,
                 "config": &*snapshot.config,
+                "discovery": (status.discovery)(),
             });
             json(format!("{body:#}\n"))
         }

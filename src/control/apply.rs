@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::control::signals::Trigger;
-use crate::control::{Error, Server, admin, retire};
+use crate::control::{Error, Server, admin, discovery, retire};
 use crate::data::listener::Changes;
 use crate::edge::tls::{self, Material};
 use crate::snapshot::{Snapshot, SnapshotDiff};
@@ -98,6 +98,9 @@ impl Server {
             }
         };
         keep_restart_only(&mut config, &previous.config);
+        // Names the file adds are resolved (briefly waited for) before the config applies.
+        self.discovery.reconcile(&config).await;
+        self.discovery.expand(&mut config);
         let config = Arc::new(config);
         // Watch the files this config names even if it fails to load below: a reload
         // refused for a missing certificate applies once the file appears.
@@ -139,6 +142,38 @@ impl Server {
                 );
             }
             Err(e) => self.reload_failed(&e.to_string()),
+        }
+    }
+
+    /// Applies what the DNS answers say now, through the same pipeline as a reload: the
+    /// snapshot's config with each upstream's endpoints from names replaced by the current
+    /// answers, and the snapshot's own TLS material (no file is read).
+    pub(super) fn rediscover(&mut self) {
+        let previous = self.snapshots.load_full();
+        let mut config = (*previous.config).clone();
+        self.discovery.expand(&mut config);
+        if config == *previous.config {
+            return;
+        }
+        let config = Arc::new(config);
+        let material = previous.material();
+        let diff = SnapshotDiff::new(&previous, &config, &material);
+        if diff.is_empty() {
+            return;
+        }
+        discovery::log_endpoint_changes(&previous.config, &config);
+        let generation = previous.generation + 1;
+        drop(previous);
+        let text = self.applied_text.clone();
+        match self.apply(config, text, material, diff, generation) {
+            Ok(applied) => tracing::info!(
+                generation,
+                changes = %applied.summary,
+                "endpoints changed (dns)"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "new DNS answers could not be applied; the running endpoints are unchanged")
+            }
         }
     }
 

@@ -11,9 +11,11 @@
 //! | `retire.rs` | what a reload removed: backends out of service, metric series forgotten |
 //! | `apply.rs` | apply a config: bind, diff, build, retire, swap, reconcile |
 //! | `admin.rs` | the read-only admin endpoint |
+//! | `discovery.rs` | backends by name: DNS re-resolution feeding each upstream's endpoints |
 
 pub mod admin;
 pub mod apply;
+pub mod discovery;
 pub mod drain;
 pub mod retire;
 pub mod signals;
@@ -74,6 +76,8 @@ pub struct Server {
     cut: CancellationToken,
     /// What the admin endpoint reports: the listening addresses change with a reload.
     status: Arc<Status>,
+    /// The backend names of the config in force and what they resolve to now.
+    discovery: discovery::Discovery,
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
@@ -89,6 +93,12 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
             AccessLog::start(a, metrics.access_log_dropped.clone()).map_err(Error::Watch)?,
         )),
     };
+    // Names resolve first (waited for at most one resolution's timeout): a name that
+    // does not resolve leaves its upstream without endpoints, and sluice starts anyway.
+    let mut discovery = discovery::Discovery::new(&config.resolver, Arc::clone(&metrics));
+    discovery.reconcile(&config).await;
+    let mut config = config;
+    discovery.expand(&mut config);
     let config = Arc::new(config);
     // Before anything is bound: a certificate that cannot load is a config error.
     let material = apply::load_tls(&config).await?;
@@ -120,6 +130,7 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         snapshots: Arc::clone(&snapshots),
         ready: false.into(),
         listening: Default::default(),
+        discovery: discovery.viewer(),
     });
     let current: Current = {
         let snapshots = Arc::clone(&snapshots);
@@ -144,6 +155,7 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         file_watch,
         cut: shutdown.cut.clone(),
         status: Arc::clone(&status),
+        discovery,
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
@@ -167,8 +179,16 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     );
     drop(config);
 
+    let answers_changed = server.discovery.changed();
     let signal = loop {
-        match events.recv().await {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = answers_changed.notified() => {
+                server.rediscover();
+                continue;
+            }
+        };
+        match event {
             Some(Event::Reload(trigger)) => server.reload(trigger).await,
             Some(Event::ReopenAccessLog) => {
                 if let Some(log) = &server.access_log {

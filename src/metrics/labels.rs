@@ -37,7 +37,8 @@ label!(
     ConnectFailure,
     AcceptFailure,
     HandshakeResult,
-    Direction
+    Direction,
+    ResolutionResult
 );
 
 /// One handle per value of label `L`, built by `make` for each value.
@@ -152,6 +153,18 @@ pub enum Direction {
     BackendToClient,
 }
 
+/// How one resolution of a backend name ended (`control/discovery.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, VariantArray, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum ResolutionResult {
+    /// Records came back.
+    Ok,
+    /// NXDOMAIN, or the name exists with no record of the type asked.
+    Empty,
+    /// Timeout, SERVFAIL, refused, no nameserver reachable: the last good set is kept.
+    Error,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +205,6 @@ mod tests {
             "aborted",
         ]);
         check::<Direction>(&["client_to_backend", "backend_to_client"]);
+        check::<ResolutionResult>(&["ok", "empty", "error"]);
     }
 }

@@ -112,11 +112,14 @@ impl Upstream {
         cut: &CancellationToken,
     ) -> Upstream {
         let m = metrics.upstream(&cfg.name);
+        // A reload (the upstream existed before) that adds an endpoint found by DNS, with
+        // checks on: no traffic until the checks pass it, as `rise` says.
+        let checked_first = carried.queue.is_some() && cfg.health_check.is_some();
         let backends: Vec<Arc<Backend>> = cfg
             .backends
             .iter()
-            .map(
-                |b| match carried.backends.iter().find(|old| old.address == b.address) {
+            .map(|b| {
+                let backend = match carried.backends.iter().find(|old| old.address == b.address) {
                     Some(old) => {
                         old.set_weight(b.weight);
                         if old.is_retired() {
@@ -124,14 +127,23 @@ impl Upstream {
                         }
                         Arc::clone(old)
                     }
-                    None => Arc::new(Backend::new(
-                        b.address,
-                        b.weight,
-                        metrics.backend(&cfg.name, &b.address.to_string()),
-                        cut,
-                    )),
-                },
-            )
+                    None => {
+                        let new = Arc::new(Backend::new(
+                            b.address,
+                            b.weight,
+                            metrics.backend(&cfg.name, &b.address.to_string()),
+                            cut,
+                        ));
+                        if checked_first && b.entry.is_some() {
+                            new.health.set_up(false);
+                            new.metrics.up.set(0);
+                        }
+                        new
+                    }
+                };
+                backend.set_priority(b.priority);
+                backend
+            })
             .collect();
         let pool = Arc::new(Pool::new(
             backends,
@@ -166,6 +178,11 @@ impl Upstream {
             send_proxy_protocol: cfg.send_proxy_protocol,
             metrics: m,
         }
+    }
+
+    /// TLS towards the backends, as loaded with this snapshot.
+    pub fn tls(&self) -> Option<&Arc<Origination>> {
+        self.tls.as_ref()
     }
 
     /// The backends, in config order.

@@ -15,6 +15,9 @@ pub struct Pool {
     balancer: Box<dyn Balance>,
     /// Per-backend cap; `None` for unlimited backends.
     limit: Option<u64>,
+    /// The backends have more than one SRV priority: a pick then first finds the lowest
+    /// priority with an available backend. False (no extra work) otherwise.
+    tiered: bool,
 }
 
 impl Pool {
@@ -23,10 +26,14 @@ impl Pool {
         balancer: Box<dyn Balance>,
         limit: Option<u64>,
     ) -> Pool {
+        let tiered = backends
+            .windows(2)
+            .any(|w| w[0].priority() != w[1].priority());
         Pool {
             backends,
             balancer,
             limit,
+            tiered,
         }
     }
 
@@ -46,9 +53,24 @@ impl Slots for Pool {
         cursor: &mut Option<usize>,
     ) -> Option<Arc<Backend>> {
         let limit = self.limit.unwrap_or(u64::MAX);
+        // SRV failover: the lowest priority that still has an available backend (not yet
+        // tried by this client); u32::MAX when untiered, so every priority passes.
+        let tier = match self.tiered {
+            false => u32::MAX,
+            true => self
+                .backends
+                .iter()
+                .filter(|b| b.available() && !tried.contains(&b.address))
+                .map(|b| b.priority())
+                .min()
+                .unwrap_or(u32::MAX),
+        };
         let eligible = |i: usize| {
             let b = &self.backends[i];
-            b.available() && b.active() < limit && !tried.contains(&b.address)
+            b.available()
+                && b.priority() <= tier
+                && b.active() < limit
+                && !tried.contains(&b.address)
         };
         let i = self
             .balancer
@@ -85,6 +107,8 @@ mod tests {
             .map(|&(port, weight)| config::Backend {
                 address: addr(port),
                 weight,
+                entry: None,
+                priority: 0,
             })
             .collect();
         let live = backends
