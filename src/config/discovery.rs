@@ -57,8 +57,7 @@ impl Default for Resolver {
 
 /// A source of endpoints for an upstream: a backend entry whose address is a host name
 /// (its A and AAAA records), or the upstream's SRV name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DnsName {
     /// Every address of `host` is an endpoint on `port`.
     Host { host: String, port: u16 },
@@ -72,6 +71,13 @@ impl fmt::Display for DnsName {
             DnsName::Host { host, port } => write!(f, "{host}:{port}"),
             DnsName::Srv { name } => write!(f, "srv:{name}"),
         }
+    }
+}
+
+/// As the config writes it (`"db.internal:5432"`), or `"srv:_pg._tcp.db"`.
+impl serde::Serialize for DnsName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

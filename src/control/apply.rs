@@ -161,16 +161,18 @@ impl Server {
         if diff.is_empty() {
             return;
         }
-        discovery::log_endpoint_changes(&previous.config, &config);
         let generation = previous.generation + 1;
-        drop(previous);
         let text = self.applied_text.clone();
-        match self.apply(config, text, material, diff, generation) {
-            Ok(applied) => tracing::info!(
-                generation,
-                changes = %applied.summary,
-                "endpoints changed (dns)"
-            ),
+        match self.apply(Arc::clone(&config), text, material, diff, generation) {
+            Ok(applied) => {
+                // Once the new snapshot is in force.
+                discovery::log_endpoint_changes(&previous.config, &config);
+                tracing::info!(
+                    generation,
+                    changes = %applied.summary,
+                    "endpoints changed (dns)"
+                );
+            }
             Err(e) => {
                 tracing::error!(error = %e, "new DNS answers could not be applied; the running endpoints are unchanged")
             }

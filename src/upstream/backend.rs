@@ -15,9 +15,6 @@ pub struct Backend {
     pub address: SocketAddr,
     /// From the latest config; 0 means no new connections.
     weight: AtomicU32,
-    /// SRV priority from the latest config or answer: the pool sends connections only to
-    /// the lowest priority that has an available backend. 0 when not from SRV.
-    priority: AtomicU32,
     /// Connections open or being opened to this backend: the balancers read this count,
     /// the per-backend limit caps it, and the gauge mirrors it.
     active: AtomicU64,
@@ -43,7 +40,6 @@ impl Backend {
         Backend {
             address,
             weight: AtomicU32::new(weight),
-            priority: AtomicU32::new(0),
             active: AtomicU64::new(0),
             health: Health::default(),
             metrics,
@@ -73,15 +69,6 @@ impl Backend {
 
     pub fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
-    }
-
-    pub fn priority(&self) -> u32 {
-        self.priority.load(Ordering::Relaxed)
-    }
-
-    /// Set only while a snapshot is built, before its pool is.
-    pub fn set_priority(&self, priority: u16) {
-        self.priority.store(u32::from(priority), Ordering::Relaxed);
     }
 
     /// Takes a slot: one more connection open or being opened.

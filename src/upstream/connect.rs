@@ -18,7 +18,7 @@ use crate::metrics::{ConnectFailure, Metrics, UpstreamMetrics};
 use crate::stream::BackendStream;
 use crate::upstream::backend::Backend;
 use crate::upstream::balance;
-use crate::upstream::pool::Pool;
+use crate::upstream::pool::{Pool, Tier};
 use crate::upstream::queue::{Queue, QueueError, Slots};
 
 /// Keepalive on both sides of a proxied connection, so a peer that vanished without a
@@ -141,15 +141,36 @@ impl Upstream {
                         new
                     }
                 };
-                backend.set_priority(b.priority);
                 backend
             })
             .collect();
-        let pool = Arc::new(Pool::new(
-            backends,
-            balance::for_upstream(cfg.balance, &cfg.backends),
-            cfg.max_connections_per_backend,
-        ));
+        let mut priorities: Vec<u16> = cfg.backends.iter().map(|b| b.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let tiers = match priorities.len() {
+            1 | 0 => Vec::new(),
+            _ => priorities
+                .iter()
+                .map(|&p| {
+                    let at = |i: &usize| cfg.backends[*i].priority == p;
+                    let members: Vec<usize> = (0..cfg.backends.len()).filter(at).collect();
+                    let configured: Vec<config::Backend> =
+                        members.iter().map(|&i| cfg.backends[i].clone()).collect();
+                    Tier {
+                        backends: members.iter().map(|&i| Arc::clone(&backends[i])).collect(),
+                        balancer: balance::for_upstream(cfg.balance, &configured),
+                    }
+                })
+                .collect(),
+        };
+        let pool = Arc::new(
+            Pool::new(
+                backends,
+                balance::for_upstream(cfg.balance, &cfg.backends),
+                cfg.max_connections_per_backend,
+            )
+            .with_tiers(tiers),
+        );
         let queue = match carried.queue {
             Some(q) => {
                 q.set_bounds(cfg.queue.max, cfg.queue.timeout);

@@ -15,9 +15,16 @@ pub struct Pool {
     balancer: Box<dyn Balance>,
     /// Per-backend cap; `None` for unlimited backends.
     limit: Option<u64>,
-    /// The backends have more than one SRV priority: a pick then first finds the lowest
-    /// priority with an available backend. False (no extra work) otherwise.
-    tiered: bool,
+    /// With more than one SRV priority among the backends: the backends of each, lowest
+    /// priority first, with a balancer of their own, so weights balance within a tier.
+    /// Empty otherwise (no extra work per pick).
+    tiers: Vec<Tier>,
+}
+
+/// The backends of one SRV priority.
+pub struct Tier {
+    pub backends: Vec<Arc<Backend>>,
+    pub balancer: Box<dyn Balance>,
 }
 
 impl Pool {
@@ -26,15 +33,19 @@ impl Pool {
         balancer: Box<dyn Balance>,
         limit: Option<u64>,
     ) -> Pool {
-        let tiered = backends
-            .windows(2)
-            .any(|w| w[0].priority() != w[1].priority());
         Pool {
             backends,
             balancer,
             limit,
-            tiered,
+            tiers: Vec::new(),
         }
+    }
+
+    /// SRV failover: clients go to the first of `tiers` (lowest priority first) that has
+    /// an available backend they have not tried.
+    pub fn with_tiers(mut self, tiers: Vec<Tier>) -> Pool {
+        self.tiers = tiers;
+        self
     }
 
     /// Whether backends take only so many connections (then clients may wait in a queue).
@@ -53,29 +64,20 @@ impl Slots for Pool {
         cursor: &mut Option<usize>,
     ) -> Option<Arc<Backend>> {
         let limit = self.limit.unwrap_or(u64::MAX);
-        // SRV failover: the lowest priority that still has an available backend (not yet
-        // tried by this client); u32::MAX when untiered, so every priority passes.
-        let tier = match self.tiered {
-            false => u32::MAX,
-            true => self
-                .backends
+        let (backends, balancer) = match self.tiers.iter().find(|t| {
+            t.backends
                 .iter()
-                .filter(|b| b.available() && !tried.contains(&b.address))
-                .map(|b| b.priority())
-                .min()
-                .unwrap_or(u32::MAX),
+                .any(|b| b.available() && !tried.contains(&b.address))
+        }) {
+            Some(t) => (&t.backends, &t.balancer),
+            None => (&self.backends, &self.balancer),
         };
         let eligible = |i: usize| {
-            let b = &self.backends[i];
-            b.available()
-                && b.priority() <= tier
-                && b.active() < limit
-                && !tried.contains(&b.address)
+            let b = &backends[i];
+            b.available() && b.active() < limit && !tried.contains(&b.address)
         };
-        let i = self
-            .balancer
-            .pick(&self.backends, client, cursor, &eligible)?;
-        let b = &self.backends[i];
+        let i = balancer.pick(backends, client, cursor, &eligible)?;
+        let b = &backends[i];
         b.take();
         Some(Arc::clone(b))
     }

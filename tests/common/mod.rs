@@ -7,6 +7,7 @@
 //!   `$NOTIFY_SOCKET`.
 //! - [`fixture`]: the one config builder, [`Fixture`].
 //! - [`backends`]: fake backends (echo, tagged, refusing, blackhole).
+//! - [`dns`]: a real DNS server (dnsmasq) on a loopback port, [`Dns`].
 //! - [`io`]: payloads and exchanges, HTTP GET, text files.
 //! - [`eventually`]: the one way to wait, [`eventually()`], and its deadlines.
 //! - [`metrics`]: the exposition parser, [`Metrics`].
@@ -17,6 +18,7 @@
 // Private but for `pki`, which tests name: a glob import of a module `sluice` would
 // shadow the crate.
 mod backends;
+mod dns;
 mod eventually;
 mod fixture;
 mod io;
@@ -27,6 +29,7 @@ pub mod pki;
 mod sluice;
 
 pub use backends::*;
+pub use dns::*;
 pub use eventually::*;
 pub use fixture::*;
 pub use io::*;
