@@ -438,7 +438,7 @@ impl Follow {
                 self.metrics.resolved(ResolutionResult::Empty);
                 let since = *a.empty_since.get_or_insert_with(Instant::now);
                 let held = since.elapsed();
-                if !a.failing.as_ref().is_some_and(|f| f.1 == EMPTY) {
+                if a.failing.as_ref().is_none_or(|f| f.1 != EMPTY) {
                     tracing::warn!(%upstream, %name, endpoints = a.endpoints.len(), hold = ?s.hold, "backend name has no records (NXDOMAIN or empty answer); its endpoints are kept until this lasts for hold");
                     self.failing(a, now, EMPTY);
                 }
@@ -455,7 +455,7 @@ impl Follow {
             }
             Outcome::Failed(error) => {
                 self.metrics.resolved(ResolutionResult::Error);
-                if !a.failing.as_ref().is_some_and(|f| f.1 == error) {
+                if a.failing.as_ref().is_none_or(|f| f.1 != error) {
                     tracing::warn!(%upstream, %name, %error, endpoints = a.endpoints.len(), "cannot resolve backend name; keeping its last good endpoints");
                     self.failing(a, now, &error);
                 }

@@ -118,8 +118,8 @@ impl Upstream {
         let backends: Vec<Arc<Backend>> = cfg
             .backends
             .iter()
-            .map(|b| {
-                let backend = match carried.backends.iter().find(|old| old.address == b.address) {
+            .map(
+                |b| match carried.backends.iter().find(|old| old.address == b.address) {
                     Some(old) => {
                         old.set_weight(b.weight);
                         if old.is_retired() {
@@ -140,9 +140,8 @@ impl Upstream {
                         }
                         new
                     }
-                };
-                backend
-            })
+                },
+            )
             .collect();
         let mut priorities: Vec<u16> = cfg.backends.iter().map(|b| b.priority).collect();
         priorities.sort_unstable();
