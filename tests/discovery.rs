@@ -677,3 +677,72 @@ async fn check_resolve_tries_the_names() {
         .unwrap();
     assert_eq!(plain.status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_dns_change_does_not_hide_a_failed_reload() {
+    let (port, _b) = on_one_port(&["127.0.0.2", "127.0.0.3"]).await;
+    let dns = Dns::start(&["127.0.0.2 web.test"], &[], 1).await;
+    let table = resolver(&dns, "30s");
+    let sluice = Sluice::start(by_name(&table, &format!("web.test:{port}"), "")).await;
+    sluice.rewrite("this is not toml");
+    sluice
+        .wait_metrics("the failed reload", |m| {
+            m.value("sluice_config_last_reload_successful", &[]) == 0.0
+        })
+        .await;
+    dns.hosts(&["127.0.0.3 web.test"], "web.test", Some("127.0.0.3"))
+        .await;
+    sluice
+        .wait_log(&format!("endpoint 127.0.0.3:{port} of app added (dns)"))
+        .await;
+    let m = sluice.wait_generation(1).await;
+    assert_eq!(m.value("sluice_config_last_reload_successful", &[]), 0.0);
+    assert_eq!(
+        m.value("sluice_config_reloads_total", &[("result", "success")]),
+        0.0
+    );
+    reach_exactly(sluice.addr("front"), &[3], 4).await;
+}
+
+#[tokio::test]
+async fn an_endpoint_dns_removes_follows_on_backend_removed() {
+    let (port, _b) = on_one_port(&["127.0.0.2", "127.0.0.3"]).await;
+    let dns = Dns::start(&["127.0.0.2 web.test", "127.0.0.3 web.test"], &[], 1).await;
+    let keys = "balance = \"least_connections\"\non_backend_removed = \"close\"";
+    let sluice = Sluice::start(by_name(
+        &resolver(&dns, "30s"),
+        &format!("web.test:{port}"),
+        keys,
+    ))
+    .await;
+    let front = sluice.addr("front");
+    // One connection held on each endpoint (least connections puts the second beside
+    // the first).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(front).await.unwrap();
+        let tag = read_n(&mut s, 1).await[0];
+        held.push((tag, s));
+    }
+    let mut tags_held: Vec<u8> = held.iter().map(|(t, _)| *t).collect();
+    tags_held.sort();
+    assert_eq!(tags_held, vec![2, 3]);
+    dns.hosts(&["127.0.0.3 web.test"], "web.test", Some("127.0.0.3"))
+        .await;
+    sluice
+        .wait_log(&format!("endpoint 127.0.0.2:{port} of app removed (dns)"))
+        .await;
+    for (tag, mut s) in held {
+        if tag == 2 {
+            // Closed by sluice, as a removal by config edit with "close" does.
+            tokio::time::timeout(PROMPTLY, until_closed(&mut s))
+                .await
+                .expect("the removed endpoint's connection is closed")
+                .ok();
+        } else {
+            let sent = data(4096, 3);
+            assert_eq!(exchange_on(&mut s, &sent).await, sent);
+        }
+    }
+    sluice.wait_log("reason=\"backend_removed\"").await;
+}

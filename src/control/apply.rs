@@ -163,7 +163,17 @@ impl Server {
         }
         let generation = previous.generation + 1;
         let text = self.applied_text.clone();
-        match self.apply(Arc::clone(&config), text, material, diff, generation) {
+        // `apply` records a successful reload; this is none, and must not hide a failed one.
+        let m = &self.metrics;
+        let reload_state = (
+            m.config_last_reload_successful.get(),
+            m.config_last_reload_success_timestamp.get(),
+        );
+        let applied = self.apply(Arc::clone(&config), text, material, diff, generation);
+        let m = &self.metrics;
+        m.config_last_reload_successful.set(reload_state.0);
+        m.config_last_reload_success_timestamp.set(reload_state.1);
+        match applied {
             Ok(applied) => {
                 // Once the new snapshot is in force.
                 discovery::log_endpoint_changes(&previous.config, &config);
