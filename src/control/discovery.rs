@@ -36,11 +36,13 @@ type Key = (String, DnsName);
 /// The names of every upstream, their current answers, and the tasks that follow them.
 pub struct Discovery {
     settings: config::Resolver,
-    /// `None` when no resolver could be built (no usable `/etc/resolv.conf`): every name
-    /// then fails, counted, and is retried with the next config.
+    /// `None` until a config names a host, or when no resolver could be built (no usable
+    /// `/etc/resolv.conf`): every name then fails, counted, until `[resolver]` changes.
     resolver: Option<Arc<TokioResolver>>,
     /// Why the resolver could not be built.
     resolver_error: String,
+    /// Whether building it was tried (with these settings).
+    built: bool,
     tasks: HashMap<Key, Task>,
     answers: Answers,
     /// Woken when an answer changed some upstream's endpoint set.
@@ -91,23 +93,37 @@ enum Outcome {
 }
 
 impl Discovery {
+    /// No resolver yet: it is built (reading `/etc/resolv.conf`) when a config first
+    /// names a host, so a config without names never reads it.
     pub fn new(settings: &config::Resolver, metrics: Arc<Metrics>) -> Discovery {
-        let (resolver, resolver_error) = match build_resolver(settings) {
-            Ok(r) => (Some(Arc::new(r)), String::new()),
-            Err(e) => {
-                let error = format!("no DNS resolver: {e}");
-                tracing::error!(%error, "backend names cannot be resolved");
-                (None, error)
-            }
-        };
         Discovery {
             settings: settings.clone(),
-            resolver,
-            resolver_error,
+            resolver: None,
+            resolver_error: String::new(),
+            built: false,
             tasks: HashMap::new(),
             answers: Arc::default(),
             changed: Arc::new(Notify::new()),
             metrics,
+        }
+    }
+
+    /// Builds the resolver off the event loop (it may read `/etc/resolv.conf`).
+    async fn build(&mut self) {
+        self.built = true;
+        let settings = self.settings.clone();
+        let built = tokio::task::spawn_blocking(move || {
+            build_resolver(&settings).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match built {
+            Ok(r) => self.resolver = Some(Arc::new(r)),
+            Err(e) => {
+                let error = format!("no DNS resolver: {e}");
+                tracing::error!(%error, "backend names cannot be resolved");
+                self.resolver_error = error;
+            }
         }
     }
 
@@ -149,6 +165,9 @@ impl Discovery {
             }
             keep
         });
+        if !wanted.is_empty() && !self.built {
+            self.build().await;
+        }
         let mut first = Vec::new();
         for key in wanted {
             if self.tasks.contains_key(&key) {
