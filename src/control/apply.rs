@@ -155,6 +155,16 @@ impl Server {
         if config == *previous.config {
             return;
         }
+        // New endpoints first, the ones they replace a moment later (`discovery::OVERLAP`).
+        let both = discovery::overlap(&previous.config, &config);
+        if both != config && both != *previous.config {
+            config = both;
+            let changed = self.discovery.changed();
+            tokio::spawn(async move {
+                tokio::time::sleep(discovery::OVERLAP).await;
+                changed.notify_one();
+            });
+        }
         let config = Arc::new(config);
         let material = previous.material();
         let diff = SnapshotDiff::new(&previous, &config, &material);

@@ -273,6 +273,32 @@ fn view(answers: &Answers) -> serde_json::Value {
     serde_json::Value::Array(names)
 }
 
+/// How long endpoints that an answer replaced stay beside their replacements. A
+/// connection accepted just before a change still picks from the snapshot it was
+/// accepted with: were every endpoint of that snapshot retired at once, it would find
+/// none available. So a change that both adds and removes applies in two steps: the new
+/// endpoints join, and the old ones go this much later.
+pub const OVERLAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `target` with the endpoints from names that `previous` has and `target` no longer
+/// has put back (after the rest), for the first step of a change that adds and removes.
+pub fn overlap(previous: &Config, target: &Config) -> Config {
+    let mut both = target.clone();
+    for u in &mut both.upstreams {
+        let Some(old) = previous.upstreams.iter().find(|o| o.name == u.name) else {
+            continue;
+        };
+        let going: Vec<config::Backend> = old
+            .backends
+            .iter()
+            .filter(|b| b.entry.is_some() && !u.backends.iter().any(|n| n.address == b.address))
+            .cloned()
+            .collect();
+        u.backends.extend(going);
+    }
+    both
+}
+
 /// Logs each endpoint a change of DNS answers added or removed, in the style of the
 /// reload's log line: "endpoint 10.0.0.7:5432 of pg added (dns)".
 pub fn log_endpoint_changes(before: &Config, after: &Config) {
