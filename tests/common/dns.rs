@@ -55,8 +55,9 @@ impl Dns {
         std::fs::write(self.hosts_path(), text).unwrap();
     }
 
-    async fn run(&mut self) {
-        let child = Command::new("dnsmasq")
+    fn spawn(&self) -> Child {
+        let log = std::fs::File::create(self.dir.path().join("log")).unwrap();
+        Command::new("dnsmasq")
             .arg("--keep-in-foreground")
             .arg("--no-daemon")
             .arg(format!("--port={}", self.addr.port()))
@@ -76,13 +77,30 @@ impl Dns {
             .arg(format!("--auth-ttl={}", self.ttl))
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
-            .expect("dnsmasq (make deps-test installs it)");
-        self.child = Some(child);
+            .expect("dnsmasq (make deps-test installs it)")
+    }
+
+    async fn run(&mut self) {
+        let mut child = self.spawn();
         let addr = self.addr;
-        // Up once it answers a query over UDP.
-        eventually("dnsmasq to answer", async || answers(addr).await).await;
+        let this = &*self;
+        eventually("dnsmasq to answer", async || {
+            if let Ok(Some(status)) = child.try_wait() {
+                // On a restart, the port can still be taken for a moment: start again.
+                let log = std::fs::read_to_string(this.dir.path().join("log")).unwrap_or_default();
+                child = this.spawn();
+                return Err(format!("dnsmasq exited ({status}), started again: {log}"));
+            }
+            if answers(addr).await {
+                Ok(())
+            } else {
+                Err("no answer yet".to_string())
+            }
+        })
+        .await;
+        self.child = Some(child);
     }
 
     /// Replaces the hosts file and has dnsmasq re-read it (SIGHUP), waiting until it
