@@ -49,6 +49,7 @@ deps-test: deps-nginx
 	$(call need,setpriv,util-linux)
 	$(call need,script,bsdutils)
 	$(call need,chromium,chromium)
+	$(call need,dnsmasq,dnsmasq-base)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
 	  echo "installing kubernetes-validate and yamllint (pip)"; \
 	  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint; }

@@ -13,11 +13,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod control;
+mod discovery;
 mod edge;
 mod raw;
 mod upstream;
 mod values;
 pub use control::{Control, DEFAULT_CONTROL_SOCKET};
+pub use discovery::{
+    DEFAULT_HOLD, DEFAULT_MAX_INTERVAL, DEFAULT_MIN_INTERVAL, DEFAULT_RESOLVER_ATTEMPTS,
+    DEFAULT_RESOLVER_TIMEOUT, Discovered, DnsName, Resolver,
+};
 pub use edge::*;
 pub use values::parse_duration;
 
@@ -74,6 +79,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// The control socket (`[control]`); read at start only.
     pub control: Option<Control>,
+    /// How backend names are resolved (`[resolver]`).
+    pub resolver: Resolver,
     /// Where each certificate, key and CA file is named in the file.
     #[serde(skip)]
     pub named_files: NamedFiles,
@@ -212,8 +219,13 @@ pub struct Upstream {
     #[serde(serialize_with = "duration_text")]
     pub idle_timeout: Duration,
     pub retries: u32,
-    /// Never empty; addresses are unique within the upstream.
+    /// The endpoints: the IP-literal entries in config order, then those the names in
+    /// `discovered` resolve to now (see `control/discovery.rs`). Addresses are unique
+    /// within the upstream. Empty only while no name has resolved.
     pub backends: Vec<Backend>,
+    /// Backend entries written as `"host:port"`, and the upstream's `discover` SRV name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub discovered: Vec<Discovered>,
     /// Most connections open to each backend at once; `None` is no limit.
     pub max_connections_per_backend: Option<u64>,
     /// Where clients wait while every backend is at `max_connections_per_backend`.
@@ -299,6 +311,17 @@ pub struct Backend {
     pub address: SocketAddr,
     /// 0 means the backend takes no new connections.
     pub weight: u32,
+    /// The name this endpoint was resolved from; `None` for an IP literal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<DnsName>,
+    /// SRV priority: only the lowest priority with an available endpoint takes
+    /// connections. 0 for everything not from SRV.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub priority: u16,
+}
+
+fn is_zero(p: &u16) -> bool {
+    *p == 0
 }
 
 /// How an upstream picks a backend for a new connection.
@@ -512,7 +535,8 @@ address = "127.0.0.1:1"
             let message = Config::parse(&text, Path::new("t.toml"))
                 .expect_err("invalid")
                 .to_string();
-            let range = other.starts_with('[');
+            // A host name may be a backend address now: its port is checked too.
+            let range = other.starts_with('[') || other.starts_with("db.");
             assert_eq!(
                 message.contains("out of range"),
                 range,

@@ -7,7 +7,7 @@
 //!
 //! | module | plane |
 //! |---|---|
-//! | [`control`] | the control plane: start and reload (one `apply`), signals as events, the file watch, the drain, retirement of what a reload removed, the admin endpoint and its status page, the control socket and `sluice ctl` |
+//! | [`control`] | the control plane: start and reload (one `apply`), signals as events, the file watch, the drain, retirement of what a reload removed, the admin endpoint and its status page, the control socket and `sluice ctl`, backends by name (DNS re-resolution) |
 //! | [`data`] | the data plane: listeners (bind, accept under `max_connections`), one connection's stages (`conn`), the relay, the counting gates, the runtimes |
 //! | [`snapshot`] | [`snapshot::Snapshot`], everything a connection needs, and [`snapshot::SnapshotDiff`], what applying a config changes |
 //! | [`upstream`] | backends and their state, the pool (balancer + slots), the queue, connect with retry, health checks, `balance/` |

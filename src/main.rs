@@ -18,6 +18,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const EXIT_BAD_CONFIG: u8 = 64;
 /// Exit status when a config file cannot be read: missing, or not readable (EX_NOINPUT).
 const EXIT_NO_INPUT: u8 = 66;
+/// Exit status of `check --resolve` when a valid config names a host that does not
+/// resolve now (EX_UNAVAILABLE).
+const EXIT_UNRESOLVED: u8 = 69;
 /// Exit status when sluice could not start (a port already taken, say).
 const EXIT_START_FAILED: u8 = 1;
 
@@ -27,6 +30,7 @@ const EXIT_CODES: &str = "Exit status:
   1    run: could not start (an address already in use, no permission to bind)
   64   the config is invalid (the error names file:line:col)
   66   a config file cannot be read (missing, or no permission)
+  69   check --resolve: a backend name does not resolve now
   130  run: a second SIGTERM or SIGINT cut the drain short";
 
 #[derive(Parser)]
@@ -54,6 +58,10 @@ enum Command {
     Check {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// Also resolve every backend name once with the config's `[resolver]`, print
+        /// what each gives, and exit 69 if one gives no address.
+        #[arg(long)]
+        resolve: bool,
     },
     /// Change a running sluice through its control socket ([control] in the config):
     /// drain, maint or re-weight a backend, fail readiness, reload.
@@ -63,13 +71,13 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Check { files } => check(&files),
+        Command::Check { files, resolve } => check(&files, resolve),
         Command::Run { config } => run(config),
         Command::Ctl(args) => ExitCode::from(sluice::control::ctl::client::run(args)),
     }
 }
 
-fn check(files: &[PathBuf]) -> ExitCode {
+fn check(files: &[PathBuf], resolve: bool) -> ExitCode {
     // Warnings found while loading (a private key readable by others) go to stderr.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -79,6 +87,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
         .init();
     let mut status = ExitCode::SUCCESS;
     let mut unreadable = false;
+    let mut unresolved = false;
     for file in files {
         // Certificates and keys are part of a config: one that cannot load fails it.
         let loaded = Config::load(file)
@@ -92,12 +101,17 @@ fn check(files: &[PathBuf]) -> ExitCode {
                     .map_err(|e| e.to_string())
             });
         match loaded {
-            Ok(c) => println!(
-                "{}: ok ({} listener(s), {} upstream(s))",
-                file.display(),
-                c.listeners.len(),
-                c.upstreams.len()
-            ),
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listener(s), {} upstream(s))",
+                    file.display(),
+                    c.listeners.len(),
+                    c.upstreams.len()
+                );
+                if resolve {
+                    unresolved |= !resolve_names(&c);
+                }
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 status = ExitCode::from(EXIT_BAD_CONFIG);
@@ -106,9 +120,28 @@ fn check(files: &[PathBuf]) -> ExitCode {
     }
     if unreadable {
         ExitCode::from(EXIT_NO_INPUT)
+    } else if status == ExitCode::SUCCESS && unresolved {
+        ExitCode::from(EXIT_UNRESOLVED)
     } else {
         status
     }
+}
+
+/// `check --resolve`: every backend name of `config` resolved once; whether all gave
+/// addresses.
+fn resolve_names(config: &Config) -> bool {
+    let runtime = match Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start a runtime to resolve names: {e}");
+            return false;
+        }
+    };
+    let (lines, all) = runtime.block_on(sluice::control::discovery::try_names(config));
+    for line in lines {
+        println!("  {line}");
+    }
+    all
 }
 
 fn run(path: PathBuf) -> ExitCode {

@@ -115,6 +115,79 @@ fn invalid_configs() -> Vec<Invalid> {
             "invalid address \"127.0.0.1\"",
         ),
         invalid(
+            "backend_name_without_port",
+            format!(
+                "{LISTENER}{}",
+                UPSTREAM.replace("127.0.0.1:8000", "db.internal:")
+            ),
+            (8, 11),
+            "invalid address \"db.internal:\": the port is missing",
+        ),
+        invalid(
+            "backend_name_with_port_out_of_range",
+            format!(
+                "{LISTENER}{}",
+                UPSTREAM.replace("127.0.0.1:8000", "db.internal:99999")
+            ),
+            (8, 11),
+            "port 99999 is out of range (1 to 65535)",
+        ),
+        invalid(
+            "backend_name_with_a_space",
+            format!(
+                "{LISTENER}{}",
+                UPSTREAM.replace("127.0.0.1:8000", "db internal:5432")
+            ),
+            (8, 11),
+            "' ' is not allowed in a host name",
+        ),
+        invalid(
+            "backend_name_twice",
+            format!(
+                "{LISTENER}{UPSTREAM}[[upstream.backend]]\naddress = \"a.internal:1\"\n[[upstream.backend]]\naddress = \"a.internal:1\"\n"
+            ),
+            (12, 11),
+            "backend a.internal:1 appears twice in upstream \"app\"",
+        ),
+        invalid(
+            "srv_name_with_a_space",
+            with_upstream_keys("discover = { srv = \"_pg._tcp.db svc\" }"),
+            (7, 20),
+            "invalid SRV name \"_pg._tcp.db svc\"",
+        ),
+        invalid(
+            "discover_without_srv",
+            with_upstream_keys("discover = { a = \"x\" }"),
+            (7, 14),
+            "unknown field `a`, expected `srv`",
+        ),
+        invalid(
+            "resolver_nameserver_not_an_ip",
+            format!("{LISTENER}{UPSTREAM}[resolver]\nnameservers = [\"dns.local\"]\n"),
+            (10, 16),
+            "invalid nameserver \"dns.local\"",
+        ),
+        invalid(
+            "resolver_zero_timeout",
+            format!("{LISTENER}{UPSTREAM}[resolver]\ntimeout = \"0s\"\n"),
+            (10, 11),
+            "`timeout` must be greater than zero",
+        ),
+        invalid(
+            "resolver_zero_attempts",
+            format!("{LISTENER}{UPSTREAM}[resolver]\nattempts = 0\n"),
+            (10, 12),
+            "`attempts` must be at least 1",
+        ),
+        invalid(
+            "resolver_max_interval_below_min",
+            format!(
+                "{LISTENER}{UPSTREAM}[resolver]\nmin_interval = \"10s\"\nmax_interval = \"1s\"\n"
+            ),
+            (11, 16),
+            "`max_interval` must not be below `min_interval`",
+        ),
+        invalid(
             "address_bound_twice",
             format!(
                 "{}{UPSTREAM}",

@@ -193,7 +193,8 @@ fn the_dashboard_has_the_structure_grafana_expects() {
             "Backends",
             "TLS",
             "Config",
-            "Process"
+            "Process",
+            "Discovery"
         ]
     );
 }
@@ -378,8 +379,19 @@ fn substitute(expr: &str, instance: &str) -> String {
 /// `front` (queueing at one connection per backend) and `broken` (a refusing backend),
 /// plus `tls` terminating TLS with `cert` in front of the same echo backend, through an
 /// upstream of its own so that its clients never take `front`'s one slot.
-fn traffic_config(echo: SocketAddr, dead: SocketAddr, weight: u32, cert: &Issued) -> Fixture {
+/// With an upstream `named` whose backend is a name that `dns` resolves, for the
+/// discovery row.
+fn traffic_config(
+    echo: SocketAddr,
+    dead: SocketAddr,
+    weight: u32,
+    cert: &Issued,
+    dns: SocketAddr,
+) -> Fixture {
     Fixture::new()
+        .table(&format!(
+            "[resolver]\nnameservers = [\"{dns}\"]\nmin_interval = \"100ms\"\nmax_interval = \"1s\""
+        ))
         .listener("front")
         .to("app")
         .listener("broken")
@@ -401,6 +413,11 @@ fn traffic_config(echo: SocketAddr, dead: SocketAddr, weight: u32, cert: &Issued
         .backend(dead)
         .upstream("secured")
         .backend(echo)
+        .upstream("named")
+        .upstream_keys(&format!(
+            "backend = [{{ address = \"echo.test:{}\" }}]",
+            echo.port()
+        ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,7 +428,8 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     let client = pki::client_config(&pki.path("ca.pem"), None);
     let echo = tagged(b'e').await;
     let dead = refusing();
-    let sluice = Sluice::start(traffic_config(echo.addr, dead.addr, 1, &cert)).await;
+    let dns = Dns::start(&["127.0.0.1 echo.test"], &[], 1).await;
+    let sluice = Sluice::start(traffic_config(echo.addr, dead.addr, 1, &cert, dns.addr)).await;
     let prometheus = Prometheus::start(sluice.admin);
     let instance = sluice.admin.to_string();
     prometheus.ready().await;
@@ -463,7 +481,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .ok();
 
         if round == 1 {
-            sluice.rewrite(traffic_config(echo.addr, dead.addr, 2, &cert));
+            sluice.rewrite(traffic_config(echo.addr, dead.addr, 2, &cert, dns.addr));
             sluice.wait_generation(1).await;
         }
         // Each round's traffic in a scrape of its own (rates need a sample on each
@@ -570,7 +588,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .iter()
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
-        assert_eq!(rules.len(), 7);
+        assert_eq!(rules.len(), 8);
         let bad: Vec<String> = rules
             .iter()
             .filter(|r| r["health"] == "err")

@@ -298,3 +298,43 @@ fn the_image_config_is_an_example_that_fails_check_saying_to_mount_one() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_backend_example_is_a_headless_service_whose_srv_name_the_config_follows() {
+    let file = root().join("deploy/kubernetes/backend.yaml");
+    let (ok, output) = run(Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg(&file));
+    assert!(ok, "kubernetes-validate:\n{output}");
+    assert_eq!(output.matches("passed").count(), 2, "{output}");
+    let docs = documents("deploy/kubernetes/backend.yaml");
+    let service = find(&docs, "Service", "app");
+    assert_eq!(
+        service["spec"]["clusterIP"], "None",
+        "headless: pod addresses in DNS"
+    );
+    let port = &service["spec"]["ports"][0];
+    let set = find(&docs, "StatefulSet", "app");
+    assert_eq!(
+        set["spec"]["serviceName"], "app",
+        "pods named app-N.app in DNS"
+    );
+    assert!(selects(
+        &service["spec"]["selector"],
+        &set["spec"]["template"]["metadata"]["labels"]
+    ));
+    // The ConfigMap's config follows the SRV name of that Service's named port.
+    let config = Config::load(&root().join("deploy/kubernetes/sluice.toml")).unwrap();
+    let wanted = format!(
+        "srv:_{}._{}.{}",
+        port["name"].as_str().unwrap(),
+        port["protocol"].as_str().unwrap().to_lowercase(),
+        service["metadata"]["name"].as_str().unwrap()
+    );
+    let names: Vec<String> = config
+        .upstreams
+        .iter()
+        .flat_map(|u| u.discovered.iter().map(|d| d.name.to_string()))
+        .collect();
+    assert_eq!(names, vec![wanted]);
+}

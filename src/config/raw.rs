@@ -33,6 +33,7 @@ pub(super) struct RawConfig {
     listeners: Vec<RawListener>,
     #[serde(default, rename = "upstream")]
     upstreams: Vec<RawUpstream>,
+    resolver: Option<super::discovery::RawResolver>,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +264,10 @@ impl RawConfig {
             relay,
             listeners,
             upstreams,
+            resolver: match self.resolver {
+                None => super::Resolver::default(),
+                Some(r) => r.validate()?,
+            },
             named_files: NamedFiles(
                 paths
                     .into_named()

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::discovery::{Discovered, host_port};
 use super::edge::{Paths, ProxyVersion, RawUpstreamTls};
 use super::values::{DurationValue, address, at_least_one, count, positive};
 use super::{
@@ -37,6 +38,8 @@ pub(super) struct RawUpstream {
     send_proxy_protocol: Option<ProxyVersion>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
+    /// Endpoints from SRV records (`control/discovery.rs`).
+    discover: Option<super::discovery::RawDiscover>,
 }
 
 #[derive(Deserialize)]
@@ -76,23 +79,17 @@ struct RawBackend {
 
 impl RawUpstream {
     pub(super) fn validate(self, name: String, base: &Paths) -> Result<Upstream, Invalid> {
-        if self.backends.is_empty() {
+        if self.backends.is_empty() && self.discover.is_none() {
             return Err((
                 self.name.span(),
                 format!(
-                    "upstream {name:?} has no backends: expected at least one [[upstream.backend]] with an `address`"
+                    "upstream {name:?} has no backends: expected at least one [[upstream.backend]] with an `address`, or `discover = {{ srv = \"...\" }}`"
                 ),
             ));
         }
         let mut backends: Vec<Backend> = Vec::with_capacity(self.backends.len());
+        let mut discovered: Vec<Discovered> = Vec::new();
         for raw in self.backends {
-            let address = address(&raw.address)?;
-            if backends.iter().any(|b| b.address == address) {
-                return Err((
-                    raw.address.span(),
-                    format!("backend {address} appears twice in upstream {name:?}"),
-                ));
-            }
             let weight = match raw.weight {
                 None => DEFAULT_WEIGHT,
                 Some(w) if *w.get_ref() > MAX_WEIGHT => {
@@ -103,7 +100,59 @@ impl RawUpstream {
                 }
                 Some(w) => *w.get_ref(),
             };
-            backends.push(Backend { address, weight });
+            // An IP literal as before; anything else must be a well-formed "host:port".
+            let literal = address(&raw.address);
+            let named = literal.is_err().then(|| host_port(raw.address.get_ref()));
+            match (literal, named) {
+                (Ok(address), _) => {
+                    if backends.iter().any(|b| b.address == address) {
+                        return Err((
+                            raw.address.span(),
+                            format!("backend {address} appears twice in upstream {name:?}"),
+                        ));
+                    }
+                    backends.push(Backend {
+                        address,
+                        weight,
+                        entry: None,
+                        priority: 0,
+                    });
+                }
+                (Err(_), Some(Ok(dns))) => {
+                    if discovered.iter().any(|d| d.name == dns) {
+                        return Err((
+                            raw.address.span(),
+                            format!("backend {dns} appears twice in upstream {name:?}"),
+                        ));
+                    }
+                    discovered.push(Discovered { name: dns, weight });
+                }
+                (Err(e), named) => {
+                    // An IP address with a bad port keeps the IP error; a name says
+                    // what is wrong with the name.
+                    let text = raw.address.get_ref();
+                    let looks_ip = text.starts_with('[')
+                        || text.parse::<std::net::IpAddr>().is_ok()
+                        || text
+                            .rsplit_once(':')
+                            .is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_ok());
+                    return Err(match named {
+                        Some(Err(why)) if !looks_ip => (
+                            raw.address.span(),
+                            format!(
+                                "invalid address {text:?}: {why} (a backend address is an IP address and port, like \"10.0.0.1:5432\", or a host name and port, like \"db.internal:5432\")"
+                            ),
+                        ),
+                        _ => e,
+                    });
+                }
+            }
+        }
+        if let Some(d) = &self.discover {
+            discovered.push(Discovered {
+                name: d.validate()?,
+                weight: DEFAULT_WEIGHT,
+            });
         }
         let retries = match self.retries {
             None => DEFAULT_RETRIES,
@@ -229,6 +278,7 @@ impl RawUpstream {
             idle_timeout: positive(self.idle_timeout, DEFAULT_IDLE_TIMEOUT, "idle_timeout")?,
             retries,
             backends,
+            discovered,
         })
     }
 }

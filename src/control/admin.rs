@@ -50,6 +50,8 @@ pub struct Status {
     pub process_cap: usize,
     /// The status page's own memory (queue lengths seen), touched only by its requests.
     pub page: status::Memory,
+    /// For `/config`: each backend name with its current addresses and their TTL.
+    pub discovery: crate::control::discovery::View,
 }
 
 /// What `/listeners` reports: one generation's bound addresses, by listener.
@@ -119,6 +121,7 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "loaded_at": snapshot.loaded_at,
                 "config": &*snapshot.config,
                 "overrides": status.overrides.to_json(),
+                "discovery": (status.discovery)(),
             });
             json(format!("{body:#}\n"))
         }

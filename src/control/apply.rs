@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::control::outcome::{LoadResult, Outcome};
 use crate::control::signals::Trigger;
-use crate::control::{Error, Server, admin, retire};
+use crate::control::{Error, Server, admin, discovery, retire};
 use crate::data::listener::Changes;
 use crate::edge::tls::{self, Material};
 use crate::snapshot::{Snapshot, SnapshotDiff};
@@ -105,6 +105,9 @@ impl Server {
             }
         };
         keep_restart_only(&mut config, &previous.config);
+        // Names the file adds are resolved (briefly waited for) before the config applies.
+        self.discovery.reconcile(&config).await;
+        self.discovery.expand(&mut config);
         let config = Arc::new(config);
         // Watch the files this config names even if it fails to load below: a reload
         // refused for a missing certificate applies once the file appears.
@@ -160,6 +163,60 @@ impl Server {
                 Ok(applied.snapshot.generation)
             }
             Err(e) => self.reload_failed(trigger, &e.to_string(), None),
+        }
+    }
+
+    /// Applies what the DNS answers say now, through the same pipeline as a reload: the
+    /// snapshot's config with each upstream's endpoints from names replaced by the current
+    /// answers, and the snapshot's own TLS material (no file is read).
+    pub(super) fn rediscover(&mut self) {
+        let previous = self.snapshots.load_full();
+        let mut config = (*previous.config).clone();
+        self.discovery.expand(&mut config);
+        if config == *previous.config {
+            return;
+        }
+        // New endpoints first, the ones they replace a moment later (`discovery::OVERLAP`).
+        let both = discovery::overlap(&previous.config, &config);
+        if both != config && both != *previous.config {
+            config = both;
+            let changed = self.discovery.changed();
+            tokio::spawn(async move {
+                tokio::time::sleep(discovery::OVERLAP).await;
+                changed.notify_one();
+            });
+        }
+        let config = Arc::new(config);
+        let material = previous.material();
+        let diff = SnapshotDiff::new(&previous, &config, &material);
+        if diff.is_empty() {
+            return;
+        }
+        let generation = previous.generation + 1;
+        let text = self.applied_text.clone();
+        // `apply` records a successful reload; this is none, and must not hide a failed one.
+        let m = &self.metrics;
+        let reload_state = (
+            m.config_last_reload_successful.get(),
+            m.config_last_reload_success_timestamp.get(),
+        );
+        let applied = self.apply(Arc::clone(&config), text, material, diff, generation);
+        let m = &self.metrics;
+        m.config_last_reload_successful.set(reload_state.0);
+        m.config_last_reload_success_timestamp.set(reload_state.1);
+        match applied {
+            Ok(applied) => {
+                // Once the new snapshot is in force.
+                discovery::log_endpoint_changes(&previous.config, &config);
+                tracing::info!(
+                    generation,
+                    changes = %applied.summary,
+                    "endpoints changed (dns)"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "new DNS answers could not be applied; the running endpoints are unchanged")
+            }
         }
     }
 

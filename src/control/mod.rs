@@ -14,10 +14,12 @@
 //! | `ctl/` | the control socket (`sluice ctl`): runtime overrides, readiness, reload |
 //! | `outcome.rs` | the last config load's outcome (start or reload), for its readers |
 //! | `status/` | the status page and its JSON twin, collected from the snapshot and atomics |
+//! | `discovery.rs` | backends by name: DNS re-resolution feeding each upstream's endpoints |
 
 pub mod admin;
 pub mod apply;
 pub mod ctl;
+pub mod discovery;
 pub mod drain;
 pub mod outcome;
 pub mod retire;
@@ -84,6 +86,8 @@ pub struct Server {
     status: Arc<Status>,
     /// The control socket's runtime overrides, applied to every snapshot built.
     overrides: Arc<ctl::Overrides>,
+    /// The backend names of the config in force and what they resolve to now.
+    discovery: discovery::Discovery,
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
@@ -99,6 +103,12 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
             AccessLog::start(a, metrics.access_log_dropped.clone()).map_err(Error::Watch)?,
         )),
     };
+    // Names resolve first (waited for at most one resolution's timeout): a name that
+    // does not resolve leaves its upstream without endpoints, and sluice starts anyway.
+    let mut discovery = discovery::Discovery::new(&config.resolver, Arc::clone(&metrics));
+    discovery.reconcile(&config).await;
+    let mut config = config;
+    discovery.expand(&mut config);
     let config = Arc::new(config);
     // Before anything is bound: a certificate that cannot load is a config error.
     let material = apply::load_tls(&config).await?;
@@ -146,6 +156,7 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         started: status::Started::now(),
         process_cap,
         page: Default::default(),
+        discovery: discovery.viewer(),
     });
     let current: Current = {
         let snapshots = Arc::clone(&snapshots);
@@ -171,6 +182,7 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         cut: shutdown.cut.clone(),
         status: Arc::clone(&status),
         overrides: Arc::clone(&overrides),
+        discovery,
     };
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
@@ -229,11 +241,16 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     );
     drop(config);
 
+    let answers_changed = server.discovery.changed();
     let signal = loop {
         let event = tokio::select! {
             event = events.recv() => event,
             Some(reply) = reloads.recv() => {
                 let _ = reply.send(server.reload(signals::Trigger::Ctl).await);
+                continue;
+            }
+            () = answers_changed.notified() => {
+                server.rediscover();
                 continue;
             }
         };

@@ -39,7 +39,8 @@ label!(
     HandshakeResult,
     Direction,
     AdminState,
-    CtlResult
+    CtlResult,
+    ResolutionResult
 );
 
 /// One handle per value of label `L`, built by `make` for each value.
@@ -184,6 +185,18 @@ pub enum CtlResult {
     Failed,
 }
 
+/// How one resolution of a backend name ended (`control/discovery.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, VariantArray, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum ResolutionResult {
+    /// Records came back.
+    Ok,
+    /// NXDOMAIN, or the name exists with no record of the type asked.
+    Empty,
+    /// Timeout, SERVFAIL, refused, no nameserver reachable: the last good set is kept.
+    Error,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +246,6 @@ mod tests {
             "method_not_allowed",
             "failed",
         ]);
+        check::<ResolutionResult>(&["ok", "empty", "error"]);
     }
 }

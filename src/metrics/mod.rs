@@ -6,11 +6,17 @@
 //! TLS, an upstream, a backend); connections touch only the resolved handles, which are
 //! atomics. Label values are the enums of `labels.rs`.
 
+mod discovery;
 mod labels;
 mod scope;
 
+pub use discovery::{
+    DISCOVERY_ENDPOINTS, DISCOVERY_FAILING_SINCE, DISCOVERY_HOLD, DISCOVERY_LAST_SUCCESS,
+    DISCOVERY_RESOLUTIONS, DiscoveryMetrics, NameMetrics,
+};
 pub use labels::{
     AcceptFailure, CheckResult, ConnectFailure, Direction, HandshakeResult, Label, RejectReason,
+    ResolutionResult,
 };
 pub use labels::{AdminState, CtlResult};
 pub use scope::{BackendMetrics, ListenerMetrics, Series, TlsMetrics, UpstreamMetrics};
@@ -106,6 +112,8 @@ pub struct Metrics {
     pub process_max_connections: IntGauge,
     pub config_snapshots: IntGauge,
     pub access_log_dropped: IntCounter,
+    /// Backends by name: written by the control plane's resolver tasks only.
+    pub discovery: DiscoveryMetrics,
 }
 
 impl Metrics {
@@ -311,6 +319,7 @@ impl Metrics {
                 "Control socket requests, by route and result (ok, bad_request, unauthorized, not_found, method_not_allowed, failed)",
                 &["route", "result"],
             )?,
+            discovery: DiscoveryMetrics::new(&registry)?,
             registry,
         };
         Ok(m)

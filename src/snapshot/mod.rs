@@ -186,6 +186,24 @@ impl Snapshot {
         (snapshot, diff)
     }
 
+    /// The TLS material this snapshot was built with, for a rebuild that reads no file
+    /// (new DNS answers: `control/discovery.rs`).
+    pub fn material(&self) -> tls::Material {
+        tls::Material {
+            listeners: self
+                .listeners
+                .iter()
+                .filter_map(|r| Some((r.listener.clone(), Arc::clone(&r.tls.as_ref()?.0))))
+                .collect(),
+            upstreams: self
+                .upstreams
+                .iter()
+                .filter_map(|u| Some((u.name.clone(), Arc::clone(u.tls()?))))
+                .collect(),
+            fingerprint: self.tls_fingerprint,
+        }
+    }
+
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| u.name == name)
     }

@@ -114,6 +114,9 @@ impl Upstream {
         cut: &CancellationToken,
     ) -> Upstream {
         let m = metrics.upstream(&cfg.name);
+        // A reload (the upstream existed before) that adds an endpoint found by DNS, with
+        // checks on: no traffic until the checks pass it, as `rise` says.
+        let checked_first = carried.queue.is_some() && cfg.health_check.is_some();
         let backends: Vec<Arc<Backend>> = cfg
             .backends
             .iter()
@@ -126,21 +129,42 @@ impl Upstream {
                         }
                         Arc::clone(old)
                     }
-                    None => Arc::new(Backend::new(
-                        b.address,
-                        b.weight,
-                        metrics.backend(&cfg.name, &b.address.to_string()),
-                        cut,
-                    )),
+                    None => {
+                        let new = Arc::new(Backend::new(
+                            b.address,
+                            b.weight,
+                            metrics.backend(&cfg.name, &b.address.to_string()),
+                            cut,
+                        ));
+                        if checked_first && b.entry.is_some() {
+                            new.health.set_up(false);
+                            new.metrics.up.set(0);
+                        }
+                        new
+                    }
                 },
             )
             .collect();
+        // SRV priorities: the backends of each, lowest first, when there is more than one.
+        let mut priorities: Vec<u16> = cfg.backends.iter().map(|b| b.priority).collect();
+        priorities.sort_unstable();
+        priorities.dedup();
+        let tiers = match priorities.len() {
+            1 | 0 => Vec::new(),
+            _ => priorities
+                .iter()
+                .map(|&p| {
+                    (0..cfg.backends.len())
+                        .filter(|&i| cfg.backends[i].priority == p)
+                        .map(|i| Arc::clone(&backends[i]))
+                        .collect()
+                })
+                .collect(),
+        };
         // Built from the effective weights: a kept backend keeps an operator's override.
-        let pool = Arc::new(Pool::new(
-            backends,
-            cfg.balance,
-            cfg.max_connections_per_backend,
-        ));
+        let pool = Arc::new(
+            Pool::new(backends, cfg.balance, cfg.max_connections_per_backend).with_tiers(tiers),
+        );
         let queue = match carried.queue {
             Some(q) => {
                 q.set_bounds(cfg.queue.max, cfg.queue.timeout);
@@ -169,6 +193,11 @@ impl Upstream {
             send_proxy_protocol: cfg.send_proxy_protocol,
             metrics: m,
         }
+    }
+
+    /// TLS towards the backends, as loaded with this snapshot.
+    pub fn tls(&self) -> Option<&Arc<Origination>> {
+        self.tls.as_ref()
     }
 
     /// The backends, in config order.

@@ -21,6 +21,16 @@ pub struct Pool {
     kind: config::Balance,
     /// Per-backend cap; `None` for unlimited backends.
     limit: Option<u64>,
+    /// With more than one SRV priority among the backends: the backends of each, lowest
+    /// priority first, with a balancer of their own, so weights balance within a tier.
+    /// Empty otherwise (no extra work per pick).
+    tiers: Vec<Tier>,
+}
+
+/// The backends of one SRV priority, and their balancer (rebuilt with the pool's).
+pub struct Tier {
+    pub backends: Vec<Arc<Backend>>,
+    balancer: ArcSwap<Box<dyn Balance>>,
 }
 
 impl Pool {
@@ -32,7 +42,22 @@ impl Pool {
             balancer,
             kind,
             limit,
+            tiers: Vec::new(),
         }
+    }
+
+    /// SRV failover: clients go to the first of `tiers` (the backends of each priority,
+    /// lowest first) that has an available backend they have not tried.
+    pub fn with_tiers(mut self, tiers: Vec<Vec<Arc<Backend>>>) -> Pool {
+        let kind = self.kind;
+        self.tiers = tiers
+            .into_iter()
+            .map(|backends| Tier {
+                balancer: ArcSwap::from_pointee(balance::for_upstream(kind, &weights(&backends))),
+                backends,
+            })
+            .collect();
+        self
     }
 
     /// Rebuilds the balancer from the backends' effective weights now: after an
@@ -40,6 +65,10 @@ impl Pool {
     pub fn rebalance(&self) {
         let balancer = balance::for_upstream(self.kind, &weights(&self.backends));
         self.balancer.store(Arc::new(balancer));
+        for tier in &self.tiers {
+            let balancer = balance::for_upstream(self.kind, &weights(&tier.backends));
+            tier.balancer.store(Arc::new(balancer));
+        }
     }
 
     /// Whether backends take only so many connections (then clients may wait in a queue).
@@ -55,6 +84,8 @@ fn weights(backends: &[Arc<Backend>]) -> Vec<config::Backend> {
         .map(|b| config::Backend {
             address: b.address,
             weight: b.weight(),
+            entry: None,
+            priority: 0,
         })
         .collect()
 }
@@ -69,15 +100,20 @@ impl Slots for Pool {
         cursor: &mut Option<usize>,
     ) -> Option<Arc<Backend>> {
         let limit = self.limit.unwrap_or(u64::MAX);
+        let (backends, balancer) = match self.tiers.iter().find(|t| {
+            t.backends
+                .iter()
+                .any(|b| b.available() && !tried.contains(&b.address))
+        }) {
+            Some(t) => (&t.backends, &t.balancer),
+            None => (&self.backends, &self.balancer),
+        };
         let eligible = |i: usize| {
-            let b = &self.backends[i];
+            let b = &backends[i];
             b.available() && b.active() < limit && !tried.contains(&b.address)
         };
-        let i = self
-            .balancer
-            .load()
-            .pick(&self.backends, client, cursor, &eligible)?;
-        let b = &self.backends[i];
+        let i = balancer.load().pick(backends, client, cursor, &eligible)?;
+        let b = &backends[i];
         b.take();
         Some(Arc::clone(b))
     }

@@ -7,6 +7,7 @@
 //!   `$NOTIFY_SOCKET`.
 //! - [`fixture`]: the one config builder, [`Fixture`].
 //! - [`backends`]: fake backends (echo, tagged, refusing, blackhole).
+//! - [`dns`]: a real DNS server (dnsmasq) on a loopback port, [`Dns`].
 //! - [`io`]: payloads and exchanges, HTTP GET, text files.
 //! - [`eventually`]: the one way to wait, [`eventually()`], and its deadlines.
 //! - [`metrics`]: the exposition parser, [`Metrics`].
@@ -19,6 +20,7 @@
 // shadow the crate.
 mod backends;
 mod browser;
+mod dns;
 mod eventually;
 mod fixture;
 mod io;
@@ -30,6 +32,7 @@ mod sluice;
 
 pub use backends::*;
 pub use browser::*;
+pub use dns::*;
 pub use eventually::*;
 pub use fixture::*;
 pub use io::*;

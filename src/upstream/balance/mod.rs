@@ -72,6 +72,8 @@ mod tests {
             .map(|(i, &weight)| config::Backend {
                 address: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 weight,
+                entry: None,
+                priority: 0,
             })
             .collect()
     }
