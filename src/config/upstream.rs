@@ -35,6 +35,7 @@ pub(super) struct RawUpstream {
     on_backend_removed: BackendRemoved,
     tls: Option<Spanned<RawUpstreamTls>>,
     send_proxy_protocol: Option<ProxyVersion>,
+    slow_start: Option<Spanned<DurationValue>>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
 }
@@ -229,6 +230,10 @@ impl RawUpstream {
             idle_timeout: positive(self.idle_timeout, DEFAULT_IDLE_TIMEOUT, "idle_timeout")?,
             retries,
             backends,
+            slow_start: match self.slow_start {
+                None => None,
+                Some(s) => Some(positive(Some(s), Duration::ZERO, "slow_start")?),
+            },
         })
     }
 }

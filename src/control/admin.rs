@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::data::held::Held;
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotHandle;
 
@@ -34,6 +35,9 @@ pub struct Status {
     /// Each listener's bound addresses, and the generation of the config they are for,
     /// updated once the listeners of every applied config are running.
     pub listening: Mutex<Listening>,
+    /// What is sampled at each scrape of `/metrics`: accept queues, time at the cap,
+    /// per-client tables, backends' effective weights.
+    pub held: Arc<Held>,
 }
 
 /// What `/listeners` reports: one generation's bound addresses, by listener.
@@ -65,7 +69,18 @@ pub async fn serve(socket: TcpListener, status: Arc<Status>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let status = Arc::clone(&status);
-                async move { Ok::<_, Infallible>(respond(&status, &req)) }
+                async move {
+                    if req.uri().path() == "/metrics" {
+                        // Reads /proc/net/tcp and sweeps the client tables: off the
+                        // event loop.
+                        let s = Arc::clone(&status);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            s.held.sample(&s.snapshots.load());
+                        })
+                        .await;
+                    }
+                    Ok::<_, Infallible>(respond(&status, &req))
+                }
             });
             let served = http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -16,7 +16,9 @@ use crate::access_log;
 use crate::config::PROXY_MAX_HEADER;
 use crate::data::gate::Slot;
 use crate::data::relay::{self, Counters, End, Outcome};
+use crate::edge::admission;
 use crate::edge::client_hello::{self, Peek};
+use crate::edge::client_table::{ClientSlot, ClientTable};
 use crate::edge::proxy_protocol::{self, Parsed};
 use crate::edge::tls;
 use crate::metrics::RejectReason;
@@ -43,6 +45,9 @@ pub struct Accepted {
     /// The shutdown drain's deadline.
     pub stop: CancellationToken,
     pub permits: Permits,
+    /// The listener's per-client table (kept across reloads, used if the route has
+    /// per-client limits).
+    pub clients: Arc<ClientTable>,
 }
 
 /// Serves one accepted client connection to its end; its permits are released when
@@ -70,6 +75,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         listener,
         stop,
         permits,
+        clients,
     } = *accepted;
     // `None`: the listener was removed from the config between accept and here.
     let record = Record::start(snapshot, &listener)?;
@@ -80,7 +86,8 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         ends,
         upstream,
         preface,
-    } = setup(record.route(), client, peer, &stop, &record).await?;
+        client_slot,
+    } = setup(record.route(), client, peer, &stop, &record, &clients).await?;
     let sent = match forward_preface(preface, &mut backend, &upstream, &record.counters()).await {
         Ok(sent) => sent,
         Err(outcome) => {
@@ -107,6 +114,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         stop,
         sent,
         _permits: permits,
+        _client: client_slot,
     }))
 }
 
@@ -124,6 +132,8 @@ struct Open {
     /// Bytes the edge read from the client and sent on before the relay.
     sent: u64,
     _permits: Permits,
+    /// Counts this connection against its client's `max_connections_per_client`.
+    _client: Option<ClientSlot>,
 }
 
 impl Open {
@@ -165,6 +175,7 @@ struct Ready {
     ends: Ends,
     upstream: Arc<Upstream>,
     preface: Vec<u8>,
+    client_slot: Option<ClientSlot>,
 }
 
 /// The edge, then a backend: `None` when the client was refused (and recorded) or the
@@ -175,6 +186,7 @@ async fn setup(
     peer: SocketAddr,
     stop: &CancellationToken,
     record: &Record,
+    clients: &Arc<ClientTable>,
 ) -> Option<Ready> {
     let local = if route.sends_proxy_protocol {
         client.local_addr().unwrap_or(peer)
@@ -189,7 +201,7 @@ async fn setup(
     // One wait on the shared cut for both phases: see `Stopped`.
     let mut stopped = std::pin::pin!(Stopped::new(stop));
     let edge = tokio::select! {
-        e = edge(route, client, ends) => e,
+        e = edge(route, client, ends, clients) => e,
         () = &mut stopped => return None,
     };
     let Edge {
@@ -197,6 +209,7 @@ async fn setup(
         ends,
         upstream,
         preface,
+        client_slot,
     } = match edge {
         Ok(e) => e,
         Err(refusal) => {
@@ -221,6 +234,7 @@ async fn setup(
             ends,
             upstream,
             preface,
+            client_slot,
         }),
         Err(e) => {
             let reason = match &e {
@@ -253,6 +267,7 @@ struct Edge {
     ends: Ends,
     upstream: Arc<Upstream>,
     preface: Vec<u8>,
+    client_slot: Option<ClientSlot>,
 }
 
 /// Why a client was closed before it reached a backend.
@@ -263,9 +278,15 @@ struct Refusal {
     client: SocketAddr,
 }
 
-/// Runs the stages before a backend is picked: the PROXY header, then TLS termination
-/// or the ClientHello peek, each under its own timeout.
-async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Refusal> {
+/// Runs the stages before a backend is picked: the PROXY header, then admission (allow
+/// and deny, per-client limits) on the client's real address, then TLS termination or
+/// the ClientHello peek, each reading stage under its own timeout.
+async fn edge(
+    route: &Route,
+    tcp: TcpStream,
+    mut ends: Ends,
+    clients: &Arc<ClientTable>,
+) -> Result<Edge, Refusal> {
     let refuse = |reason, client, error: String| Refusal {
         reason,
         error,
@@ -296,6 +317,13 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
             ends = Ends { client, local };
         }
     }
+    let client_slot = admission::admit(
+        route.access.as_ref(),
+        route.client_limits.as_ref(),
+        clients,
+        ends.client.ip(),
+    )
+    .map_err(|(reason, e)| refuse(reason, ends.client, e))?;
 
     if let Some((termination, tm)) = &route.tls {
         let started = Instant::now();
@@ -326,6 +354,7 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
                     ends,
                     upstream: default_upstream(route, ends)?,
                     preface,
+                    client_slot,
                 })
             }
             Err((result, e)) => {
@@ -374,6 +403,7 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
         ends,
         upstream,
         preface,
+        client_slot,
     })
 }
 

@@ -1,7 +1,9 @@
 //! One backend server: its identity (an address within an upstream) and its live state.
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +28,22 @@ pub struct Backend {
     /// (`on_backend_removed`), and, as a child of the shutdown cut, at the drain's
     /// deadline: a relay waits on this one token for both.
     pub removed: CancellationToken,
+    /// Slow start: the upstream's window in ms (0: off) and when the current ramp
+    /// began, in ms on [`ramp_clock`] (0: no ramp).
+    slow_start_ms: AtomicU64,
+    ramp_started: AtomicU64,
+}
+
+/// What [`Backend::balance_weight`] multiplies a weight by, so that a ramp's fraction
+/// survives in integer weights (the balancers compare weights only with each other).
+pub const RAMP_SCALE: u32 = 1000;
+/// A ramp starts at this fraction of the weight (Envoy's default minimum, 10%).
+const RAMP_FLOOR: f64 = 0.1;
+
+/// Milliseconds since first use, never 0: a monotonic clock that fits an atomic.
+fn ramp_clock() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 impl Backend {
@@ -45,6 +63,8 @@ impl Backend {
             metrics,
             retired: AtomicBool::new(false),
             removed: cut.child_token(),
+            slow_start_ms: AtomicU64::new(0),
+            ramp_started: AtomicU64::new(0),
         }
     }
 
@@ -69,6 +89,59 @@ impl Backend {
 
     pub fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// Sets the upstream's `slow_start` window (from each config).
+    pub fn set_slow_start(&self, window: Option<Duration>) {
+        let ms = window.map_or(0, |w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
+        self.slow_start_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The backend just became eligible (up after down, back from an ejection, added or
+    /// revived by a reload): ramp its weight from now, if its upstream has slow start.
+    pub fn start_ramp(&self) {
+        if self.slow_start_ms.load(Ordering::Relaxed) > 0 {
+            self.ramp_started.store(ramp_clock(), Ordering::Relaxed);
+        }
+    }
+
+    /// The fraction of its weight the backend gets now: from 0.1 up to 1 over the
+    /// slow-start window after [`Backend::start_ramp`], else 1.
+    pub fn ramp_fraction(&self) -> f64 {
+        let started = self.ramp_started.load(Ordering::Relaxed);
+        if started == 0 {
+            return 1.0;
+        }
+        let window = self.slow_start_ms.load(Ordering::Relaxed);
+        let elapsed = ramp_clock().saturating_sub(started);
+        if window == 0 || elapsed >= window {
+            // Over: later reads skip the clock.
+            self.ramp_started.store(0, Ordering::Relaxed);
+            return 1.0;
+        }
+        (elapsed as f64 / window as f64).max(RAMP_FLOOR)
+    }
+
+    /// Scales `weight` by the ramp, in units of 1/[`RAMP_SCALE`]: the one place a
+    /// weight becomes what balancers compare. (A runtime weight override composes by
+    /// being the `weight` passed here.)
+    pub fn ramp(&self, weight: u32) -> u32 {
+        let scaled = weight.saturating_mul(RAMP_SCALE);
+        let f = self.ramp_fraction();
+        if f >= 1.0 || weight == 0 {
+            return scaled;
+        }
+        ((f64::from(scaled) * f) as u32).max(1)
+    }
+
+    /// The weight the balancers read: [`Backend::weight`] ramped.
+    pub fn balance_weight(&self) -> u32 {
+        self.ramp(self.weight())
+    }
+
+    /// The weight in use now in the config's units, for the metric.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.balance_weight()) / f64::from(RAMP_SCALE)
     }
 
     /// Takes a slot: one more connection open or being opened.
