@@ -203,6 +203,9 @@ pub struct Listener {
     pub access: Option<Access>,
     /// `max_connections_per_client`, `client_rate`; `None`: no per-client limit.
     pub client_limits: Option<ClientLimits>,
+    /// A reload that changes `allow` or `deny` closes the open connections the new
+    /// lists deny (default: only new connections are checked).
+    pub close_denied_on_reload: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -81,6 +81,7 @@ struct RawListener {
     // Who may connect and how much (`client.rs`).
     allow: Option<Spanned<Vec<Spanned<String>>>>,
     deny: Option<Spanned<Vec<Spanned<String>>>>,
+    close_denied_on_reload: Option<bool>,
     max_connections_per_client: Option<Spanned<i64>>,
     client_rate: Option<Spanned<RawClientRate>>,
     client_ipv4_prefix: Option<Spanned<i64>>,
@@ -254,6 +255,7 @@ impl RawConfig {
                 passthrough,
                 access,
                 client_limits,
+                close_denied_on_reload: raw.close_denied_on_reload.unwrap_or(false),
             });
         }
 

@@ -16,7 +16,7 @@ use crate::access_log;
 use crate::config::PROXY_MAX_HEADER;
 use crate::data::gate::Slot;
 use crate::data::relay::{self, Counters, End, Outcome};
-use crate::edge::admission;
+use crate::edge::admission::{self, Revocations};
 use crate::edge::client_hello::{self, Peek};
 use crate::edge::client_table::{ClientSlot, ClientTable};
 use crate::edge::proxy_protocol::{self, Parsed};
@@ -48,6 +48,8 @@ pub struct Accepted {
     /// The listener's per-client table (kept across reloads, used if the route has
     /// per-client limits).
     pub clients: Arc<ClientTable>,
+    /// The listener's lists in force, watched with `close_denied_on_reload`.
+    pub revocations: Arc<Revocations>,
 }
 
 /// Serves one accepted client connection to its end; its permits are released when
@@ -76,6 +78,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         stop,
         permits,
         clients,
+        revocations,
     } = *accepted;
     // `None`: the listener was removed from the config between accept and here.
     let record = Record::start(snapshot, &listener)?;
@@ -115,6 +118,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         sent,
         _permits: permits,
         _client: client_slot,
+        revocations,
     }))
 }
 
@@ -134,29 +138,57 @@ struct Open {
     _permits: Permits,
     /// Counts this connection against its client's `max_connections_per_client`.
     _client: Option<ClientSlot>,
+    revocations: Arc<Revocations>,
 }
 
 impl Open {
     /// Relays to the end and records it. Borrowed, not consumed: an `async fn` taking
     /// `self` keeps its argument and a copy.
     async fn relay(&mut self) {
+        // With `close_denied_on_reload`, a token of this connection's own (a child of
+        // the backend's, so removal and the cut still reach it) stops the relay when a
+        // reload's lists deny the client.
+        let revoke = (self.record.route().close_denied_on_reload)
+            .then(|| self.lease.backend().removed.child_token());
         let stops = relay::Stops {
             shutdown: &self.stop,
-            removed: &self.lease.backend().removed,
+            removed: revoke.as_ref().unwrap_or(&self.lease.backend().removed),
         };
         let counters = self.record.counters();
-        let outcome = match (&mut self.client, &mut self.backend) {
-            (ClientStream::Plain(c), BackendStream::Plain(b)) => {
-                let splice = self.record.snapshot.config.relay.splice;
-                relay::relay(c, b, &self.limits, stops, counters, splice).await
-            }
-            (c, b) => {
-                // Boxed for the same reason as the setup: only TLS connections need
-                // this state.
-                let limits = &self.limits;
-                Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
+        let relayed = async {
+            match (&mut self.client, &mut self.backend) {
+                (ClientStream::Plain(c), BackendStream::Plain(b)) => {
+                    let splice = self.record.snapshot.config.relay.splice;
+                    relay::relay(c, b, &self.limits, stops, counters, splice).await
+                }
+                (c, b) => {
+                    // Boxed for the same reason as the setup: only TLS connections need
+                    // this state.
+                    let limits = &self.limits;
+                    Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
+                }
             }
         };
+        let mut outcome = match &revoke {
+            None => relayed.await,
+            Some(token) => {
+                let denied = async {
+                    self.revocations.denied(self.peer.ip()).await;
+                    crate::shutdown::cancel(token);
+                    // The relay sees the token and ends, with its counts.
+                    std::future::pending::<Outcome>().await
+                };
+                tokio::select! {
+                    o = relayed => o,
+                    o = denied => o,
+                }
+            }
+        };
+        if revoke.as_ref().is_some_and(|t| t.is_cancelled())
+            && !self.lease.backend().removed.is_cancelled()
+        {
+            outcome.end = End::Denied;
+        }
         let outcome = Outcome {
             client_to_backend: outcome.client_to_backend + self.sent,
             ..outcome

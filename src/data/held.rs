@@ -16,6 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::edge::admission::Revocations;
 use crate::edge::client_table::ClientTable;
 use crate::snapshot::Snapshot;
 
@@ -69,6 +70,8 @@ impl Drop for Waiting {
 pub struct Watched {
     pub at_cap: Arc<AtCap>,
     pub clients: Arc<ClientTable>,
+    /// Its `allow`/`deny` as in force, for `close_denied_on_reload`.
+    pub revocations: Arc<Revocations>,
     /// The configured `backlog` of its sockets.
     pub backlog: u32,
     /// Inode numbers of its listening sockets, by configured address.

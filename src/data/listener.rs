@@ -31,6 +31,7 @@ use crate::data::conn;
 use crate::data::gate::Gate;
 use crate::data::held::{AtCap, Held, Watched};
 use crate::data::runtime::Workers;
+use crate::edge::admission::Revocations;
 use crate::edge::client_table::ClientTable;
 use crate::metrics::AcceptFailure;
 use crate::shutdown::{self, Shutdown, Stopped};
@@ -274,10 +275,12 @@ impl Listeners {
             let w = held.entry(l.name.clone()).or_insert_with(|| Watched {
                 at_cap: Arc::new(AtCap::default()),
                 clients: ClientTable::new(table_size),
+                revocations: Revocations::new(l.access.clone()),
                 backlog: l.backlog,
                 sockets: HashMap::new(),
             });
             w.clients.resize(table_size);
+            w.revocations.update(l.access.as_ref());
             w.backlog = l.backlog;
         }
         for b in bound {
@@ -309,6 +312,7 @@ impl Listeners {
                         process_limit: Arc::clone(&self.process_limit),
                         at_cap: Arc::clone(&watched.at_cap),
                         clients: Arc::clone(&watched.clients),
+                        revocations: Arc::clone(&watched.revocations),
                     };
                     worker.spawn(acceptor.serve(
                         Arc::clone(&self.snapshots),
@@ -386,6 +390,7 @@ struct Acceptor {
     /// The listener's time at its cap: counted while this loop waits for a slot.
     at_cap: Arc<AtCap>,
     clients: Arc<ClientTable>,
+    revocations: Arc<Revocations>,
 }
 
 impl Acceptor {
@@ -451,6 +456,7 @@ impl Acceptor {
                         stop: cut.clone(),
                         permits: (permit, process_permit),
                         clients: Arc::clone(&self.clients),
+                        revocations: Arc::clone(&self.revocations),
                     })));
                 }
                 Err(e) => {

@@ -64,6 +64,8 @@ pub enum End {
     BackendRemoved,
     /// Cut at the end of the shutdown drain.
     Shutdown,
+    /// A reload's `allow`/`deny` deny the client (`close_denied_on_reload`).
+    Denied,
 }
 
 impl End {
@@ -76,6 +78,7 @@ impl End {
             End::MaxLifetime => "max_lifetime",
             End::BackendRemoved => "backend_removed",
             End::Shutdown => "shutdown",
+            End::Denied => "denied",
         }
     }
 }

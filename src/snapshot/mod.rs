@@ -66,6 +66,8 @@ pub struct Route {
     pub access: Option<Access>,
     /// Per-client limits, counted in the listener's `ClientTable`.
     pub client_limits: Option<ClientLimits>,
+    /// Open connections watch for a reload whose lists deny them.
+    pub close_denied_on_reload: bool,
 }
 
 /// A passthrough listener's routes, with their upstreams resolved.
@@ -158,6 +160,7 @@ impl Snapshot {
                 listener: l.name.clone(),
                 access: l.access.clone(),
                 client_limits: l.client_limits.clone(),
+                close_denied_on_reload: l.close_denied_on_reload,
                 upstream: l.upstream.as_deref().and_then(find),
                 metrics: metrics.listener(&l.name, l.max_connections),
                 proxy_protocol: l.proxy_protocol.clone(),
