@@ -193,7 +193,8 @@ fn the_dashboard_has_the_structure_grafana_expects() {
             "Backends",
             "TLS",
             "Config",
-            "Process"
+            "Process",
+            "Clients held back"
         ]
     );
 }
@@ -570,7 +571,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .iter()
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
-        assert_eq!(rules.len(), 6);
+        assert_eq!(rules.len(), 7);
         let bad: Vec<String> = rules
             .iter()
             .filter(|r| r["health"] == "err")
