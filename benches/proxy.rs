@@ -194,10 +194,7 @@ async fn run(plan: Plan) -> String {
             .chain(["limits"])
             .find(|n| *n == name)
             .unwrap_or("limits");
-        let variant = Sluice::with(variant_config)
-            .quiet()
-            .start()
-            .await;
+        let variant = Sluice::with(variant_config).quiet().start().await;
         targets.push(Target::new(name, &through(&variant), Some(variant.pid())));
         variants.push(variant);
     }
