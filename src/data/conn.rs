@@ -355,7 +355,11 @@ async fn edge(
         clients,
         ends.client.ip(),
     )
-    .map_err(|(reason, e)| refuse(reason, ends.client, e))?;
+    .map_err(|(reason, e)| {
+        // Closed with a reset: a refused flood leaves no TIME_WAIT sockets behind.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        refuse(reason, ends.client, e)
+    })?;
 
     if let Some((termination, tm)) = &route.tls {
         let started = Instant::now();
@@ -596,7 +600,17 @@ impl Record {
                 reason: r.reason.as_str(),
             });
         }
-        tracing::warn!(target: LOG_TARGET, listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+        if matches!(
+            r.reason,
+            RejectReason::Denied | RejectReason::ClientLimit | RejectReason::ClientRate
+        ) {
+            // Refusals a hostile client can cause by the thousand a second: counted and
+            // in the access log, logged only at debug (formatting a line costs more than
+            // the refusal).
+            tracing::debug!(target: LOG_TARGET, listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+        } else {
+            tracing::warn!(target: LOG_TARGET, listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+        }
     }
 
     fn closed(&self, client: SocketAddr, upstream: &str, lease: &Lease, outcome: &Outcome) {
