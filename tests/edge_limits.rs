@@ -103,8 +103,8 @@ async fn allow_and_deny_decide_by_the_client_address_over_ipv4_and_ipv6() {
 
     let mut s = connect_from(local(2), v4).await;
     echoes(&mut s, 1).await;
-    let mut s = connect_from("::1".parse().unwrap(), v6).await;
-    echoes(&mut s, 2).await;
+    let mut v6_open = connect_from("::1".parse().unwrap(), v6).await;
+    echoes(&mut v6_open, 2).await;
     // Denied wins over allowed; an address outside `allow` is denied.
     refused_from(local(9), v4).await;
     refused_from("127.0.1.5".parse().unwrap(), v4).await;
@@ -134,6 +134,8 @@ async fn allow_and_deny_decide_by_the_client_address_over_ipv4_and_ipv6() {
     sluice
         .wait_metrics("the IPv6 client denied", |m| rejected(m, "denied") == 3.0)
         .await;
+    // Without close_denied_on_reload, its connection opened before flows on.
+    echoes(&mut v6_open, 6).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
