@@ -129,18 +129,25 @@ impl Held {
 }
 
 /// The accept-queue length of every listening TCP socket of this network namespace, by
-/// inode.
+/// inode. The kernel lists listening sockets first (its listening hash, then the
+/// established one), so the read stops at the first other line: its cost is the
+/// listening sockets', not the hundreds of thousands of connections (and TIME_WAIT
+/// entries) a busy host lists after them.
 fn accept_queues() -> HashMap<u64, u64> {
+    use std::io::BufRead;
     let mut queues = HashMap::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else {
+        let Ok(f) = std::fs::File::open(file) else {
             continue;
         };
-        for line in text.lines().skip(1) {
+        for line in std::io::BufReader::new(f).lines().skip(1) {
+            let Ok(line) = line else {
+                break;
+            };
             // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 || f[3] != "0A" {
-                continue;
+                break;
             }
             let rx = f[4]
                 .split_once(':')
