@@ -17,6 +17,8 @@
 //! `wrk`, `bulk`, `conns`, `ping`, `idle`, `scale`), and `SLUICE_BENCH_ALSO=copy`
 //! adds sluice variants as extra columns, each a second sluice process with one more
 //! config line (see [`VARIANTS`]); the ratio column stays the default sluice's.
+//! `SLUICE_BENCH_ALSO=limits` adds one with every listener's access lists and per-client
+//! limits on ([`LIMITS`]): `make bench-quick` with limits off and on, side by side.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../tests/common/mod.rs"]
@@ -76,6 +78,11 @@ const VARIANTS: &[(&str, &str)] = &[
     ("per_core", "[runtime]\nmode = \"per_core\"\n"),
     ("multi_thread", "[runtime]\nmode = \"multi_thread\"\n"),
 ];
+
+/// `SLUICE_BENCH_ALSO=limits`: every listener with `allow`/`deny` and both per-client
+/// limits on, set high enough that the benchmark's one client address is never refused,
+/// so the run measures what admission costs (issue 17: limits on and off).
+const LIMITS: &str = "allow = [\"127.0.0.0/8\", \"::1\"]\ndeny = [\"192.0.2.0/24\"]\nmax_connections_per_client = 100000\nclient_rate = { per_second = 1000000, burst = 1000000 }";
 
 /// Whether `SLUICE_BENCH_ONLY` (unset: every workload) names `workload`.
 fn runs(workload: &str) -> bool {
@@ -145,16 +152,21 @@ async fn run(plan: Plan) -> String {
         iperf.routes[0],
         http.routes[0],
     ];
-    let mut config = Fixture::new();
-    for (name, _) in &routes {
-        config = config
-            .listener(name)
-            .to(name)
-            .listener_keys("max_connections = 9000");
-    }
-    for (name, backend) in &routes {
-        config = config.upstream(name).backend(*backend);
-    }
+    let build = |listener_keys: &str| {
+        let mut config = Fixture::new();
+        for (name, _) in &routes {
+            config = config
+                .listener(name)
+                .to(name)
+                .listener_keys("max_connections = 9000")
+                .listener_keys(listener_keys);
+        }
+        for (name, backend) in &routes {
+            config = config.upstream(name).backend(*backend);
+        }
+        config
+    };
+    let config = build("");
     let sluice = Sluice::with(&config).quiet().start().await;
     let through = |s: &Sluice| -> Vec<(&'static str, SocketAddr)> {
         routes.iter().map(|(n, _)| (*n, s.addr(n))).collect()
@@ -167,14 +179,22 @@ async fn run(plan: Plan) -> String {
     let also = std::env::var("SLUICE_BENCH_ALSO").unwrap_or_default();
     let mut variants = Vec::new();
     for name in also.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let (name, extra) = VARIANTS
+        let variant_config = if name == "limits" {
+            build(LIMITS)
+        } else {
+            let (_, extra) = VARIANTS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("SLUICE_BENCH_ALSO: no variant {name:?}; see VARIANTS"));
+            config.clone().table(extra)
+        };
+        let name = VARIANTS
             .iter()
-            .find(|(n, _)| *n == name)
-            .unwrap_or_else(|| panic!("SLUICE_BENCH_ALSO: no variant {name:?}; see VARIANTS"));
-        let variant = Sluice::with(config.clone().table(extra))
-            .quiet()
-            .start()
-            .await;
+            .map(|(n, _)| *n)
+            .chain(["limits"])
+            .find(|n| *n == name)
+            .unwrap_or("limits");
+        let variant = Sluice::with(variant_config).quiet().start().await;
         targets.push(Target::new(name, &through(&variant), Some(variant.pid())));
         variants.push(variant);
     }

@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod client;
 mod control;
 mod discovery;
 mod edge;
 mod raw;
 mod upstream;
 mod values;
+pub use client::*;
 pub use control::{Control, DEFAULT_CONTROL_SOCKET};
 pub use discovery::{
     DEFAULT_HOLD, DEFAULT_MAX_INTERVAL, DEFAULT_MIN_INTERVAL, DEFAULT_RESOLVER_ATTEMPTS,
@@ -208,6 +210,13 @@ pub struct Listener {
     pub proxy_protocol: Option<ProxyAccept>,
     /// Route TLS by SNI without terminating it. Never set together with `tls`.
     pub passthrough: Option<Passthrough>,
+    /// `allow` and `deny`; `None`: every client may connect.
+    pub access: Option<Access>,
+    /// `max_connections_per_client`, `client_rate`; `None`: no per-client limit.
+    pub client_limits: Option<ClientLimits>,
+    /// A reload that changes `allow` or `deny` closes the open connections the new
+    /// lists deny (default: only new connections are checked).
+    pub close_denied_on_reload: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -242,6 +251,10 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     /// A PROXY header sent first on every backend connection, carrying the client.
     pub send_proxy_protocol: Option<ProxyVersion>,
+    /// A backend that becomes eligible (up after down, added or revived by a reload)
+    /// has its weight ramped up over this window; `None` gives it its share at once.
+    #[serde(serialize_with = "values::optional_duration_text")]
+    pub slow_start: Option<Duration>,
 }
 
 /// What happens to the open connections of a backend that a reload removes. New

@@ -11,7 +11,7 @@
 //! | [`data`] | the data plane: listeners (bind, accept under `max_connections`), one connection's stages (`conn`), the relay, the counting gates, the runtimes |
 //! | [`snapshot`] | [`snapshot::Snapshot`], everything a connection needs, and [`snapshot::SnapshotDiff`], what applying a config changes |
 //! | [`upstream`] | backends and their state, the pool (balancer + slots), the queue, connect with retry, health checks, `balance/` |
-//! | [`edge`] | the client side before a backend is picked: PROXY protocol, ClientHello, TLS material (also used to connect to backends) |
+//! | [`edge`] | the client side before a backend is picked: PROXY protocol, admission (allow/deny, per-client limits and their table), ClientHello, TLS material (also used to connect to backends) |
 //! | [`access_log`] | the access log through a bounded non-blocking writer |
 //! | [`metrics`], [`shutdown`], [`stream`] | metric names, label values and scopes; the shutdown tokens; plain or TLS streams |
 //! | [`config`] | the TOML file parsed into a validated [`config::Config`]; errors carry file:line:col |
@@ -23,7 +23,8 @@
 //!    the connection keeps that `Arc` for its whole life. In `per_core` mode each worker
 //!    thread has its own socket and accept loop for the address, and the connection runs
 //!    on that thread to its end.
-//! 2. At the edge, a trusted peer's PROXY header names the real client; then TLS is
+//! 2. At the edge, a trusted peer's PROXY header names the real client; the listener's
+//!    `allow`/`deny` and per-client limits admit that client or close it at once; then TLS is
 //!    terminated, or on a passthrough listener the ClientHello's server name picks the
 //!    upstream. Each stage has its own timeout and its own rejection reason.
 //! 3. The listener's route names an upstream; the upstream's pool asks its balancer for a

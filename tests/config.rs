@@ -47,6 +47,11 @@ fn with_upstream_keys(extra: &str) -> String {
     )
 }
 
+/// LISTENER with `extra` after its keys (from line 5), then UPSTREAM.
+fn with_listener_keys(extra: &str) -> String {
+    format!("{LISTENER}{extra}\n{UPSTREAM}")
+}
+
 /// LISTENER + UPSTREAM and a `[runtime]` table with `keys` (from line 10).
 fn with_runtime(keys: &str) -> String {
     format!("{LISTENER}{UPSTREAM}[runtime]\n{keys}\n")
@@ -350,6 +355,72 @@ fn invalid_configs() -> Vec<Invalid> {
             "unknown field `buffer`, expected `splice`",
         ),
         invalid("an_empty_file_is_invalid", "", (1, 1), "no [[listener]]"),
+        invalid(
+            "allow_with_host_bits",
+            with_listener_keys("allow = [\"10.0.0.1/8\"]"),
+            (5, 10),
+            "host bits are set after the prefix; the network is 10.0.0.0/8",
+        ),
+        invalid(
+            "deny_prefix_over_128",
+            with_listener_keys("deny = [\"::/129\"]"),
+            (5, 9),
+            "prefix length 129 is over 128",
+        ),
+        invalid(
+            "deny_not_a_network",
+            with_listener_keys("deny = [\"10.0.0.0/8\", \"db.internal\"]"),
+            (5, 23),
+            "invalid `deny` entry \"db.internal\"",
+        ),
+        invalid(
+            "empty_allow",
+            with_listener_keys("allow = []"),
+            (5, 9),
+            "empty `allow` would refuse every client",
+        ),
+        invalid(
+            "client_rate_zero",
+            with_listener_keys("client_rate = { per_second = 0 }"),
+            (5, 30),
+            "`client_rate.per_second` must be above 0",
+        ),
+        invalid(
+            "client_burst_below_one",
+            with_listener_keys("client_rate = { per_second = 5, burst = 0 }"),
+            (5, 41),
+            "`client_rate.burst` must be at least 1",
+        ),
+        invalid(
+            "client_ipv6_prefix_over_128",
+            with_listener_keys("client_ipv6_prefix = 129"),
+            (5, 22),
+            "`client_ipv6_prefix` 129 is out of range",
+        ),
+        invalid(
+            "client_ipv4_prefix_over_32",
+            with_listener_keys("client_ipv4_prefix = 33"),
+            (5, 22),
+            "from 0 to 32",
+        ),
+        invalid(
+            "max_connections_per_client_zero",
+            with_listener_keys("max_connections_per_client = 0"),
+            (5, 30),
+            "`max_connections_per_client` must be at least 1",
+        ),
+        invalid(
+            "client_table_size_zero",
+            with_listener_keys("client_table_size = 0"),
+            (5, 21),
+            "`client_table_size` must be from 1",
+        ),
+        invalid(
+            "slow_start_zero",
+            with_upstream_keys("slow_start = \"0s\""),
+            (7, 14),
+            "`slow_start` must be greater than zero",
+        ),
     ]
 }
 

@@ -194,7 +194,8 @@ fn the_dashboard_has_the_structure_grafana_expects() {
             "TLS",
             "Config",
             "Process",
-            "Discovery"
+            "Discovery",
+            "Clients held back"
         ]
     );
 }
@@ -588,7 +589,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             .iter()
             .flat_map(|g| g["rules"].as_array().unwrap())
             .collect();
-        assert_eq!(rules.len(), 8);
+        assert_eq!(rules.len(), 9);
         let bad: Vec<String> = rules
             .iter()
             .filter(|r| r["health"] == "err")

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::client::{RawClientKeys, RawClientRate};
 use super::edge::{
     self, DEFAULT_HELLO_TIMEOUT, Passthrough, Paths, RawListenerTls, RawProxyAccept, RawSniRoute,
 };
@@ -79,6 +80,15 @@ struct RawListener {
     routes: Vec<RawSniRoute>,
     hello_timeout: Option<Spanned<DurationValue>>,
     max_hello_size: Option<Spanned<u64>>,
+    // Who may connect and how much (`client.rs`).
+    allow: Option<Spanned<Vec<Spanned<String>>>>,
+    deny: Option<Spanned<Vec<Spanned<String>>>>,
+    close_denied_on_reload: Option<bool>,
+    max_connections_per_client: Option<Spanned<i64>>,
+    client_rate: Option<Spanned<RawClientRate>>,
+    client_ipv4_prefix: Option<Spanned<i64>>,
+    client_ipv6_prefix: Option<Spanned<i64>>,
+    client_table_size: Option<Spanned<i64>>,
 }
 
 // ---- validation ----------------------------------------------------------------------
@@ -225,6 +235,16 @@ impl RawConfig {
                 }
                 Some(b) => *b.get_ref(),
             };
+            let (access, client_limits) = RawClientKeys {
+                allow: raw.allow,
+                deny: raw.deny,
+                max_connections_per_client: raw.max_connections_per_client,
+                client_rate: raw.client_rate,
+                client_ipv4_prefix: raw.client_ipv4_prefix,
+                client_ipv6_prefix: raw.client_ipv6_prefix,
+                client_table_size: raw.client_table_size,
+            }
+            .validate()?;
             listeners.push(Listener {
                 name,
                 bind,
@@ -235,6 +255,9 @@ impl RawConfig {
                 tls,
                 proxy_protocol,
                 passthrough,
+                access,
+                client_limits,
+                close_denied_on_reload: raw.close_denied_on_reload.unwrap_or(false),
             });
         }
 

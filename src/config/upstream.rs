@@ -36,6 +36,7 @@ pub(super) struct RawUpstream {
     on_backend_removed: BackendRemoved,
     tls: Option<Spanned<RawUpstreamTls>>,
     send_proxy_protocol: Option<ProxyVersion>,
+    slow_start: Option<Spanned<DurationValue>>,
     #[serde(default, rename = "backend")]
     backends: Vec<RawBackend>,
     /// Endpoints from SRV records (`control/discovery.rs`).
@@ -279,6 +280,10 @@ impl RawUpstream {
             retries,
             backends,
             discovered,
+            slow_start: match self.slow_start {
+                None => None,
+                Some(s) => Some(positive(Some(s), Duration::ZERO, "slow_start")?),
+            },
         })
     }
 }

@@ -69,6 +69,16 @@ pub(super) fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<
     s.serialize_str(&text)
 }
 
+pub(super) fn optional_duration_text<S: serde::Serializer>(
+    d: &Option<Duration>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => duration_text(d, s),
+        None => s.serialize_none(),
+    }
+}
+
 pub(super) fn bytes_text<S: serde::Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&String::from_utf8_lossy(b))
 }

@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::control::outcome::LastLoad;
 use crate::control::status::{self, Started};
+use crate::data::held::Held;
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotHandle;
 
@@ -52,6 +53,9 @@ pub struct Status {
     pub page: status::Memory,
     /// For `/config`: each backend name with its current addresses and their TTL.
     pub discovery: crate::control::discovery::View,
+    /// What is sampled at each scrape of `/metrics`: accept queues, time at the cap,
+    /// per-client tables, backends' effective weights.
+    pub held: Arc<Held>,
 }
 
 /// What `/listeners` reports: one generation's bound addresses, by listener.
@@ -83,7 +87,18 @@ pub async fn serve(socket: TcpListener, status: Arc<Status>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let status = Arc::clone(&status);
-                async move { Ok::<_, Infallible>(respond(&status, &req)) }
+                async move {
+                    if req.uri().path() == "/metrics" {
+                        // Reads /proc/net/tcp and sweeps the client tables: off the
+                        // event loop.
+                        let s = Arc::clone(&status);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            s.held.sample(&s.snapshots.load());
+                        })
+                        .await;
+                    }
+                    Ok::<_, Infallible>(respond(&status, &req))
+                }
             });
             let served = http1::Builder::new()
                 .timer(TokioTimer::new())

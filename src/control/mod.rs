@@ -142,7 +142,9 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
     let snapshots: SnapshotHandle =
         Arc::new(ArcSwap::from_pointee(Snapshot::empty(&config, &metrics)));
     let tracker = TaskTracker::new();
+    let held = Arc::new(crate::data::held::Held::default());
     let status = Arc::new(Status {
+        held: Arc::clone(&held),
         metrics: Arc::clone(&metrics),
         snapshots: Arc::clone(&snapshots),
         ready: false.into(),
@@ -174,6 +176,7 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
             shutdown.clone(),
             tracker.clone(),
             workers.clone(),
+            held,
         ),
         checks: Checks::default(),
         current,

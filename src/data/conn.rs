@@ -16,7 +16,9 @@ use crate::access_log;
 use crate::config::PROXY_MAX_HEADER;
 use crate::data::gate::Slot;
 use crate::data::relay::{self, Counters, End, Outcome};
+use crate::edge::admission::{self, Revocations};
 use crate::edge::client_hello::{self, Peek};
+use crate::edge::client_table::{ClientSlot, ClientTable};
 use crate::edge::proxy_protocol::{self, Parsed};
 use crate::edge::tls;
 use crate::metrics::RejectReason;
@@ -43,6 +45,11 @@ pub struct Accepted {
     /// The shutdown drain's deadline.
     pub stop: CancellationToken,
     pub permits: Permits,
+    /// The listener's per-client table (kept across reloads, used if the route has
+    /// per-client limits).
+    pub clients: Arc<ClientTable>,
+    /// The listener's lists in force, watched with `close_denied_on_reload`.
+    pub revocations: Arc<Revocations>,
 }
 
 /// Serves one accepted client connection to its end; its permits are released when
@@ -70,6 +77,8 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         listener,
         stop,
         permits,
+        clients,
+        revocations,
     } = *accepted;
     // `None`: the listener was removed from the config between accept and here.
     let record = Record::start(snapshot, &listener)?;
@@ -80,7 +89,8 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         ends,
         upstream,
         preface,
-    } = setup(record.route(), client, peer, &stop, &record).await?;
+        client_slot,
+    } = setup(record.route(), client, peer, &stop, &record, &clients).await?;
     let sent = match forward_preface(preface, &mut backend, &upstream, &record.counters()).await {
         Ok(sent) => sent,
         Err(outcome) => {
@@ -107,6 +117,8 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         stop,
         sent,
         _permits: permits,
+        _client: client_slot,
+        revocations,
     }))
 }
 
@@ -124,30 +136,60 @@ struct Open {
     /// Bytes the edge read from the client and sent on before the relay.
     sent: u64,
     _permits: Permits,
+    /// Counts this connection against its client's `max_connections_per_client`.
+    _client: Option<ClientSlot>,
+    revocations: Arc<Revocations>,
 }
 
 impl Open {
     /// Relays to the end and records it. Borrowed, not consumed: an `async fn` taking
     /// `self` keeps its argument and a copy.
     async fn relay(&mut self) {
+        // With `close_denied_on_reload`, a token of this connection's own (a child of
+        // the backend's sessions token, so an operator's close, removal and the cut
+        // still reach it) stops the relay when a reload's lists deny the client.
+        let revoke = (self.record.route().close_denied_on_reload)
+            .then(|| self.lease.sessions().child_token());
         let stops = relay::Stops {
             shutdown: &self.stop,
-            removed: self.lease.sessions(),
+            removed: revoke.as_ref().unwrap_or(self.lease.sessions()),
             retired: &self.lease.backend().removed,
         };
         let counters = self.record.counters();
-        let outcome = match (&mut self.client, &mut self.backend) {
-            (ClientStream::Plain(c), BackendStream::Plain(b)) => {
-                let splice = self.record.snapshot.config.relay.splice;
-                relay::relay(c, b, &self.limits, stops, counters, splice).await
-            }
-            (c, b) => {
-                // Boxed for the same reason as the setup: only TLS connections need
-                // this state.
-                let limits = &self.limits;
-                Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
+        let relayed = async {
+            match (&mut self.client, &mut self.backend) {
+                (ClientStream::Plain(c), BackendStream::Plain(b)) => {
+                    let splice = self.record.snapshot.config.relay.splice;
+                    relay::relay(c, b, &self.limits, stops, counters, splice).await
+                }
+                (c, b) => {
+                    // Boxed for the same reason as the setup: only TLS connections need
+                    // this state.
+                    let limits = &self.limits;
+                    Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
+                }
             }
         };
+        let mut outcome = match &revoke {
+            None => relayed.await,
+            Some(token) => {
+                let denied = async {
+                    self.revocations.denied(self.peer.ip()).await;
+                    crate::shutdown::cancel(token);
+                    // The relay sees the token and ends, with its counts.
+                    std::future::pending::<Outcome>().await
+                };
+                tokio::select! {
+                    o = relayed => o,
+                    o = denied => o,
+                }
+            }
+        };
+        if revoke.as_ref().is_some_and(|t| t.is_cancelled())
+            && !self.lease.sessions().is_cancelled()
+        {
+            outcome.end = End::Denied;
+        }
         let outcome = Outcome {
             client_to_backend: outcome.client_to_backend + self.sent,
             ..outcome
@@ -166,6 +208,7 @@ struct Ready {
     ends: Ends,
     upstream: Arc<Upstream>,
     preface: Vec<u8>,
+    client_slot: Option<ClientSlot>,
 }
 
 /// The edge, then a backend: `None` when the client was refused (and recorded) or the
@@ -176,6 +219,7 @@ async fn setup(
     peer: SocketAddr,
     stop: &CancellationToken,
     record: &Record,
+    clients: &Arc<ClientTable>,
 ) -> Option<Ready> {
     let local = if route.sends_proxy_protocol {
         client.local_addr().unwrap_or(peer)
@@ -190,7 +234,7 @@ async fn setup(
     // One wait on the shared cut for both phases: see `Stopped`.
     let mut stopped = std::pin::pin!(Stopped::new(stop));
     let edge = tokio::select! {
-        e = edge(route, client, ends) => e,
+        e = edge(route, client, ends, clients) => e,
         () = &mut stopped => return None,
     };
     let Edge {
@@ -198,6 +242,7 @@ async fn setup(
         ends,
         upstream,
         preface,
+        client_slot,
     } = match edge {
         Ok(e) => e,
         Err(refusal) => {
@@ -222,6 +267,7 @@ async fn setup(
             ends,
             upstream,
             preface,
+            client_slot,
         }),
         Err(e) => {
             let reason = match &e {
@@ -254,6 +300,7 @@ struct Edge {
     ends: Ends,
     upstream: Arc<Upstream>,
     preface: Vec<u8>,
+    client_slot: Option<ClientSlot>,
 }
 
 /// Why a client was closed before it reached a backend.
@@ -264,9 +311,15 @@ struct Refusal {
     client: SocketAddr,
 }
 
-/// Runs the stages before a backend is picked: the PROXY header, then TLS termination
-/// or the ClientHello peek, each under its own timeout.
-async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Refusal> {
+/// Runs the stages before a backend is picked: the PROXY header, then admission (allow
+/// and deny, per-client limits) on the client's real address, then TLS termination or
+/// the ClientHello peek, each reading stage under its own timeout.
+async fn edge(
+    route: &Route,
+    tcp: TcpStream,
+    mut ends: Ends,
+    clients: &Arc<ClientTable>,
+) -> Result<Edge, Refusal> {
     let refuse = |reason, client, error: String| Refusal {
         reason,
         error,
@@ -297,6 +350,17 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
             ends = Ends { client, local };
         }
     }
+    let client_slot = admission::admit(
+        route.access.as_ref(),
+        route.client_limits.as_ref(),
+        clients,
+        ends.client.ip(),
+    )
+    .map_err(|(reason, e)| {
+        // Closed with a reset: a refused flood leaves no TIME_WAIT sockets behind.
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        refuse(reason, ends.client, e)
+    })?;
 
     if let Some((termination, tm)) = &route.tls {
         let started = Instant::now();
@@ -327,6 +391,7 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
                     ends,
                     upstream: default_upstream(route, ends)?,
                     preface,
+                    client_slot,
                 })
             }
             Err((result, e)) => {
@@ -375,6 +440,7 @@ async fn edge(route: &Route, tcp: TcpStream, mut ends: Ends) -> Result<Edge, Ref
         ends,
         upstream,
         preface,
+        client_slot,
     })
 }
 
@@ -535,7 +601,17 @@ impl Record {
                 reason: r.reason.as_str(),
             });
         }
-        tracing::warn!(target: LOG_TARGET, listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+        if matches!(
+            r.reason,
+            RejectReason::Denied | RejectReason::ClientLimit | RejectReason::ClientRate
+        ) {
+            // Refusals a hostile client can cause by the thousand a second: counted and
+            // in the access log, logged only at debug (formatting a line costs more than
+            // the refusal).
+            tracing::debug!(target: LOG_TARGET, listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+        } else {
+            tracing::warn!(target: LOG_TARGET, listener = %listener, client = %r.client, upstream, reason = r.reason.as_str(), error = %r.error, "connection rejected");
+        }
     }
 
     fn closed(&self, client: SocketAddr, upstream: &str, lease: &Lease, outcome: &Outcome) {

@@ -29,7 +29,10 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::data::conn;
 use crate::data::gate::Gate;
+use crate::data::held::{AtCap, Held, Watched};
 use crate::data::runtime::Workers;
+use crate::edge::admission::Revocations;
+use crate::edge::client_table::ClientTable;
 use crate::metrics::AcceptFailure;
 use crate::shutdown::{self, Shutdown, Stopped};
 use crate::snapshot::SnapshotHandle;
@@ -171,6 +174,9 @@ pub struct Listeners {
     tracker: TaskTracker,
     /// Where accept loops and their connections run: one socket per worker per address.
     workers: Workers,
+    /// Each listener's accept queues, time at its cap and per-client table, for the
+    /// admin endpoint to sample; the tables and `AtCap`s live here across reloads.
+    held: Arc<Held>,
 }
 
 /// The accept loops of one configured address, one per worker.
@@ -209,8 +215,10 @@ impl Listeners {
         shutdown: Shutdown,
         tracker: TaskTracker,
         workers: Workers,
+        held: Arc<Held>,
     ) -> Listeners {
         Listeners {
+            held,
             running: HashMap::new(),
             limits: HashMap::new(),
             process_limit: Gate::new(process_cap),
@@ -251,6 +259,7 @@ impl Listeners {
     /// has. Call after the new snapshot is stored, so new sockets route by it.
     pub fn apply(&mut self, config: &Config, bound: Vec<Bound>) -> Changes {
         let mut changes = Changes::default();
+        let mut held = self.held.0.lock().unwrap_or_else(|p| p.into_inner());
         for l in &config.listeners {
             match self.limits.get(&l.name) {
                 Some(limit) => limit.resize(l.max_connections),
@@ -259,6 +268,20 @@ impl Listeners {
                         .insert(l.name.clone(), Gate::new(l.max_connections));
                 }
             }
+            let table_size = l
+                .client_limits
+                .as_ref()
+                .map_or(crate::config::DEFAULT_CLIENT_TABLE_SIZE, |c| c.table_size);
+            let w = held.entry(l.name.clone()).or_insert_with(|| Watched {
+                at_cap: Arc::new(AtCap::default()),
+                clients: ClientTable::new(table_size),
+                revocations: Revocations::new(l.access.clone()),
+                backlog: l.backlog,
+                sockets: HashMap::new(),
+            });
+            w.clients.resize(table_size);
+            w.revocations.update(l.access.as_ref());
+            w.backlog = l.backlog;
         }
         for b in bound {
             let (name, local) = (b.listener, b.local);
@@ -267,6 +290,17 @@ impl Listeners {
             changes.bound.push(format!("{name}@{local}"));
             let stop = self.shutdown.stop_accepting.child_token();
             let shared_name: Arc<str> = Arc::from(name.as_str());
+            // The loop above made one for every listener of the config.
+            let Some(watched) = held.get_mut(&name) else {
+                continue;
+            };
+            let inodes = b
+                .sockets
+                .iter()
+                .filter_map(|(_, s)| rustix::fs::fstat(s.get_ref()).ok())
+                .map(|st| st.st_ino)
+                .collect();
+            watched.sockets.insert(b.address, inodes);
             let tasks = b
                 .sockets
                 .into_iter()
@@ -276,6 +310,9 @@ impl Listeners {
                         socket,
                         limit: Arc::clone(&self.limits[&name]),
                         process_limit: Arc::clone(&self.process_limit),
+                        at_cap: Arc::clone(&watched.at_cap),
+                        clients: Arc::clone(&watched.clients),
+                        revocations: Arc::clone(&watched.revocations),
                     };
                     worker.spawn(acceptor.serve(
                         Arc::clone(&self.snapshots),
@@ -300,6 +337,9 @@ impl Listeners {
             .cloned()
             .collect();
         for key in gone {
+            if let Some(w) = held.get_mut(&key.0) {
+                w.sockets.remove(&key.1);
+            }
             if let Some(r) = self.running.remove(&key) {
                 shutdown::cancel(&r.stop);
                 tracing::info!(listener = %key.0, address = %key.1, "stopped listening");
@@ -308,6 +348,7 @@ impl Listeners {
         }
         self.limits
             .retain(|name, _| config.listeners.iter().any(|l| &l.name == name));
+        held.retain(|name, _| config.listeners.iter().any(|l| &l.name == name));
         changes
     }
 
@@ -346,6 +387,10 @@ struct Acceptor {
     socket: AsyncFd<std::net::TcpListener>,
     limit: Arc<Gate>,
     process_limit: Arc<Gate>,
+    /// The listener's time at its cap: counted while this loop waits for a slot.
+    at_cap: Arc<AtCap>,
+    clients: Arc<ClientTable>,
+    revocations: Arc<Revocations>,
 }
 
 impl Acceptor {
@@ -375,13 +420,25 @@ impl Acceptor {
                 },
                 () = &mut stopped => return,
             };
-            let permit = tokio::select! {
-                p = self.limit.take() => p,
-                () = &mut stopped => return,
+            let permit = match self.limit.try_take() {
+                Some(p) => p,
+                None => {
+                    let _waiting = self.at_cap.waiting();
+                    tokio::select! {
+                        p = self.limit.take() => p,
+                        () = &mut stopped => return,
+                    }
+                }
             };
-            let process_permit = tokio::select! {
-                p = self.process_limit.take() => p,
-                () = &mut stopped => return,
+            let process_permit = match self.process_limit.try_take() {
+                Some(p) => p,
+                None => {
+                    let _waiting = self.at_cap.waiting();
+                    tokio::select! {
+                        p = self.process_limit.take() => p,
+                        () = &mut stopped => return,
+                    }
+                }
             };
             let accepted = match ready.try_io(|l| accept(l.get_ref())) {
                 Ok(a) => a.and_then(|(s, peer)| Ok((TcpStream::from_std(s)?, peer))),
@@ -398,6 +455,8 @@ impl Acceptor {
                         listener: Arc::clone(&self.name),
                         stop: cut.clone(),
                         permits: (permit, process_permit),
+                        clients: Arc::clone(&self.clients),
+                        revocations: Arc::clone(&self.revocations),
                     })));
                 }
                 Err(e) => {

@@ -67,6 +67,8 @@ pub enum End {
     BackendClosed,
     /// Cut at the end of the shutdown drain.
     Shutdown,
+    /// A reload's `allow`/`deny` deny the client (`close_denied_on_reload`).
+    Denied,
 }
 
 impl End {
@@ -80,6 +82,7 @@ impl End {
             End::BackendRemoved => "backend_removed",
             End::BackendClosed => "backend_closed",
             End::Shutdown => "shutdown",
+            End::Denied => "denied",
         }
     }
 }

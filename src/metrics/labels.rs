@@ -77,6 +77,12 @@ pub enum RejectReason {
     /// On a passthrough listener: no route matched the server name and there is no
     /// default upstream.
     NoRoute,
+    /// The client's address is in the listener's `deny` list, or not in its `allow`.
+    Denied,
+    /// The client already has `max_connections_per_client` open on the listener.
+    ClientLimit,
+    /// The client opened connections faster than the listener's `client_rate`.
+    ClientRate,
 }
 
 /// The outcome of one active health check.
@@ -223,6 +229,9 @@ mod tests {
             "proxy_protocol",
             "client_hello",
             "no_route",
+            "denied",
+            "client_limit",
+            "client_rate",
         ]);
         check::<CheckResult>(&["success", "failure", "timeout"]);
         check::<ConnectFailure>(&["refused", "timeout", "reset", "unreachable", "tls", "other"]);

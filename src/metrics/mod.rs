@@ -22,8 +22,8 @@ pub use labels::{AdminState, CtlResult};
 pub use scope::{BackendMetrics, ListenerMetrics, Series, TlsMetrics, UpstreamMetrics};
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const BUILD_INFO: &str = "sluice_build_info";
@@ -58,6 +58,13 @@ pub const BACKEND_ADMIN_STATE: &str = "sluice_backend_admin_state";
 pub const BACKEND_WEIGHT: &str = "sluice_backend_weight";
 pub const CTL_REQUESTS: &str = "sluice_ctl_requests_total";
 pub const BACKEND_CLOSED_BY_OPERATOR: &str = "sluice_backend_connections_closed_by_operator_total";
+// Who may connect and how much; clients held back (issue 17).
+pub const CLIENT_TABLE_ENTRIES: &str = "sluice_client_table_entries";
+pub const CLIENT_TABLE_EVICTIONS: &str = "sluice_client_table_evictions_total";
+pub const LISTENER_ACCEPT_QUEUE: &str = "sluice_listener_accept_queue";
+pub const LISTENER_ACCEPT_QUEUE_LIMIT: &str = "sluice_listener_accept_queue_limit";
+pub const LISTENER_AT_CAP: &str = "sluice_listener_at_cap_seconds_total";
+pub const BACKEND_EFFECTIVE_WEIGHT: &str = "sluice_backend_effective_weight";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -103,6 +110,12 @@ pub struct Metrics {
     backend_closed_by_operator: IntCounterVec,
     /// Control socket requests, by route and result.
     pub ctl_requests: IntCounterVec,
+    client_table_entries: IntGaugeVec,
+    client_table_evictions: IntCounterVec,
+    listener_accept_queue: IntGaugeVec,
+    listener_accept_queue_limit: IntGaugeVec,
+    listener_at_cap: CounterVec,
+    backend_effective_weight: GaugeVec,
     pub config_generation: IntGauge,
     pub config_reloads_success: IntCounter,
     pub config_reloads_failure: IntCounter,
@@ -252,6 +265,52 @@ impl Metrics {
                 "notAfter of each certificate a listener serves, as Unix time",
                 &["listener", "certificate"],
             )?,
+            client_table_entries: gauge_vec(
+                &registry,
+                CLIENT_TABLE_ENTRIES,
+                "Clients the listener's per-client limits track now (sampled at each scrape)",
+                &["listener"],
+            )?,
+            client_table_evictions: counter_vec(
+                &registry,
+                CLIENT_TABLE_EVICTIONS,
+                "Idle clients dropped from a full per-client table before their rate state expired",
+                &["listener"],
+            )?,
+            listener_accept_queue: gauge_vec(
+                &registry,
+                LISTENER_ACCEPT_QUEUE,
+                "Connections the kernel completed that wait in the listener's accept queues, not yet accepted (sampled at each scrape)",
+                &["listener"],
+            )?,
+            listener_accept_queue_limit: gauge_vec(
+                &registry,
+                LISTENER_ACCEPT_QUEUE_LIMIT,
+                "Longest the listener's accept queues may grow in all: backlog (capped by net.core.somaxconn) times its sockets",
+                &["listener"],
+            )?,
+            listener_at_cap: {
+                let v = CounterVec::new(
+                    Opts::new(
+                        LISTENER_AT_CAP,
+                        "Time the listener's accept loops spent waiting for a slot under max_connections or the process cap",
+                    ),
+                    &["listener"],
+                )?;
+                registry.register(Box::new(v.clone()))?;
+                v
+            },
+            backend_effective_weight: {
+                let v = GaugeVec::new(
+                    Opts::new(
+                        BACKEND_EFFECTIVE_WEIGHT,
+                        "The weight the balancer uses now: the configured weight, ramped during slow start (sampled at each scrape)",
+                    ),
+                    &["upstream", "backend"],
+                )?;
+                registry.register(Box::new(v.clone()))?;
+                v
+            },
             config_generation: gauge(
                 &registry,
                 CONFIG_GENERATION,

@@ -3,7 +3,10 @@
 //! scope's [`Series`]; forgetting the scope (a reload removed it) removes exactly those,
 //! so a metric added to a scope cannot be left behind when the scope goes.
 
-use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use prometheus::{
+    Counter, CounterVec, Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec,
+};
 
 use super::Metrics;
 use super::labels::{
@@ -21,6 +24,8 @@ enum Family {
     Counter(IntCounterVec),
     Gauge(IntGaugeVec),
     Histogram(HistogramVec),
+    FloatCounter(CounterVec),
+    FloatGauge(GaugeVec),
 }
 
 impl Series {
@@ -39,6 +44,16 @@ impl Series {
         family.with_label_values(labels)
     }
 
+    fn float_counter(&mut self, family: &CounterVec, labels: &[&str]) -> Counter {
+        self.record(Family::FloatCounter(family.clone()), labels);
+        family.with_label_values(labels)
+    }
+
+    fn float_gauge(&mut self, family: &GaugeVec, labels: &[&str]) -> Gauge {
+        self.record(Family::FloatGauge(family.clone()), labels);
+        family.with_label_values(labels)
+    }
+
     fn record(&mut self, family: Family, labels: &[&str]) {
         self.0
             .push((family, labels.iter().map(|l| (*l).to_string()).collect()));
@@ -53,6 +68,8 @@ impl Series {
                 Family::Counter(f) => f.remove_label_values(&labels),
                 Family::Gauge(f) => f.remove_label_values(&labels),
                 Family::Histogram(f) => f.remove_label_values(&labels),
+                Family::FloatCounter(f) => f.remove_label_values(&labels),
+                Family::FloatGauge(f) => f.remove_label_values(&labels),
             };
         }
     }
@@ -73,6 +90,12 @@ pub struct ListenerMetrics {
     pub duration: Histogram,
     bytes: [IntCounter; Direction::COUNT],
     accept_errors: [IntCounter; AcceptFailure::COUNT],
+    /// Sampled at each scrape (`data/held.rs`), never on the connection path.
+    pub client_entries: IntGauge,
+    pub client_evictions: IntCounter,
+    pub accept_queue: IntGauge,
+    pub accept_queue_limit: IntGauge,
+    pub at_cap: Counter,
     pub series: Series,
 }
 
@@ -128,6 +151,8 @@ pub struct BackendMetrics {
     pub weight: IntGauge,
     /// Connections ended by an operator's close.
     pub closed_by_operator: IntCounter,
+    /// Sampled at each scrape: the weight ramped by slow start.
+    pub effective_weight: Gauge,
     pub series: Series,
 }
 
@@ -165,6 +190,11 @@ impl Metrics {
             accept_errors: per_value(|f: AcceptFailure| {
                 s.counter(&self.accept_errors, &[name, f.as_str()])
             }),
+            client_entries: s.gauge(&self.client_table_entries, l),
+            client_evictions: s.counter(&self.client_table_evictions, l),
+            accept_queue: s.gauge(&self.listener_accept_queue, l),
+            accept_queue_limit: s.gauge(&self.listener_accept_queue_limit, l),
+            at_cap: s.float_counter(&self.listener_at_cap, l),
             series: s,
         }
     }
@@ -225,6 +255,7 @@ impl Metrics {
             }),
             weight: s.gauge(&self.backend_weight, b),
             closed_by_operator: s.counter(&self.backend_closed_by_operator, b),
+            effective_weight: s.float_gauge(&self.backend_effective_weight, b),
             series: s,
         }
     }

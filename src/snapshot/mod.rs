@@ -11,7 +11,7 @@ use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
-use crate::config::{Config, ProxyAccept, SniPattern};
+use crate::config::{Access, ClientLimits, Config, ProxyAccept, SniPattern};
 use crate::edge::tls::{self, Termination};
 use crate::metrics::{ListenerMetrics, Metrics, TlsMetrics};
 use crate::upstream::{Backend, Upstream};
@@ -62,6 +62,12 @@ pub struct Route {
     /// Some upstream this listener reaches sends a PROXY header, which names the address
     /// the client connected to: only then is it looked up (a system call).
     pub sends_proxy_protocol: bool,
+    /// `allow` and `deny`, checked on the client's real address before TLS.
+    pub access: Option<Access>,
+    /// Per-client limits, counted in the listener's `ClientTable`.
+    pub client_limits: Option<ClientLimits>,
+    /// Open connections watch for a reload whose lists deny them.
+    pub close_denied_on_reload: bool,
 }
 
 /// A passthrough listener's routes, with their upstreams resolved.
@@ -152,6 +158,9 @@ impl Snapshot {
                         .any(|u| u.send_proxy_protocol.is_some() && reached(&u.name))
                 },
                 listener: l.name.clone(),
+                access: l.access.clone(),
+                client_limits: l.client_limits.clone(),
+                close_denied_on_reload: l.close_denied_on_reload,
                 upstream: l.upstream.as_deref().and_then(find),
                 metrics: metrics.listener(&l.name, l.max_connections),
                 proxy_protocol: l.proxy_protocol.clone(),

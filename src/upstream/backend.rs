@@ -1,8 +1,9 @@
 //! One backend server: its identity (an address within an upstream) and its live state.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +39,22 @@ pub struct Backend {
     /// by a fresh one each time an operator closes the backend's connections, so that
     /// closing them (`sluice ctl close`, maint with close) does not retire the backend.
     sessions: ArcSwap<CancellationToken>,
+    /// Slow start: the upstream's window in ms (0: off) and when the current ramp
+    /// began, in ms on [`ramp_clock`] (0: no ramp).
+    slow_start_ms: AtomicU64,
+    ramp_started: AtomicU64,
+}
+
+/// What [`Backend::balance_weight`] multiplies a weight by, so that a ramp's fraction
+/// survives in integer weights (the balancers compare weights only with each other).
+pub const RAMP_SCALE: u32 = 1000;
+/// A ramp starts at this fraction of the weight (Envoy's default minimum, 10%).
+const RAMP_FLOOR: f64 = 0.1;
+
+/// Milliseconds since first use, never 0: a monotonic clock that fits an atomic.
+fn ramp_clock() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// The value of `weight_override` when no operator set a weight.
@@ -65,6 +82,8 @@ impl Backend {
             retired: AtomicBool::new(false),
             sessions: ArcSwap::from_pointee(removed.child_token()),
             removed,
+            slow_start_ms: AtomicU64::new(0),
+            ramp_started: AtomicU64::new(0),
         }
     }
 
@@ -114,8 +133,13 @@ impl Backend {
     /// ([`crate::upstream::pool::Pool::rebalance`]) for the algorithms that keep tables.
     pub fn set_weight_override(&self, weight: Option<u32>) {
         let stored = weight.map_or(NO_OVERRIDE, |w| w.min(NO_OVERRIDE - 1));
+        let before = self.weight();
         self.weight_override.store(stored, Ordering::Relaxed);
         self.metrics.weight.set(i64::from(self.weight()));
+        if before == 0 && self.weight() > 0 {
+            // Back from weight 0: slow start ramps it.
+            self.start_ramp();
+        }
     }
 
     pub fn admin_state(&self) -> AdminState {
@@ -131,6 +155,10 @@ impl Backend {
         let before = self.admin_state();
         self.admin.store(state as u8, Ordering::Relaxed);
         self.metrics.set_admin_state(state);
+        if before != AdminState::Ready && state == AdminState::Ready {
+            // Made ready again: slow start ramps it like a backend that came back up.
+            self.start_ramp();
+        }
         before
     }
 
@@ -144,6 +172,59 @@ impl Backend {
     pub fn close_sessions(&self) {
         let old = self.sessions.swap(Arc::new(self.removed.child_token()));
         crate::shutdown::cancel(&old);
+    }
+
+    /// Sets the upstream's `slow_start` window (from each config).
+    pub fn set_slow_start(&self, window: Option<Duration>) {
+        let ms = window.map_or(0, |w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
+        self.slow_start_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The backend just became eligible (up after down, back from an ejection, added or
+    /// revived by a reload): ramp its weight from now, if its upstream has slow start.
+    pub fn start_ramp(&self) {
+        if self.slow_start_ms.load(Ordering::Relaxed) > 0 {
+            self.ramp_started.store(ramp_clock(), Ordering::Relaxed);
+        }
+    }
+
+    /// The fraction of its weight the backend gets now: from 0.1 up to 1 over the
+    /// slow-start window after [`Backend::start_ramp`], else 1.
+    pub fn ramp_fraction(&self) -> f64 {
+        let started = self.ramp_started.load(Ordering::Relaxed);
+        if started == 0 {
+            return 1.0;
+        }
+        let window = self.slow_start_ms.load(Ordering::Relaxed);
+        let elapsed = ramp_clock().saturating_sub(started);
+        if window == 0 || elapsed >= window {
+            // Over: later reads skip the clock.
+            self.ramp_started.store(0, Ordering::Relaxed);
+            return 1.0;
+        }
+        (elapsed as f64 / window as f64).max(RAMP_FLOOR)
+    }
+
+    /// Scales `weight` by the ramp, in units of 1/[`RAMP_SCALE`]: the one place a
+    /// weight becomes what balancers compare. (A runtime weight override composes by
+    /// being the `weight` passed here.)
+    pub fn ramp(&self, weight: u32) -> u32 {
+        let scaled = weight.saturating_mul(RAMP_SCALE);
+        let f = self.ramp_fraction();
+        if f >= 1.0 || weight == 0 {
+            return scaled;
+        }
+        ((f64::from(scaled) * f) as u32).max(1)
+    }
+
+    /// The weight the balancers read: [`Backend::weight`] ramped.
+    pub fn balance_weight(&self) -> u32 {
+        self.ramp(self.weight())
+    }
+
+    /// The weight in use now in the config's units, for the metric.
+    pub fn effective_weight(&self) -> f64 {
+        f64::from(self.balance_weight()) / f64::from(RAMP_SCALE)
     }
 
     /// Takes a slot: one more connection open or being opened.

@@ -71,6 +71,7 @@ impl Checks {
                     }
                     if !backend.health.is_up() {
                         backend.health.set_up(true);
+                        backend.start_ramp();
                         upstream.availability_changed(backend);
                     }
                     continue;
@@ -155,6 +156,7 @@ async fn check_loop(
                 passes = passes.saturating_add(1);
                 if !backend.health.is_up() && passes >= check.rise {
                     backend.health.set_up(true);
+                    backend.start_ramp();
                     tracing::info!(upstream = %upstream, backend = %backend.address, "backend up: passed {passes} checks");
                     changed(&backend);
                 }

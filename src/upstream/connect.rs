@@ -117,30 +117,43 @@ impl Upstream {
         // A reload (the upstream existed before) that adds an endpoint found by DNS, with
         // checks on: no traffic until the checks pass it, as `rise` says.
         let checked_first = carried.queue.is_some() && cfg.health_check.is_some();
+        // Slow start ramps a backend this upstream did not have in service: one a
+        // reload added or revived, or whose weight rose from 0. Not at start, nor in an
+        // upstream that is new, where every backend is new alike.
+        let existed = carried.queue.is_some();
         let backends: Vec<Arc<Backend>> = cfg
             .backends
             .iter()
             .map(
                 |b| match carried.backends.iter().find(|old| old.address == b.address) {
                     Some(old) => {
+                        old.set_slow_start(cfg.slow_start);
+                        let was_zero = old.configured_weight() == 0 && b.weight > 0;
                         old.set_weight(b.weight);
                         if old.is_retired() {
                             old.revive();
+                            old.start_ramp();
+                        } else if was_zero {
+                            old.start_ramp();
                         }
                         Arc::clone(old)
                     }
                     None => {
-                        let new = Arc::new(Backend::new(
+                        let new = Backend::new(
                             b.address,
                             b.weight,
                             metrics.backend(&cfg.name, &b.address.to_string()),
                             cut,
-                        ));
+                        );
                         if checked_first && b.entry.is_some() {
                             new.health.set_up(false);
                             new.metrics.up.set(0);
                         }
-                        new
+                        new.set_slow_start(cfg.slow_start);
+                        if existed {
+                            new.start_ramp();
+                        }
+                        Arc::new(new)
                     }
                 },
             )
@@ -332,6 +345,7 @@ impl Upstream {
         let (upstream, b) = (Arc::clone(self), Arc::clone(b));
         tokio::spawn(async move {
             sleep(length).await;
+            b.start_ramp();
             upstream.availability_changed(&b);
         });
     }

@@ -50,10 +50,11 @@ pub fn for_upstream(kind: config::Balance, backends: &[config::Backend]) -> Box<
 }
 
 /// True when `a` carries less load for its weight than `b` (active / weight, compared
-/// without division). Only backends with weight above zero are ever eligible.
+/// without division). Only backends with weight above zero are ever eligible. The
+/// weights are as ramped by slow start (`Backend::balance_weight`).
 pub(crate) fn lighter(a: &Backend, b: &Backend) -> bool {
-    u128::from(a.active()) * u128::from(b.weight())
-        < u128::from(b.active()) * u128::from(a.weight())
+    u128::from(a.active()) * u128::from(b.balance_weight())
+        < u128::from(b.active()) * u128::from(a.balance_weight())
 }
 
 /// The `k`-th eligible index (0-based), scanning in order.
@@ -282,5 +283,41 @@ mod tests {
     #[test]
     fn common_factor_is_divided_out() {
         assert_eq!(RoundRobin::new(&backends(&[1000, 500])).cycle.len(), 3);
+    }
+
+    /// Slow start: a backend ramping at its floor (10%) gets a small share from every
+    /// algorithm where weight counts; one without slow start gets its share at once.
+    #[test]
+    fn a_ramping_backend_gets_a_fraction_of_its_share() {
+        let b = live(&[(1, 0), (1, 0)]);
+        b[0].start_ramp();
+        assert_eq!(b[0].ramp_fraction(), 1.0, "no slow_start: no ramp");
+        b[0].set_slow_start(Some(std::time::Duration::from_secs(3600)));
+        b[0].start_ramp();
+        assert_eq!(b[0].balance_weight(), 100, "10% of 1 × RAMP_SCALE");
+        assert_eq!(b[1].balance_weight(), 1000);
+        const PICKS: usize = 20_000;
+        let share = |pick: &dyn Fn() -> usize| {
+            (0..PICKS).filter(|_| pick() == 0).count() as f64 / PICKS as f64
+        };
+        let random = share(&|| Random.pick(&b, client(), &mut None, &|_| true).unwrap());
+        assert!((random - 0.1 / 1.1).abs() < 0.02, "random {random}");
+        let rr = RoundRobin::new(&backends(&[1, 1]));
+        let round_robin = share(&|| rr.pick(&b, client(), &mut None, &|_| true).unwrap());
+        assert!(
+            round_robin > 0.02 && round_robin < 0.09,
+            "round robin {round_robin}"
+        );
+        // Least connections: the ramping backend stays at a tenth of the other's load.
+        let lc = LeastConnections::default();
+        for _ in 0..1100 {
+            let i = lc.pick(&b, client(), &mut None, &|_| true).unwrap();
+            b[i].take();
+        }
+        assert_eq!((b[0].active(), b[1].active()), (100, 1000));
+        assert!(
+            !lighter(&b[0], &b[1]),
+            "at 10% of the load it is as loaded as the other"
+        );
     }
 }

@@ -17,7 +17,8 @@ impl Balance for Random {
         _cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
     ) -> Option<usize> {
-        let weight = |i: usize| u64::from(backends[i].weight());
+        // Ramped by slow start: see `Backend::balance_weight`.
+        let weight = |i: usize| u64::from(backends[i].balance_weight());
         let total: u64 = (0..backends.len())
             .filter(|&i| eligible(i))
             .map(weight)

@@ -56,7 +56,7 @@ impl RoundRobin {
 impl Balance for RoundRobin {
     fn pick(
         &self,
-        _backends: &[Arc<Backend>],
+        backends: &[Arc<Backend>],
         _client: SocketAddr,
         cursor: &mut Option<usize>,
         eligible: &dyn Fn(usize) -> bool,
@@ -68,9 +68,20 @@ impl Balance for RoundRobin {
         // A retry scans on from where this connection started; ineligible (tried)
         // backends are skipped by the scan.
         let start = *cursor.get_or_insert_with(|| self.next.fetch_add(1, Ordering::Relaxed));
-        (0..len)
-            .map(|k| self.cycle[(start + k) % len] as usize)
-            .find(|&i| eligible(i))
+        let mut first = None;
+        for i in (0..len).map(|k| self.cycle[(start + k) % len] as usize) {
+            if !eligible(i) {
+                continue;
+            }
+            // Slow start: the cycle is fixed, so a ramping backend keeps its turns but
+            // takes each with the probability of its ramp; a skipped turn passes on.
+            let ramp = backends.get(i).map_or(1.0, |b| b.ramp_fraction());
+            if ramp >= 1.0 || fastrand::f64() < ramp {
+                return Some(i);
+            }
+            first.get_or_insert(i);
+        }
+        first
     }
 }
 
