@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, RuntimeMode};
+use sluice::control::upgrade::Handover;
 use sluice::data::runtime::{PerCore, Workers};
 use tokio::runtime::Builder;
 
@@ -107,6 +108,14 @@ fn check(files: &[PathBuf]) -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
+    // Before any thread starts: it reads (and removes) systemd's LISTEN_ variables.
+    let handover = match sluice::control::upgrade::Handover::from_env() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
     // Read before the runtime exists: nothing else is running yet to be blocked.
     let loaded = std::fs::read_to_string(&path)
         .map_err(|source| sluice::config::ConfigError::Read {
@@ -141,8 +150,8 @@ fn run(path: PathBuf) -> ExitCode {
         .init();
 
     let result = match config.runtime.mode {
-        RuntimeMode::MultiThread => run_multi_thread(config, text),
-        RuntimeMode::PerCore => run_per_core(config, text),
+        RuntimeMode::MultiThread => run_multi_thread(config, text, handover),
+        RuntimeMode::PerCore => run_per_core(config, text, handover),
     };
     let result = match result {
         Ok(r) => r,
@@ -167,7 +176,11 @@ fn run(path: PathBuf) -> ExitCode {
 
 /// One multi-thread runtime runs everything; its threads share the listening sockets.
 /// The outer error is a runtime that could not start.
-fn run_multi_thread(config: Config, text: String) -> std::io::Result<Result<(), sluice::Error>> {
+fn run_multi_thread(
+    config: Config,
+    text: String,
+    handover: Handover,
+) -> std::io::Result<Result<(), sluice::Error>> {
     let mut builder = Builder::new_multi_thread();
     builder.enable_all();
     // 0 leaves tokio's default: one per CPU core, or TOKIO_WORKER_THREADS.
@@ -176,7 +189,7 @@ fn run_multi_thread(config: Config, text: String) -> std::io::Result<Result<(), 
     }
     let runtime = builder.build()?;
     let workers = Workers::single(runtime.handle().clone());
-    let result = runtime.block_on(sluice::run(config, text, workers));
+    let result = runtime.block_on(sluice::run(config, text, workers, handover));
     // Connections still open after the drain are dropped with the runtime.
     drop(runtime);
     Ok(result)
@@ -184,10 +197,14 @@ fn run_multi_thread(config: Config, text: String) -> std::io::Result<Result<(), 
 
 /// A current-thread runtime per worker thread for the connections, and one on this
 /// thread for the control plane.
-fn run_per_core(config: Config, text: String) -> std::io::Result<Result<(), sluice::Error>> {
+fn run_per_core(
+    config: Config,
+    text: String,
+    handover: Handover,
+) -> std::io::Result<Result<(), sluice::Error>> {
     let pool = PerCore::start(config.runtime.threads())?;
     let control = Builder::new_current_thread().enable_all().build()?;
-    let result = control.block_on(sluice::run(config, text, pool.workers()));
+    let result = control.block_on(sluice::run(config, text, pool.workers(), handover));
     // As above: what the drain left open goes with the workers' runtimes.
     pool.stop();
     drop(control);

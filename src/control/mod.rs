@@ -11,12 +11,14 @@
 //! | `retire.rs` | what a reload removed: backends out of service, metric series forgotten |
 //! | `apply.rs` | apply a config: bind, diff, build, retire, swap, reconcile |
 //! | `admin.rs` | the read-only admin endpoint |
+//! | `upgrade.rs` | binary upgrade: sockets handed to a new process, which reports ready |
 
 pub mod admin;
 pub mod apply;
 pub mod drain;
 pub mod retire;
 pub mod signals;
+pub mod upgrade;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -74,14 +76,35 @@ pub struct Server {
     cut: CancellationToken,
     /// What the admin endpoint reports: the listening addresses change with a reload.
     status: Arc<Status>,
+    /// A descriptor of the admin endpoint's socket, for an upgrade to hand over.
+    admin_handover: Option<Arc<std::net::TcpListener>>,
+    /// The binary upgrade under way, if any.
+    upgrade: Option<upgrade::InProgress>,
+}
+
+/// Why the server loop ended.
+enum Stop {
+    /// SIGTERM or SIGINT (the signal's name).
+    Signal(&'static str),
+    /// A new process took over the sockets and is ready (its pid).
+    Upgraded(u32),
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
-/// on changes to its file and on SIGHUP, then drains and returns.
+/// on changes to its file and on SIGHUP, then drains and returns. On SIGUSR2 it
+/// upgrades: once a new process has taken over its sockets and is ready, it drains
+/// the same way and returns.
 ///
 /// Listening sockets, their accept loops and the connections run on `workers`; the rest
 /// (reload, admin, health checks, signals) runs on the runtime that polls this future.
-pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), Error> {
+/// Sockets in `handover` (from the process this one replaces, or systemd) are adopted
+/// where the config listens on their address, and the rest closed.
+pub async fn run(
+    config: Config,
+    text: String,
+    workers: Workers,
+    mut handover: upgrade::Handover,
+) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new()?);
     let access_log = match &config.access_log {
         None => None,
@@ -99,7 +122,29 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         .process_max_connections
         .set(i64::try_from(process_cap).unwrap_or(i64::MAX));
 
-    let admin_socket = listener::bind(config.admin.bind, 128)
+    metrics.start_time.set(crate::metrics::unix_now());
+    let mut inherited = std::mem::take(&mut handover.sockets);
+    if !inherited.is_empty() {
+        tracing::info!(
+            sockets = inherited.len(),
+            upgrade = handover.is_upgrade(),
+            "inherited listening sockets"
+        );
+    }
+    let admin_std = match inherited
+        .take(crate::data::inherited::ADMIN_KEY, config.admin.bind)
+        .into_iter()
+        .next()
+    {
+        Some(adopted) => adopted.set_nonblocking(true).map(|()| adopted),
+        None => listener::bind(config.admin.bind, 128),
+    };
+    let admin_handover = admin_std
+        .as_ref()
+        .ok()
+        .and_then(|s| s.try_clone().ok())
+        .map(Arc::new);
+    let admin_socket = admin_std
         .and_then(tokio::net::TcpListener::from_std)
         .map_err(|source| BindError {
             what: "the admin endpoint".to_string(),
@@ -144,19 +189,28 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         file_watch,
         cut: shutdown.cut.clone(),
         status: Arc::clone(&status),
+        admin_handover,
+        upgrade: None,
     };
+    server.listeners.inherit(inherited);
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
     server.apply(Arc::clone(&config), text, material, diff, 0)?;
+    server.listeners.close_inherited();
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     status.ready.store(true, Ordering::Relaxed);
     // The admin address in STATUS: what `systemctl status` shows, and how the tests find
     // the endpoint that tells them everything else.
+    // MAINPID: after an upgrade this process is the unit's main process (systemd takes
+    // it with NotifyAccess=all); at a first start it is the pid systemd started.
     drain::notify_systemd(&format!(
-        "READY=1\nSTATUS=ready; admin endpoint on {admin_address}"
+        "READY=1\nMAINPID={}\nSTATUS=ready; admin endpoint on {admin_address}",
+        std::process::id()
     ));
     tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
         config = %config.source.display(),
         listeners = config.listeners.len(),
         upstreams = config.upstreams.len(),
@@ -165,35 +219,91 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         worker_threads = workers.threads(),
         "sluice ready"
     );
+    // After the log line: the old process reads it as the new one's last word at start.
+    handover.ready();
     drop(config);
 
-    let signal = loop {
-        match events.recv().await {
+    // A reload asked for while an upgrade is under way waits for its end: the new
+    // process reads the file itself, and the old one's sockets must not change while
+    // they are being handed over.
+    let mut reload_waiting = None;
+    let stop = loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            done = server.upgrade_finished() => match done {
+                Ok(pid) => break Stop::Upgraded(pid),
+                Err(()) => match reload_waiting.take() {
+                    Some(trigger) => Some(Event::Reload(trigger)),
+                    None => continue,
+                },
+            },
+        };
+        match event {
+            Some(Event::Reload(trigger)) if server.upgrade.is_some() => {
+                tracing::info!(
+                    ?trigger,
+                    "reload requested during an upgrade: it waits for the upgrade's end"
+                );
+                reload_waiting = Some(trigger);
+            }
             Some(Event::Reload(trigger)) => server.reload(trigger).await,
             Some(Event::ReopenAccessLog) => {
                 if let Some(log) = &server.access_log {
                     log.reopen();
                 }
             }
-            Some(Event::Shutdown(signal)) => break signal,
+            Some(Event::Upgrade) => {
+                let _ = server.upgrade(None);
+            }
+            Some(Event::Shutdown(signal)) => break Stop::Signal(signal),
             // The signal task holds a sender for the life of the process.
-            None => break "none",
+            None => break Stop::Signal("none"),
         }
     };
     let drain_timeout = snapshots.load().config.drain_timeout;
-    tracing::info!(
-        signal,
-        ?drain_timeout,
-        connections = tracker.len(),
-        "shutting down: no longer accepting, draining"
-    );
     status.ready.store(false, Ordering::Relaxed);
-    drain::notify_systemd("STOPPING=1\nSTATUS=draining");
+    match stop {
+        Stop::Signal(signal) => {
+            if let Some(running) = server.upgrade.take() {
+                running.abandon();
+            }
+            tracing::info!(
+                signal,
+                ?drain_timeout,
+                connections = tracker.len(),
+                "shutting down: no longer accepting, draining"
+            );
+            drain::notify_systemd("STOPPING=1\nSTATUS=draining");
+        }
+        Stop::Upgraded(pid) => {
+            tracing::info!(
+                pid,
+                ?drain_timeout,
+                connections = tracker.len(),
+                "upgrade: the new process is ready; no longer accepting, draining"
+            );
+            if reload_waiting.is_some() {
+                tracing::warn!(
+                    "a reload asked for during the upgrade is left to the new process, which read the config file at its start"
+                );
+            }
+            // Not STOPPING=1: the unit is not stopping, its main process changes.
+            drain::notify_systemd(&format!(
+                "MAINPID={pid}\nSTATUS=handed over to pid {pid}; draining"
+            ));
+            // The new process serves the admin endpoint alone from now on.
+            admin.abort();
+            server.admin_handover = None;
+        }
+    }
     metrics.draining.set(1);
     shutdown::cancel(&shutdown.stop_accepting);
     server.listeners.stopped().await;
     let cut = drain::drain(&tracker, &shutdown, drain_timeout).await;
-    tracing::info!(cut, "shutdown complete");
+    match stop {
+        Stop::Signal(_) => tracing::info!(cut, "shutdown complete"),
+        Stop::Upgraded(_) => tracing::info!(cut, "drained, exiting"),
+    }
     shutdown::cancel(&server.checks_stop);
     admin.abort();
     Ok(())

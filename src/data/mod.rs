@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod gate;
+pub mod inherited;
 pub mod listener;
 pub mod relay;
 pub mod runtime;

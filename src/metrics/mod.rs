@@ -47,6 +47,8 @@ pub const PROCESS_MAX_CONNECTIONS: &str = "sluice_process_max_connections";
 pub const TLS_HANDSHAKES: &str = "sluice_tls_handshakes_total";
 pub const TLS_HANDSHAKE_DURATION: &str = "sluice_tls_handshake_duration_seconds";
 pub const TLS_CERTIFICATE_EXPIRY: &str = "sluice_tls_certificate_expiry_timestamp_seconds";
+pub const START_TIME: &str = "sluice_start_time_seconds";
+pub const UPGRADES: &str = "sluice_upgrades_total";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -96,6 +98,10 @@ pub struct Metrics {
     pub process_max_connections: IntGauge,
     pub config_snapshots: IntGauge,
     pub access_log_dropped: IntCounter,
+    pub start_time: Gauge,
+    pub upgrades_success: IntCounter,
+    pub upgrades_failure: IntCounter,
+    pub upgrades_refused: IntCounter,
 }
 
 impl Metrics {
@@ -118,6 +124,13 @@ impl Metrics {
             &registry,
             CONFIG_RELOADS,
             "Config reload attempts, by result (success, failure)",
+            &["result"],
+        )?;
+
+        let upgrades = counter_vec(
+            &registry,
+            UPGRADES,
+            "Binary upgrades this process started, by result (success: the new process took over; failure; refused: one was already under way)",
             &["result"],
         )?;
 
@@ -277,6 +290,17 @@ impl Metrics {
                 PROCESS_MAX_CONNECTIONS,
                 "Proxied connections the open-file limit allows in all, keeping descriptors spare for the admin endpoint",
             )?,
+            start_time: {
+                let g = Gauge::new(
+                    START_TIME,
+                    "Unix time this sluice process started (with sluice_build_info's version: which binary runs since when)",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            upgrades_success: upgrades.with_label_values(&["success"]),
+            upgrades_failure: upgrades.with_label_values(&["failure"]),
+            upgrades_refused: upgrades.with_label_values(&["refused"]),
             registry,
         };
         Ok(m)
