@@ -46,6 +46,9 @@ deps-test: deps-nginx
 	$(call need,python3,python3)
 	$(call need,setsid,util-linux)
 	$(call need,script,bsdutils)
+	$(call need,wrk,wrk)
+	$(call need,systemd-socket-activate,systemd)
+	$(call need,nstat,iproute2)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
 	  echo "installing kubernetes-validate and yamllint (pip)"; \
 	  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint; }

@@ -202,11 +202,14 @@ pub async fn run(
     status.ready.store(true, Ordering::Relaxed);
     // The admin address in STATUS: what `systemctl status` shows, and how the tests find
     // the endpoint that tells them everything else.
-    // MAINPID: after an upgrade this process is the unit's main process (systemd takes
-    // it with NotifyAccess=all); at a first start it is the pid systemd started.
+    // After an upgrade this process becomes the unit's main process (systemd takes
+    // MAINPID= from it with NotifyAccess=all; the old process says it too).
+    let main_pid = match handover.is_upgrade() {
+        true => format!("MAINPID={}\n", std::process::id()),
+        false => String::new(),
+    };
     drain::notify_systemd(&format!(
-        "READY=1\nMAINPID={}\nSTATUS=ready; admin endpoint on {admin_address}",
-        std::process::id()
+        "READY=1\n{main_pid}STATUS=ready; admin endpoint on {admin_address}"
     ));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -296,6 +299,26 @@ pub async fn run(
             server.admin_handover = None;
         }
     }
+    // Asked of a process that drains: refused, and said so, never dropped silently.
+    let successor = match stop {
+        Stop::Upgraded(pid) => Some(pid),
+        Stop::Signal(_) => None,
+    };
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match (event, successor) {
+                (Event::Upgrade, Some(pid)) => tracing::warn!(
+                    successor = pid,
+                    "upgrade refused: this process is draining after an upgrade; signal its successor"
+                ),
+                (Event::Upgrade, None) => {
+                    tracing::warn!("upgrade refused: this process is shutting down")
+                }
+                (Event::Reload(_), _) => tracing::warn!("reload refused: this process is draining"),
+                _ => {}
+            }
+        }
+    });
     metrics.draining.set(1);
     shutdown::cancel(&shutdown.stop_accepting);
     server.listeners.stopped().await;

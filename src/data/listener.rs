@@ -123,7 +123,8 @@ fn unbound(address: SocketAddr) -> io::Result<Socket> {
 /// used instead, all of them, spread over the workers in turn: every accept queue the
 /// old process had keeps being served, even when this process has fewer workers. If it
 /// has more, the rest are bound beside them when the adopted sockets share their address
-/// (SO_REUSEPORT); otherwise some workers have no socket for this address until restart.
+/// (SO_REUSEPORT); otherwise (a socket from systemd without `ReusePort=`) the remaining
+/// workers poll descriptors of the adopted sockets, which then share one accept queue.
 fn bind_group(
     address: SocketAddr,
     backlog: u32,
@@ -192,12 +193,19 @@ fn adopt_group(
                 sockets.push((handle.clone(), Arc::new(socket)));
             }
         } else {
-            tracing::warn!(
+            tracing::info!(
                 address = %address,
                 adopted = adopted_count,
                 workers = handles.len(),
-                "the inherited socket is not shared (SO_REUSEPORT): fewer workers accept on this address until sluice restarts"
+                "the inherited socket has no SO_REUSEPORT: the workers share its accept queue"
             );
+            for (i, handle) in handles[adopted_count..].iter().enumerate() {
+                let socket = sockets[i % adopted_count].1.get_ref().try_clone()?;
+                let _entered = handle.enter();
+                #[allow(deprecated)]
+                let socket = AsyncFd::new(socket)?;
+                sockets.push((handle.clone(), Arc::new(socket)));
+            }
         }
     }
     Ok((local, sockets))

@@ -12,6 +12,8 @@
 //! - [`metrics`]: the exposition parser, [`Metrics`].
 //! - [`kernel`]: socket state the kernel shows (accept queues, listening sockets).
 //! - [`pki`]: certificates made by `openssl`, and `openssl s_server` / `s_client`.
+//! - [`upgrade`]: the processes a binary upgrade starts ([`Successor`]), and binaries to
+//!   upgrade to.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 // Private but for `pki`, which tests name: a glob import of a module `sluice` would
@@ -25,6 +27,7 @@ mod launch;
 mod metrics;
 pub mod pki;
 mod sluice;
+mod upgrade;
 
 pub use backends::*;
 pub use eventually::*;
@@ -34,3 +37,4 @@ pub use kernel::*;
 pub use launch::*;
 pub use metrics::*;
 pub use sluice::*;
+pub use upgrade::*;
