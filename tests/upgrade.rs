@@ -217,6 +217,38 @@ async fn a_drain_deadline_shorter_than_a_stream_cuts_it_at_the_deadline() {
     assert!(new.alive());
 }
 
+/// The new process reads the file afresh, so an upgrade applies what only a restart
+/// applies, such as `[runtime]`: with one worker instead of two it adopts both sockets
+/// of the address, and serves both accept queues from that worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_to_fewer_workers_adopts_every_socket() {
+    reap_successors();
+    let backend = Backend::echo().await;
+    let fixture = Fixture::front(&[backend.addr]);
+    let sluice = Sluice::with(fixture.clone()).per_core(2).start().await;
+    let addr = sluice.addr("front");
+    sluice.rewrite(fixture.table("[runtime]\nmode = \"per_core\"\nworker_threads = 1"));
+    sluice
+        .wait_log("[runtime] changes take effect at restart")
+        .await;
+
+    sluice.signal("USR2");
+    let new = successor(&sluice, 1).await;
+    assert_eq!(sluice.exit_status().await.code(), Some(0));
+    assert_eq!(listening_sockets(new.pid, addr), 2, "both sockets adopted");
+    let threads = std::fs::read_dir(format!("/proc/{}/task", new.pid))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("sluice-worker"))
+        .count();
+    assert_eq!(threads, 1, "one worker");
+    // The kernel spreads connections over both sockets: each must be served.
+    for i in 0..40 {
+        let sent = data(1000, i);
+        assert_eq!(exchange(addr, &sent).await, sent, "connection {i}");
+    }
+}
+
 /// The second SIGUSR2 arrives while the first upgrade's process is still starting: the
 /// new binary is a script that waits on a FIFO the test writes, then runs sluice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ pub mod signals;
 pub mod upgrade;
 pub mod watch;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -76,8 +77,9 @@ pub struct Server {
     cut: CancellationToken,
     /// What the admin endpoint reports: the listening addresses change with a reload.
     status: Arc<Status>,
-    /// A descriptor of the admin endpoint's socket, for an upgrade to hand over.
-    admin_handover: Option<Arc<std::net::TcpListener>>,
+    /// A descriptor of the admin endpoint's socket and its configured address, for an
+    /// upgrade to hand over.
+    admin_handover: Option<(SocketAddr, Arc<std::net::TcpListener>)>,
     /// The binary upgrade under way, if any.
     upgrade: Option<upgrade::InProgress>,
 }
@@ -132,7 +134,10 @@ pub async fn run(
         );
     }
     let admin_std = match inherited
-        .take(crate::data::inherited::ADMIN_KEY, config.admin.bind)
+        .take(
+            &crate::data::inherited::admin_key(config.admin.bind),
+            config.admin.bind,
+        )
         .into_iter()
         .next()
     {
@@ -143,7 +148,7 @@ pub async fn run(
         .as_ref()
         .ok()
         .and_then(|s| s.try_clone().ok())
-        .map(Arc::new);
+        .map(|s| (config.admin.bind, Arc::new(s)));
     let admin_socket = admin_std
         .and_then(tokio::net::TcpListener::from_std)
         .map_err(|source| BindError {

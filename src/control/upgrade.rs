@@ -12,8 +12,9 @@
 //!    only (`SO_PEERCRED`).
 //! 2. It sends the sockets with SCM_RIGHTS, at most [`FDS_PER_PACKET`] per packet, each
 //!    packet a JSON `{"keys": [...], "last": bool}` naming its descriptors in order:
-//!    `LISTENER@ADDRESS` as configured (so an address with port 0 finds its socket),
-//!    `admin`, and `stderr`, the old process's standard error.
+//!    `LISTENER@ADDRESS` and `admin@ADDRESS` with the address as configured (so an
+//!    address with port 0 finds its socket), and `stderr`, the old process's standard
+//!    error.
 //! 3. The new process adopts the sockets its config listens on, closes the rest, binds
 //!    what is new, and once ready (after `READY=1` to systemd) sends `ready`, then puts
 //!    the old process's standard error in place of its own (until then its standard
@@ -53,7 +54,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until};
 
 use crate::control::Server;
-use crate::data::inherited::{ADMIN_KEY, Inherited, InheritedSocket};
+use crate::data::inherited::{Inherited, InheritedSocket, admin_key};
 
 /// Where the new process finds the old one's handover socket (an abstract name).
 pub const SOCKET_ENV: &str = "SLUICE_UPGRADE_SOCKET";
@@ -170,8 +171,8 @@ impl Server {
             .into_iter()
             .map(|(k, s)| (k, s as Arc<dyn AsFd + Send + Sync>))
             .collect();
-        if let Some(admin) = &self.admin_handover {
-            sockets.push((ADMIN_KEY.to_string(), Arc::clone(admin) as _));
+        if let Some((address, admin)) = &self.admin_handover {
+            sockets.push((admin_key(*address), Arc::clone(admin) as _));
         }
         let count = sockets.len();
         let (listener, name) = handover_socket().map_err(UpgradeError::Handover)?;

@@ -4,8 +4,9 @@
 //! closes the rest ([`Inherited::close_rest`]).
 //!
 //! A handed-over socket carries its key, the listener name and the address as configured
-//! (`web@127.0.0.1:0`, or `admin`), so an address with port 0 finds its socket again. A
-//! socket from systemd has no key: it is adopted by the address it is bound to.
+//! (`web@127.0.0.1:0`, or `admin@127.0.0.1:9555`), so an address with port 0 finds its
+//! socket again, and a changed address is not taken for the old one. A socket from
+//! systemd has no key: it is adopted by the address it is bound to.
 
 use std::net::{SocketAddr, TcpListener};
 
@@ -30,8 +31,10 @@ pub fn listener_key(listener: &str, address: SocketAddr) -> String {
     format!("{listener}@{address}")
 }
 
-/// The admin endpoint's key in a handover.
-pub const ADMIN_KEY: &str = "admin";
+/// The admin endpoint's key in a handover: its address as configured.
+pub fn admin_key(address: SocketAddr) -> String {
+    format!("admin@{address}")
+}
 
 impl Inherited {
     pub fn new(sockets: Vec<InheritedSocket>) -> Inherited {
@@ -98,7 +101,8 @@ mod tests {
         let b = socket(Some("web@127.0.0.1:0"));
         let activated = socket(None);
         let activated_at = activated.local;
-        let mut pool = Inherited::new(vec![a, socket(Some(ADMIN_KEY)), b, activated]);
+        let admin = admin_key(zero);
+        let mut pool = Inherited::new(vec![a, socket(Some(&admin)), b, activated]);
         assert_eq!(pool.take(&listener_key("web", zero), zero).len(), 2);
         assert_eq!(
             pool.take("other@127.0.0.1:0", zero).len(),
@@ -106,7 +110,13 @@ mod tests {
             "port 0 never matches by address"
         );
         assert_eq!(pool.take("other", activated_at).len(), 1);
-        assert_eq!(pool.take(ADMIN_KEY, zero).len(), 1);
+        let moved: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            pool.take(&admin_key(moved), moved).len(),
+            0,
+            "a changed address"
+        );
+        assert_eq!(pool.take(&admin, zero).len(), 1);
         assert!(pool.is_empty());
         assert_eq!(pool.close_rest(), 0);
     }
