@@ -60,11 +60,12 @@ async fn sigusr2_hands_every_socket_to_a_new_process_and_the_old_one_drains_and_
         fresh,
         "the new process serves"
     );
-    let m = sluice.metrics().await;
-    assert!(
-        m.value("sluice_start_time_seconds", &[]) >= started,
-        "the admin endpoint is the new process's"
-    );
+    // The admin endpoint is the new process's alone once the old one let go of it.
+    sluice
+        .wait_metrics("the new process's start time", |m| {
+            m.value("sluice_start_time_seconds", &[]) > started
+        })
+        .await;
     let notified = sluice.notifications();
     assert!(
         notified.contains(&format!(
@@ -249,6 +250,76 @@ async fn an_upgrade_to_fewer_workers_adopts_every_socket() {
     }
 }
 
+/// Both processes append to one access log; after logrotate's rename, SIGUSR1 makes
+/// each reopen it, the draining one too, so the old process's last line lands in the
+/// new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_processes_write_one_access_log_and_reopen_it() {
+    reap_successors();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(
+        Fixture::front(&[backend.addr])
+            .set("drain_timeout = \"60s\"")
+            .table(&format!(
+                "[access_log]\npath = \"{}\"\nformat = \"json\"",
+                path.display()
+            )),
+    )
+    .await;
+    let addr = sluice.addr("front");
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"old").await.unwrap();
+    assert_eq!(read_n(&mut held, 3).await, b"old");
+    let before = data(111, 1);
+    assert_eq!(exchange(addr, &before).await, before);
+    wait_lines(&path, 1).await;
+
+    sluice.signal("USR2");
+    let new = successor(&sluice, 1).await;
+    sluice.wait_log("upgrade: the new process is ready").await;
+    let after = data(222, 2);
+    assert_eq!(exchange(addr, &after).await, after);
+    let lines = wait_lines(&path, 2).await;
+    assert!(
+        lines[1].contains("\"bytes_in\":222"),
+        "the new process's line: {lines:?}"
+    );
+
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    sluice.signal("USR1");
+    new.signal("USR1");
+    for pid in [sluice.pid(), new.pid] {
+        eventually(&format!("pid {pid} to reopen the access log"), async || {
+            holds_open(pid, &path)
+        })
+        .await;
+    }
+    let third = data(333, 3);
+    assert_eq!(exchange(addr, &third).await, third);
+    wait_lines(&path, 1).await;
+    // The old process's connection ends now: its line goes to the new file.
+    held.shutdown().await.unwrap();
+    assert_eq!(until_closed(&mut held).await.unwrap(), 0);
+    assert_eq!(sluice.exit_status().await.code(), Some(0));
+    let lines = wait_lines(&path, 2).await;
+    assert!(
+        lines.iter().any(|l| l.contains("\"bytes_in\":3,")),
+        "the old process's line: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("\"bytes_in\":333")),
+        "{lines:?}"
+    );
+    assert_eq!(
+        crate::lines(&rotated).len(),
+        2,
+        "nothing else in the rotated file"
+    );
+}
+
 /// The second SIGUSR2 arrives while the first upgrade's process is still starting: the
 /// new binary is a script that waits on a FIFO the test writes, then runs sluice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,6 +448,16 @@ async fn a_socket_from_systemd_is_adopted_at_start_and_handed_on() {
     assert_eq!(activated.exit_code().await, 0);
     assert_eq!(listening_sockets(new.pid, addr), 1, "the same socket");
     assert_eq!(exchange(addr, &sent).await, sent, "the new process serves");
+}
+
+/// Whether process `pid` has `path` open (by that name: a renamed file shows its new one).
+fn holds_open(pid: u32, path: &std::path::Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .any(|target| target == path)
+        })
+        .unwrap_or(false)
 }
 
 /// A port that was free a moment ago, for a peer that must be told its address.

@@ -304,14 +304,23 @@ pub async fn run(
             server.admin_handover = None;
         }
     }
-    // Asked of a process that drains: refused, and said so, never dropped silently.
+    // Asked of a process that drains: refused, and said so, never dropped silently;
+    // the access log is still reopened.
     let successor = match stop {
         Stop::Upgraded(pid) => Some(pid),
         Stop::Signal(_) => None,
     };
+    let access_log = server.access_log.clone();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             match (event, successor) {
+                // Both processes of an upgrade append to the same file: logrotate's
+                // signal reaches each.
+                (Event::ReopenAccessLog, _) => {
+                    if let Some(log) = &access_log {
+                        log.reopen();
+                    }
+                }
                 (Event::Upgrade, Some(pid)) => tracing::warn!(
                     successor = pid,
                     "upgrade refused: this process is draining after an upgrade; signal its successor"
@@ -320,6 +329,10 @@ pub async fn run(
                     tracing::warn!("upgrade refused: this process is shutting down")
                 }
                 (Event::Reload(_), _) => tracing::warn!("reload refused: this process is draining"),
+                (Event::Shutdown(signal), Some(_)) => tracing::info!(
+                    signal,
+                    "already draining after an upgrade; a second signal exits at once"
+                ),
                 _ => {}
             }
         }
