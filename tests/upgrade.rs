@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -142,6 +143,25 @@ async fn a_new_binary_that_exits_1_changes_nothing_and_a_later_upgrade_works() {
     assert!(successor_pids(&sluice).is_empty());
     assert_eq!(sluice.get("/readyz").await.0, 200);
 
+    // One that crashes.
+    replace_binary(
+        &binary,
+        b"#!/bin/sh\necho 'about to crash' >&2\nkill -SEGV $$\n",
+    );
+    sluice.signal("USR2");
+    let line = sluice
+        .wait_log_where("a second failed upgrade", |l| {
+            l.contains("upgrade failed; still serving") && l.contains("about to crash")
+        })
+        .await;
+    assert!(line.contains("exited with signal: 11 (SIGSEGV)"), "{line}");
+    sluice
+        .wait_metrics("two failures", |m| {
+            m.value("sluice_upgrades_total", &[("result", "failure")]) == 2.0
+        })
+        .await;
+    assert_eq!(exchange(addr, &sent).await, sent, "still serving");
+
     // A later upgrade, to a binary that works.
     restore_binary(&binary);
     sluice.signal("USR2");
@@ -216,6 +236,60 @@ async fn a_drain_deadline_shorter_than_a_stream_cuts_it_at_the_deadline() {
     let sent = data(10_000, 5);
     assert_eq!(exchange(addr, &sent).await, sent, "the new process serves");
     assert!(new.alive());
+}
+
+/// A new process that never reports ready is killed at `upgrade_timeout`, with its
+/// last lines in the log, and the old one serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_not_ready_within_upgrade_timeout_is_killed_and_nothing_changes() {
+    reap_successors();
+    let dir = tempfile::tempdir().unwrap();
+    let binary = own_binary(dir.path());
+    let backend = Backend::echo().await;
+    let sluice = Sluice::with(Fixture::front(&[backend.addr]).set("upgrade_timeout = \"1s\""))
+        .binary(&binary)
+        .start()
+        .await;
+    let addr = sluice.addr("front");
+    let sockets = listening_sockets(sluice.pid(), addr);
+    // Stands for a binary that hangs at start.
+    replace_binary(
+        &binary,
+        b"#!/bin/sh\necho 'stuck at start' >&2\nexec sleep 600\n",
+    );
+    sluice.signal("USR2");
+    let handing = sluice.wait_log(" sockets to pid ").await;
+    let pid: u32 = handing
+        .rsplit("to pid ")
+        .next()
+        .and_then(|p| p.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let line = sluice.wait_log("upgrade failed; still serving").await;
+    assert!(
+        line.contains(&format!(
+            "the new process (pid {pid}) was not ready within 1s and was killed"
+        )),
+        "{line}"
+    );
+    assert!(line.contains("stuck at start"), "{line}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "killed and reaped"
+    );
+    let m = sluice.metrics().await;
+    assert_eq!(
+        m.value("sluice_upgrades_total", &[("result", "failure")]),
+        1.0
+    );
+    let sent = data(10_000, 12);
+    assert_eq!(exchange(addr, &sent).await, sent, "still serving");
+    assert_eq!(
+        listening_sockets(sluice.pid(), addr),
+        sockets,
+        "its sockets kept"
+    );
 }
 
 /// The new process reads the file afresh, so an upgrade applies what only a restart
@@ -420,6 +494,7 @@ async fn a_socket_from_systemd_is_adopted_at_start_and_handed_on() {
         assert_eq!(exchange_on(&mut s, &sent).await, sent);
     };
     let ((), sluice) = tokio::join!(first, launch.start());
+    // The activator execs sluice: the harness's own child, with LISTEN_PID its pid.
     let ready = sluice.wait_log("sluice ready").await;
     let pid: u32 = ready
         .split("pid=")
@@ -428,7 +503,7 @@ async fn a_socket_from_systemd_is_adopted_at_start_and_handed_on() {
         .unwrap()
         .parse()
         .unwrap();
-    let activated = Successor::of(pid);
+    assert_eq!(pid, sluice.pid());
     sluice
         .wait_log("inherited listening sockets sockets=1 upgrade=false")
         .await;
@@ -443,9 +518,9 @@ async fn a_socket_from_systemd_is_adopted_at_start_and_handed_on() {
     let sent = data(50_000, 10);
     assert_eq!(exchange(addr, &sent).await, sent);
 
-    activated.signal("USR2");
+    sluice.signal("USR2");
     let new = successor(&sluice, 1).await;
-    assert_eq!(activated.exit_code().await, 0);
+    assert_eq!(sluice.exit_status().await.code(), Some(0));
     assert_eq!(listening_sockets(new.pid, addr), 1, "the same socket");
     assert_eq!(exchange(addr, &sent).await, sent, "the new process serves");
 }
@@ -667,13 +742,14 @@ async fn ten_upgrades_under_load_lose_nothing() {
             Some(current) => current.signal("USR2"),
         }
         let next = successor(&sluice, n).await;
-        // Each process holds long streams of its own when the next takes over.
-        sluice
-            .wait_log(&format!(
-                "upgrade: the new process is ready; no longer accepting, draining pid={}",
-                next.pid
-            ))
-            .await;
+        // Each process holds long streams of its own when the next takes over: opened
+        // once the one before has closed its listening sockets, so that only this one
+        // can accept them.
+        let before = successors.last().map_or(sluice.pid(), |s| s.pid);
+        eventually("the old process to stop accepting", async || {
+            listening_sockets(before, streams_at) == 0
+        })
+        .await;
         let mine = (0..2)
             .map(|i| {
                 let seed = 1000 * n as u64 + i;

@@ -2,7 +2,7 @@
 //! binary, hands it every listening socket it owns, waits until it reports ready, and
 //! only then stops accepting and drains as on SIGTERM (`mod.rs`). A new process that
 //! fails in any way (cannot start, exits, crashes, is not ready within
-//! [`READY_TIMEOUT`]) changes nothing: the old one never stopped accepting.
+//! `upgrade_timeout`) changes nothing: the old one never stopped accepting.
 //!
 //! The handover, both sides:
 //!
@@ -58,8 +58,6 @@ use crate::data::inherited::{Inherited, InheritedSocket, admin_key};
 
 /// Where the new process finds the old one's handover socket (an abstract name).
 pub const SOCKET_ENV: &str = "SLUICE_UPGRADE_SOCKET";
-/// How long the new process has to report ready before it is killed.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Descriptors per packet: the kernel takes at most 253 (SCM_MAX_FD).
 pub const FDS_PER_PACKET: usize = 250;
 /// Lines of the new process's standard error kept for a failed upgrade's log line.
@@ -175,6 +173,7 @@ impl Server {
             sockets.push((admin_key(*address), Arc::clone(admin) as _));
         }
         let count = sockets.len();
+        let timeout = self.snapshots.load().config.upgrade_timeout;
         let (listener, name) = handover_socket().map_err(UpgradeError::Handover)?;
         let mut child = tokio::process::Command::new(&path)
             .args(std::env::args_os().skip(1))
@@ -212,7 +211,7 @@ impl Server {
             })
         });
         let task = tokio::spawn(async move {
-            let result = hand_over(&listener, &mut child, pid, &sockets).await;
+            let result = hand_over(&listener, &mut child, pid, &sockets, timeout).await;
             drop(sockets);
             let Err(failure) = result else {
                 return Ok(());
@@ -241,7 +240,7 @@ impl Server {
                 ))),
                 (None, _) => UpgradeError::NotReady {
                     pid,
-                    timeout: READY_TIMEOUT,
+                    timeout,
                     lines,
                 },
             })
@@ -318,8 +317,9 @@ async fn hand_over(
     child: &mut tokio::process::Child,
     pid: u32,
     sockets: &[(String, Arc<dyn AsFd + Send + Sync>)],
+    timeout: Duration,
 ) -> Result<(), Failure> {
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let deadline = Instant::now() + timeout;
     let conn = loop {
         let accepted = tokio::select! {
             r = listener.readable() => {
