@@ -24,7 +24,8 @@ const EXIT_START_FAILED: u8 = 1;
 
 /// The exit statuses, for `--help`; the README lists the same.
 const EXIT_CODES: &str = "Exit status:
-  0    run: drained and stopped after SIGTERM or SIGINT; check: every file is valid
+  0    run: drained and stopped after SIGTERM or SIGINT, or after an upgrade (SIGUSR2)
+       handed over to a new process; check: every file is valid
   1    run: could not start (an address already in use, no permission to bind)
   64   the config is invalid (the error names file:line:col)
   66   a config file cannot be read (missing, or no permission)

@@ -653,9 +653,11 @@ async fn probe(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Probe>) -> Vec
     errors
 }
 
-/// Drops counted on the listening sockets at `addr` (skmem's `d`), which a full accept
-/// queue or a SYN to a closing socket would raise: `ss -ltnm`.
-fn listen_drops(addr: SocketAddr) -> u64 {
+/// Packets dropped by the listening sockets at `addr` (skmem's `d`, `ss -ltnm`): a listen
+/// drop (a full accept queue) raises it, and so does a packet dropped for other causes
+/// (one that found the socket's backlog full while a thread held its lock, under heavy
+/// CPU contention), which `TcpExtListenDrops` does not count.
+fn socket_drops(addr: SocketAddr) -> u64 {
     let out = std::process::Command::new("ss")
         .args(["-Hltnm", &format!("sport = :{}", addr.port())])
         .output()
@@ -836,8 +838,9 @@ async fn ten_upgrades_under_load_lose_nothing() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no request count in wrk's output:\n{wrk_text}"));
     let drops_after = (nstat("TcpExtListenDrops"), nstat("TcpExtListenOverflows"));
+    let ours = socket_drops(web) + socket_drops(streams_at);
     eprintln!(
-        "FIGURES: {UPGRADES} upgrades in {upgrading:?}; wrk {requests} requests; prober {} requests, {} errors, longest connect-to-response {} ms; {} long streams, {bytes} bytes echoed; machine-wide ListenDrops {} -> {}, ListenOverflows {} -> {}",
+        "FIGURES: {UPGRADES} upgrades in {upgrading:?}; wrk {requests} requests; prober {} requests, {} errors, longest connect-to-response {} ms; {} long streams, {bytes} bytes echoed; machine-wide ListenDrops {} -> {}, ListenOverflows {} -> {}; packets dropped by the listening sockets {ours}",
         seen.requests.load(Ordering::SeqCst),
         seen.errors.load(Ordering::SeqCst),
         seen.longest_us.load(Ordering::SeqCst) / 1000,
@@ -860,10 +863,12 @@ async fn ten_upgrades_under_load_lose_nothing() {
         probe_errors.is_empty(),
         "the prober saw errors: {probe_errors:?}"
     );
-    assert_eq!(listen_drops(web), 0, "drops on the web listener's sockets");
-    assert_eq!(
-        listen_drops(streams_at),
-        0,
-        "drops on the streams listener's sockets"
+    // A listen drop on these sockets raises both their own count and the machine's
+    // ListenDrops: one of them unmoved means there was none. (The machine's alone can
+    // move with other processes' sockets; the sockets' alone with drops of other kinds.)
+    assert!(
+        ours == 0 || drops_after.0 == drops_before.0,
+        "the listening sockets dropped {ours} packets and the machine counted {} listen drops",
+        drops_after.0 - drops_before.0
     );
 }
