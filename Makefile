@@ -50,6 +50,9 @@ deps-test: deps-nginx
 	$(call need,script,bsdutils)
 	$(call need,chromium,chromium)
 	$(call need,dnsmasq,dnsmasq-base)
+	$(call need,wrk,wrk)
+	$(call need,systemd-socket-activate,systemd)
+	$(call need,nstat,iproute2)
 	@command -v kubernetes-validate >/dev/null 2>&1 && command -v yamllint >/dev/null 2>&1 || { \
 	  echo "installing kubernetes-validate and yamllint (pip)"; \
 	  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint; }

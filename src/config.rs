@@ -35,6 +35,9 @@ use values::{bytes_text, duration_text};
 pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9555";
 /// How long in-flight connections may finish after SIGTERM before they are cut.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the new process of a binary upgrade has to report ready before it is killed
+/// and the upgrade fails (the old process serving on).
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Per-listener cap on open client connections (each proxied one costs two descriptors).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Kernel accept queue length for each listening socket.
@@ -71,6 +74,8 @@ pub struct Config {
     pub source: PathBuf,
     #[serde(serialize_with = "duration_text")]
     pub drain_timeout: Duration,
+    #[serde(serialize_with = "duration_text")]
+    pub upgrade_timeout: Duration,
     pub admin: Admin,
     /// Read at start only; a reload keeps the one in force.
     pub runtime: Runtime,
@@ -473,6 +478,7 @@ address = "127.0.0.1:1"
         let text = MINIMAL;
         let c = Config::parse(text, Path::new("t.toml")).expect("valid");
         assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(c.upgrade_timeout, DEFAULT_UPGRADE_TIMEOUT);
         assert_eq!(c.admin.bind.to_string(), DEFAULT_ADMIN_BIND);
         assert_eq!(c.listeners[0].max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(c.runtime.mode, RuntimeMode::PerCore);

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice::config::{Config, RuntimeMode};
+use sluice::control::upgrade::Handover;
 use sluice::data::runtime::{PerCore, Workers};
 use tokio::runtime::Builder;
 
@@ -26,7 +27,8 @@ const EXIT_START_FAILED: u8 = 1;
 
 /// The exit statuses, for `--help`; the README lists the same.
 const EXIT_CODES: &str = "Exit status:
-  0    run: drained and stopped after SIGTERM or SIGINT; check: every file is valid
+  0    run: drained and stopped after SIGTERM or SIGINT, or after an upgrade (SIGUSR2)
+       handed over to a new process; check: every file is valid
   1    run: could not start (an address already in use, no permission to bind)
   64   the config is invalid (the error names file:line:col)
   66   a config file cannot be read (missing, or no permission)
@@ -145,6 +147,14 @@ fn resolve_names(config: &Config) -> bool {
 }
 
 fn run(path: PathBuf) -> ExitCode {
+    // Before any thread starts: it reads (and removes) systemd's LISTEN_ variables.
+    let handover = match sluice::control::upgrade::Handover::from_env() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
     // Read before the runtime exists: nothing else is running yet to be blocked.
     let loaded = std::fs::read_to_string(&path)
         .map_err(|source| sluice::config::ConfigError::Read {
@@ -179,8 +189,8 @@ fn run(path: PathBuf) -> ExitCode {
         .init();
 
     let result = match config.runtime.mode {
-        RuntimeMode::MultiThread => run_multi_thread(config, text),
-        RuntimeMode::PerCore => run_per_core(config, text),
+        RuntimeMode::MultiThread => run_multi_thread(config, text, handover),
+        RuntimeMode::PerCore => run_per_core(config, text, handover),
     };
     let result = match result {
         Ok(r) => r,
@@ -205,7 +215,11 @@ fn run(path: PathBuf) -> ExitCode {
 
 /// One multi-thread runtime runs everything; its threads share the listening sockets.
 /// The outer error is a runtime that could not start.
-fn run_multi_thread(config: Config, text: String) -> std::io::Result<Result<(), sluice::Error>> {
+fn run_multi_thread(
+    config: Config,
+    text: String,
+    handover: Handover,
+) -> std::io::Result<Result<(), sluice::Error>> {
     let mut builder = Builder::new_multi_thread();
     builder.enable_all();
     // 0 leaves tokio's default: one per CPU core, or TOKIO_WORKER_THREADS.
@@ -214,7 +228,7 @@ fn run_multi_thread(config: Config, text: String) -> std::io::Result<Result<(), 
     }
     let runtime = builder.build()?;
     let workers = Workers::single(runtime.handle().clone());
-    let result = runtime.block_on(sluice::run(config, text, workers));
+    let result = runtime.block_on(sluice::run(config, text, workers, handover));
     // Connections still open after the drain are dropped with the runtime.
     drop(runtime);
     Ok(result)
@@ -222,10 +236,14 @@ fn run_multi_thread(config: Config, text: String) -> std::io::Result<Result<(), 
 
 /// A current-thread runtime per worker thread for the connections, and one on this
 /// thread for the control plane.
-fn run_per_core(config: Config, text: String) -> std::io::Result<Result<(), sluice::Error>> {
+fn run_per_core(
+    config: Config,
+    text: String,
+    handover: Handover,
+) -> std::io::Result<Result<(), sluice::Error>> {
     let pool = PerCore::start(config.runtime.threads())?;
     let control = Builder::new_current_thread().enable_all().build()?;
-    let result = control.block_on(sluice::run(config, text, pool.workers()));
+    let result = control.block_on(sluice::run(config, text, pool.workers(), handover));
     // As above: what the drain left open goes with the workers' runtimes.
     pool.stop();
     drop(control);

@@ -229,6 +229,12 @@ fn invalid_configs() -> Vec<Invalid> {
             "`idle_timeout` must be greater than zero",
         ),
         invalid(
+            "zero_upgrade_timeout_is_refused",
+            format!("upgrade_timeout = \"0s\"\n{LISTENER}{UPSTREAM}"),
+            (1, 19),
+            "`upgrade_timeout` must be greater than zero",
+        ),
+        invalid(
             "weight_out_of_range",
             format!("{LISTENER}{UPSTREAM}weight = 1001\n"),
             (9, 10),

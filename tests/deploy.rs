@@ -51,6 +51,8 @@ fn the_systemd_unit_verifies_cleanly() {
         "LimitNOFILE=",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "TimeoutStopSec=60s",
+        "NotifyAccess=all",
+        "--kill-whom=main --signal=SIGUSR2",
     ] {
         assert!(text.contains(needed), "{needed}");
     }
@@ -74,6 +76,13 @@ fn the_kubernetes_manifests_match_the_schemas() {
         "a subPath mount freezes the file: hot reload needs the directory"
     );
     assert!(text.contains("path: /readyz"));
+    // The upgrade path in a cluster: a new pod ready before an old one goes, and a
+    // pause before SIGTERM while the Service forgets the pod.
+    assert!(
+        text.contains("maxUnavailable: 0"),
+        "a rolling update keeps every pod until its successor is ready"
+    );
+    assert!(text.contains("preStop:"));
 }
 
 /// The documents of a YAML file, as JSON (PyYAML comes with kubernetes-validate).

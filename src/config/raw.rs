@@ -25,6 +25,7 @@ use super::{
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     drain_timeout: Option<Spanned<DurationValue>>,
+    upgrade_timeout: Option<Spanned<DurationValue>>,
     admin: Option<RawAdmin>,
     runtime: Option<RawRuntime>,
     access_log: Option<RawAccessLog>,
@@ -98,6 +99,11 @@ impl RawConfig {
         let paths = Paths::new(path);
         let base = &paths;
         let drain_timeout = positive(self.drain_timeout, DEFAULT_DRAIN_TIMEOUT, "drain_timeout")?;
+        let upgrade_timeout = positive(
+            self.upgrade_timeout,
+            crate::config::DEFAULT_UPGRADE_TIMEOUT,
+            "upgrade_timeout",
+        )?;
         let admin_default = DEFAULT_ADMIN_BIND
             .parse()
             .map_err(|_| (0..0, "internal: bad default admin address".to_string()))?;
@@ -281,6 +287,7 @@ impl RawConfig {
             control,
             source: path.to_path_buf(),
             drain_timeout,
+            upgrade_timeout,
             admin,
             runtime,
             access_log,

@@ -15,6 +15,7 @@
 //! | `outcome.rs` | the last config load's outcome (start or reload), for its readers |
 //! | `status/` | the status page and its JSON twin, collected from the snapshot and atomics |
 //! | `discovery.rs` | backends by name: DNS re-resolution feeding each upstream's endpoints |
+//! | `upgrade.rs` | binary upgrade: sockets handed to a new process, which reports ready |
 
 pub mod admin;
 pub mod apply;
@@ -25,8 +26,10 @@ pub mod outcome;
 pub mod retire;
 pub mod signals;
 pub mod status;
+pub mod upgrade;
 pub mod watch;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -88,14 +91,36 @@ pub struct Server {
     overrides: Arc<ctl::Overrides>,
     /// The backend names of the config in force and what they resolve to now.
     discovery: discovery::Discovery,
+    /// A descriptor of the admin endpoint's socket and its configured address, for an
+    /// upgrade to hand over.
+    admin_handover: Option<(SocketAddr, Arc<std::net::TcpListener>)>,
+    /// The binary upgrade under way, if any.
+    upgrade: Option<upgrade::InProgress>,
+}
+
+/// Why the server loop ended.
+enum Stop {
+    /// SIGTERM or SIGINT (the signal's name).
+    Signal(&'static str),
+    /// A new process took over the sockets and is ready (its pid).
+    Upgraded(u32),
 }
 
 /// Runs sluice with `config` (read from `text`) until SIGTERM or SIGINT, reloading
-/// on changes to its file and on SIGHUP, then drains and returns.
+/// on changes to its file and on SIGHUP, then drains and returns. On SIGUSR2 it
+/// upgrades: once a new process has taken over its sockets and is ready, it drains
+/// the same way and returns.
 ///
 /// Listening sockets, their accept loops and the connections run on `workers`; the rest
 /// (reload, admin, health checks, signals) runs on the runtime that polls this future.
-pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), Error> {
+/// Sockets in `handover` (from the process this one replaces, or systemd) are adopted
+/// where the config listens on their address, and the rest closed.
+pub async fn run(
+    config: Config,
+    text: String,
+    workers: Workers,
+    mut handover: upgrade::Handover,
+) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new()?);
     let access_log = match &config.access_log {
         None => None,
@@ -119,7 +144,32 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         .process_max_connections
         .set(i64::try_from(process_cap).unwrap_or(i64::MAX));
 
-    let admin_socket = listener::bind(config.admin.bind, 128)
+    metrics.start_time.set(crate::metrics::unix_now());
+    let mut inherited = std::mem::take(&mut handover.sockets);
+    if !inherited.is_empty() {
+        tracing::info!(
+            sockets = inherited.len(),
+            upgrade = handover.is_upgrade(),
+            "inherited listening sockets"
+        );
+    }
+    let admin_std = match inherited
+        .take(
+            &crate::data::inherited::admin_key(config.admin.bind),
+            config.admin.bind,
+        )
+        .into_iter()
+        .next()
+    {
+        Some(adopted) => adopted.set_nonblocking(true).map(|()| adopted),
+        None => listener::bind(config.admin.bind, 128),
+    };
+    let admin_handover = admin_std
+        .as_ref()
+        .ok()
+        .and_then(|s| s.try_clone().ok())
+        .map(|s| (config.admin.bind, Arc::new(s)));
+    let admin_socket = admin_std
         .and_then(tokio::net::TcpListener::from_std)
         .map_err(|source| BindError {
             what: "the admin endpoint".to_string(),
@@ -186,7 +236,10 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         status: Arc::clone(&status),
         overrides: Arc::clone(&overrides),
         discovery,
+        admin_handover,
+        upgrade: None,
     };
+    server.listeners.inherit(inherited);
     // The empty snapshot is what start applies the first config to.
     let diff = SnapshotDiff::new(&snapshots.load(), &config, &material);
     // Only the summary: the `Applied` (and the snapshot it holds) goes at once, or the
@@ -208,32 +261,42 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
             changes,
         },
     ));
+    server.listeners.close_inherited();
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     let (reloads_tx, mut reloads) = tokio::sync::mpsc::channel::<ctl::ReloadRequest>(4);
-    let control_path = control.as_ref().map(|c| c.path().to_path_buf());
-    let control = control.map(|bound| {
+    let mut control = control.zip(config.control.clone()).map(|(bound, config)| {
         let (socket, tcp) = (bound.path().to_path_buf(), bound.tcp_address());
-        tokio::spawn(ctl::serve(
-            bound,
-            Arc::new(ctl::Ctl {
-                socket,
-                tcp,
-                overrides,
-                snapshots: Arc::clone(&snapshots),
-                status: Arc::clone(&status),
-                metrics: Arc::clone(&metrics),
-                reloads: reloads_tx,
-            }),
-        ))
+        let ctl = Arc::new(ctl::Ctl {
+            socket,
+            tcp,
+            overrides,
+            snapshots: Arc::clone(&snapshots),
+            status: Arc::clone(&status),
+            metrics: Arc::clone(&metrics),
+            reloads: reloads_tx,
+        });
+        ControlSocket {
+            task: Some(tokio::spawn(ctl::serve(bound, Arc::clone(&ctl)))),
+            config,
+            ctl,
+        }
     });
     status.ready.store(true, Ordering::Relaxed);
     // The admin address in STATUS: what `systemctl status` shows, and how the tests find
     // the endpoint that tells them everything else.
+    // After an upgrade this process becomes the unit's main process (systemd takes
+    // MAINPID= from it with NotifyAccess=all; the old process says it too).
+    let main_pid = match handover.is_upgrade() {
+        true => format!("MAINPID={}\n", std::process::id()),
+        false => String::new(),
+    };
     drain::notify_systemd(&format!(
-        "READY=1\nSTATUS=ready; admin endpoint on {admin_address}"
+        "READY=1\n{main_pid}STATUS=ready; admin endpoint on {admin_address}"
     ));
     tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
         config = %config.source.display(),
         listeners = config.listeners.len(),
         upstreams = config.upstreams.len(),
@@ -242,14 +305,37 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
         worker_threads = workers.threads(),
         "sluice ready"
     );
+    // After the log line: the old process reads it as the new one's last word at start.
+    handover.ready();
     drop(config);
 
     let answers_changed = server.discovery.changed();
-    let signal = loop {
+    // A reload asked for while an upgrade is under way waits for its end: the new
+    // process reads the file itself, and the old one's sockets must not change while
+    // they are being handed over.
+    let mut reload_waiting = None;
+    let stop = loop {
         let event = tokio::select! {
-            event = events.recv() => event,
+            e = events.recv() => e,
+            done = server.upgrade_finished() => match done {
+                Ok(pid) => break Stop::Upgraded(pid),
+                Err(()) => {
+                    // The upgrade failed: this process takes the control socket back.
+                    if let Some(c) = control.as_mut().filter(|c| c.task.is_none()) {
+                        c.start();
+                    }
+                    match reload_waiting.take() {
+                        Some(trigger) => Some(Event::Reload(trigger)),
+                        None => continue,
+                    }
+                }
+            },
             Some(reply) = reloads.recv() => {
-                let _ = reply.send(server.reload(signals::Trigger::Ctl).await);
+                let result = match server.upgrade {
+                    Some(_) => Err("refused: a binary upgrade is under way; reload after it".to_string()),
+                    None => server.reload(signals::Trigger::Ctl).await,
+                };
+                let _ = reply.send(result);
                 continue;
             }
             () = answers_changed.notified() => {
@@ -258,6 +344,13 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
             }
         };
         match event {
+            Some(Event::Reload(trigger)) if server.upgrade.is_some() => {
+                tracing::info!(
+                    ?trigger,
+                    "reload requested during an upgrade: it waits for the upgrade's end"
+                );
+                reload_waiting = Some(trigger);
+            }
             Some(Event::Reload(trigger)) => {
                 // Logged by the reload itself, success or failure.
                 let _ = server.reload(trigger).await;
@@ -267,34 +360,148 @@ pub async fn run(config: Config, text: String, workers: Workers) -> Result<(), E
                     log.reopen();
                 }
             }
-            Some(Event::Shutdown(signal)) => break signal,
+            Some(Event::Upgrade) => {
+                // The new process binds the control socket itself: this one lets go of
+                // it for the upgrade, and takes it back if the upgrade fails.
+                let idle = server.upgrade.is_none();
+                if idle && let Some(c) = &mut control {
+                    c.stop().await;
+                }
+                if server.upgrade(None).is_err()
+                    && idle
+                    && let Some(c) = &mut control
+                {
+                    c.start();
+                }
+            }
+            Some(Event::Shutdown(signal)) => break Stop::Signal(signal),
             // The signal task holds a sender for the life of the process.
-            None => break "none",
+            None => break Stop::Signal("none"),
         }
     };
     let drain_timeout = snapshots.load().config.drain_timeout;
-    tracing::info!(
-        signal,
-        ?drain_timeout,
-        connections = tracker.len(),
-        "shutting down: no longer accepting, draining"
-    );
     status.ready.store(false, Ordering::Relaxed);
-    drain::notify_systemd("STOPPING=1\nSTATUS=draining");
+    match stop {
+        Stop::Signal(signal) => {
+            if let Some(running) = server.upgrade.take() {
+                running.abandon();
+            }
+            tracing::info!(
+                signal,
+                ?drain_timeout,
+                connections = tracker.len(),
+                "shutting down: no longer accepting, draining"
+            );
+            drain::notify_systemd("STOPPING=1\nSTATUS=draining");
+        }
+        Stop::Upgraded(pid) => {
+            tracing::info!(
+                pid,
+                ?drain_timeout,
+                connections = tracker.len(),
+                "upgrade: the new process is ready; no longer accepting, draining"
+            );
+            if reload_waiting.is_some() {
+                tracing::warn!(
+                    "a reload asked for during the upgrade is left to the new process, which read the config file at its start"
+                );
+            }
+            // Not STOPPING=1: the unit is not stopping, its main process changes.
+            drain::notify_systemd(&format!(
+                "MAINPID={pid}\nSTATUS=handed over to pid {pid}; draining"
+            ));
+            // The new process serves the admin endpoint alone from now on.
+            admin.abort();
+            server.admin_handover = None;
+        }
+    }
+    // Asked of a process that drains: refused, and said so, never dropped silently;
+    // the access log is still reopened.
+    let successor = match stop {
+        Stop::Upgraded(pid) => Some(pid),
+        Stop::Signal(_) => None,
+    };
+    let access_log = server.access_log.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match (event, successor) {
+                // Both processes of an upgrade append to the same file: logrotate's
+                // signal reaches each.
+                (Event::ReopenAccessLog, _) => {
+                    if let Some(log) = &access_log {
+                        log.reopen();
+                    }
+                }
+                (Event::Upgrade, Some(pid)) => tracing::warn!(
+                    successor = pid,
+                    "upgrade refused: this process is draining after an upgrade; signal its successor"
+                ),
+                (Event::Upgrade, None) => {
+                    tracing::warn!("upgrade refused: this process is shutting down")
+                }
+                (Event::Reload(_), _) => tracing::warn!("reload refused: this process is draining"),
+                (Event::Shutdown(signal), Some(_)) => tracing::info!(
+                    signal,
+                    "already draining after an upgrade; a second signal exits at once"
+                ),
+                _ => {}
+            }
+        }
+    });
     metrics.draining.set(1);
     shutdown::cancel(&shutdown.stop_accepting);
     server.listeners.stopped().await;
     let cut = drain::drain(&tracker, &shutdown, drain_timeout).await;
-    tracing::info!(cut, "shutdown complete");
+    match stop {
+        Stop::Signal(_) => tracing::info!(cut, "shutdown complete"),
+        Stop::Upgraded(_) => tracing::info!(cut, "drained, exiting"),
+    }
     shutdown::cancel(&server.checks_stop);
     admin.abort();
-    if let Some(task) = control {
-        task.abort();
-    }
-    if let Some(path) = control_path {
-        let _ = std::fs::remove_file(path);
+    if let Some(mut c) = control {
+        match stop {
+            // Not the socket file: the new process listens on it now.
+            Stop::Upgraded(_) => {
+                if let Some(task) = c.task.take() {
+                    task.abort();
+                }
+            }
+            Stop::Signal(_) => c.stop().await,
+        }
     }
     Ok(())
+}
+
+/// The control socket and what serves it: stopped for a binary upgrade (the new process
+/// binds it) and started again if the upgrade fails.
+struct ControlSocket {
+    config: crate::config::Control,
+    ctl: Arc<ctl::Ctl>,
+    /// `None` while stopped.
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ControlSocket {
+    /// Closes the sockets (once the serving task is gone) and removes the socket file.
+    async fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+            let _ = std::fs::remove_file(&self.config.socket);
+        }
+    }
+
+    fn start(&mut self) {
+        match ctl::bind(&self.config) {
+            Ok(bound) => {
+                tracing::info!(socket = %bound.path().display(), tcp = ?bound.tcp_address(), "control socket listening again");
+                self.task = Some(tokio::spawn(ctl::serve(bound, Arc::clone(&self.ctl))));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the control socket could not be bound again; restart sluice to get it back")
+            }
+        }
+    }
 }
 
 /// What a listener with the default `max_connections` counts as when the start checks

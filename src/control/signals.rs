@@ -1,6 +1,6 @@
 //! Signals and file changes become one stream of [`Event`]s that the server loop reads:
 //! SIGHUP and a settled change of a watched file ask for a reload, SIGUSR1 reopens the
-//! access log, SIGTERM and SIGINT shut down. A second SIGTERM or SIGINT during the drain
+//! access log, SIGUSR2 upgrades the binary (`upgrade.rs`), SIGTERM and SIGINT shut down. A second SIGTERM or SIGINT during the drain
 //! exits at once.
 
 use std::io;
@@ -20,6 +20,8 @@ const PENDING: usize = 16;
 pub enum Event {
     Reload(Trigger),
     ReopenAccessLog,
+    /// Start the binary at sluice's own path and hand it the listening sockets.
+    Upgrade,
     /// Shut down gracefully; the signal's name.
     Shutdown(&'static str),
 }
@@ -49,6 +51,7 @@ pub fn listen() -> io::Result<(Events, mpsc::Receiver<Event>)> {
     let (tx, rx) = mpsc::channel(PENDING);
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let events = Events(tx.clone());
@@ -63,6 +66,11 @@ pub fn listen() -> io::Result<(Events, mpsc::Receiver<Event>)> {
                 }
                 _ = usr1.recv() => {
                     let _ = tx.try_send(Event::ReopenAccessLog);
+                    continue;
+                }
+                _ = usr2.recv() => {
+                    // Never dropped silently: a refused upgrade is logged by the loop.
+                    let _ = tx.send(Event::Upgrade).await;
                     continue;
                 }
                 _ = term.recv() => "SIGTERM",

@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::data::conn;
 use crate::data::gate::Gate;
 use crate::data::held::{AtCap, Held, Watched};
+use crate::data::inherited::{Inherited, listener_key};
 use crate::data::runtime::Workers;
 use crate::edge::admission::Revocations;
 use crate::edge::client_table::ClientTable;
@@ -120,11 +121,22 @@ fn unbound(address: SocketAddr) -> io::Result<Socket> {
 /// Binds one listening socket per worker to `address`, each registered with its
 /// worker's reactor. With several workers the sockets share the address through
 /// SO_REUSEPORT; with port 0 the first gets a port from the kernel and the rest join it.
+///
+/// With `adopted` sockets (inherited for this address: see `inherited.rs`), those are
+/// used instead, all of them, spread over the workers in turn: every accept queue the
+/// old process had keeps being served, even when this process has fewer workers. If it
+/// has more, the rest are bound beside them when the adopted sockets share their address
+/// (SO_REUSEPORT); otherwise (a socket from systemd without `ReusePort=`) the remaining
+/// workers poll descriptors of the adopted sockets, which then share one accept queue.
 fn bind_group(
     address: SocketAddr,
     backlog: u32,
     workers: &Workers,
+    adopted: Vec<std::net::TcpListener>,
 ) -> io::Result<(SocketAddr, Vec<WorkerSocket>)> {
+    if !adopted.is_empty() {
+        return adopt_group(address, backlog, workers, adopted);
+    }
     let shared = workers.handles().len() > 1;
     if shared && address.port() != 0 {
         // SO_REUSEPORT would let these sockets join one that another process (of the
@@ -146,9 +158,60 @@ fn bind_group(
         // Deprecated for fds the AsyncFd does not own; this one owns it.
         #[allow(deprecated)]
         let socket = AsyncFd::new(socket)?;
-        sockets.push((handle.clone(), socket));
+        sockets.push((handle.clone(), Arc::new(socket)));
     }
     Ok((at, sockets))
+}
+
+/// [`bind_group`] for inherited sockets.
+fn adopt_group(
+    address: SocketAddr,
+    backlog: u32,
+    workers: &Workers,
+    adopted: Vec<std::net::TcpListener>,
+) -> io::Result<(SocketAddr, Vec<WorkerSocket>)> {
+    let handles = workers.handles();
+    let local = adopted[0].local_addr()?;
+    let shares = Socket::from(adopted[0].try_clone()?).reuse_port()?;
+    let mut sockets = Vec::with_capacity(adopted.len().max(handles.len()));
+    for (i, listener) in adopted.into_iter().enumerate() {
+        let socket = Socket::from(listener);
+        socket.set_nonblocking(true)?;
+        // listen(2) again on a listening socket sets its backlog: this config's.
+        socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+        let handle = &handles[i % handles.len()];
+        let _entered = handle.enter();
+        #[allow(deprecated)]
+        let socket = AsyncFd::new(std::net::TcpListener::from(socket))?;
+        sockets.push((handle.clone(), Arc::new(socket)));
+    }
+    let adopted_count = sockets.len();
+    if adopted_count < handles.len() {
+        if shares {
+            for handle in &handles[adopted_count..] {
+                let socket = bind_shared(local, backlog, true)?;
+                let _entered = handle.enter();
+                #[allow(deprecated)]
+                let socket = AsyncFd::new(socket)?;
+                sockets.push((handle.clone(), Arc::new(socket)));
+            }
+        } else {
+            tracing::info!(
+                address = %address,
+                adopted = adopted_count,
+                workers = handles.len(),
+                "the inherited socket has no SO_REUSEPORT: the workers share its accept queue"
+            );
+            for (i, handle) in handles[adopted_count..].iter().enumerate() {
+                let socket = sockets[i % adopted_count].1.get_ref().try_clone()?;
+                let _entered = handle.enter();
+                #[allow(deprecated)]
+                let socket = AsyncFd::new(socket)?;
+                sockets.push((handle.clone(), Arc::new(socket)));
+            }
+        }
+    }
+    Ok((local, sockets))
 }
 
 /// A listening address that could not be bound.
@@ -177,6 +240,8 @@ pub struct Listeners {
     /// Each listener's accept queues, time at its cap and per-client table, for the
     /// admin endpoint to sample; the tables and `AtCap`s live here across reloads.
     held: Arc<Held>,
+    /// Sockets handed over or passed by systemd, adopted by the first apply.
+    inherited: Inherited,
 }
 
 /// The accept loops of one configured address, one per worker.
@@ -186,6 +251,8 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// As bound: port 0 resolved. What the admin endpoint's `/listeners` reports.
     local: SocketAddr,
+    /// The sockets the accept loops poll, shared with them, for a handover.
+    sockets: Vec<Arc<AsyncFd<std::net::TcpListener>>>,
 }
 
 /// The sockets bound for one configured address of a listener, not yet serving.
@@ -198,8 +265,10 @@ pub struct Bound {
     sockets: Vec<WorkerSocket>,
 }
 
-/// A listening socket registered with a worker's reactor, and that worker.
-type WorkerSocket = (Handle, AsyncFd<std::net::TcpListener>);
+/// A listening socket registered with a worker's reactor, and that worker. Shared
+/// between the accept loop and [`Running`], which hands it over in an upgrade; it
+/// closes when both let go.
+type WorkerSocket = (Handle, Arc<AsyncFd<std::net::TcpListener>>);
 
 /// What a reconcile changed, for the reload log line.
 #[derive(Debug, Default)]
@@ -226,20 +295,50 @@ impl Listeners {
             shutdown,
             tracker,
             workers,
+            inherited: Inherited::default(),
         }
+    }
+
+    /// Sockets for the first apply to adopt before it binds anything.
+    pub fn inherit(&mut self, inherited: Inherited) {
+        self.inherited = inherited;
+    }
+
+    /// Takes an inherited socket for `key` or `address` (see [`Inherited::take`]).
+    pub fn take_inherited(&mut self, key: &str, address: SocketAddr) -> Vec<std::net::TcpListener> {
+        self.inherited.take(key, address)
+    }
+
+    /// Closes the inherited sockets no listener adopted; returns how many.
+    pub fn close_inherited(&mut self) -> usize {
+        self.inherited.close_rest()
+    }
+
+    /// Every listening socket, with its key for the process that takes them over.
+    pub fn handover(&self) -> Vec<(String, Arc<AsyncFd<std::net::TcpListener>>)> {
+        let mut all = Vec::new();
+        for ((name, address), r) in &self.running {
+            for socket in &r.sockets {
+                all.push((listener_key(name, *address), Arc::clone(socket)));
+            }
+        }
+        all
     }
 
     /// Binds what `config` adds and resizes limits; returns the sockets to start. Nothing
     /// changes if any bind fails.
-    pub fn bind_new(&self, config: &Config) -> Result<Vec<Bound>, BindError> {
+    pub fn bind_new(&mut self, config: &Config) -> Result<Vec<Bound>, BindError> {
         let mut bound = Vec::new();
         for l in &config.listeners {
             for &address in &l.bind {
                 if self.running.contains_key(&(l.name.clone(), address)) {
                     continue;
                 }
-                let (local, sockets) =
-                    bind_group(address, l.backlog, &self.workers).map_err(|source| BindError {
+                let adopted = self
+                    .inherited
+                    .take(&listener_key(&l.name, address), address);
+                let (local, sockets) = bind_group(address, l.backlog, &self.workers, adopted)
+                    .map_err(|source| BindError {
                         what: format!("listener {:?}", l.name),
                         address,
                         source,
@@ -301,6 +400,7 @@ impl Listeners {
                 .map(|st| st.st_ino)
                 .collect();
             watched.sockets.insert(b.address, inodes);
+            let sockets = b.sockets.iter().map(|(_, s)| Arc::clone(s)).collect();
             let tasks = b
                 .sockets
                 .into_iter()
@@ -322,8 +422,15 @@ impl Listeners {
                     ))
                 })
                 .collect();
-            self.running
-                .insert((name, b.address), Running { stop, tasks, local });
+            self.running.insert(
+                (name, b.address),
+                Running {
+                    stop,
+                    tasks,
+                    local,
+                    sockets,
+                },
+            );
         }
         let wanted: HashSet<(String, SocketAddr)> = config
             .listeners
@@ -384,7 +491,7 @@ impl Listeners {
 struct Acceptor {
     name: Arc<str>,
     /// Polled for readiness before any permit is taken: see [`Acceptor::serve`].
-    socket: AsyncFd<std::net::TcpListener>,
+    socket: Arc<AsyncFd<std::net::TcpListener>>,
     limit: Arc<Gate>,
     process_limit: Arc<Gate>,
     /// The listener's time at its cap: counted while this loop waits for a slot.

@@ -3,6 +3,7 @@
 pub mod conn;
 pub mod gate;
 pub mod held;
+pub mod inherited;
 pub mod listener;
 pub mod relay;
 pub mod runtime;

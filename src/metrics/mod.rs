@@ -65,6 +65,8 @@ pub const LISTENER_ACCEPT_QUEUE: &str = "sluice_listener_accept_queue";
 pub const LISTENER_ACCEPT_QUEUE_LIMIT: &str = "sluice_listener_accept_queue_limit";
 pub const LISTENER_AT_CAP: &str = "sluice_listener_at_cap_seconds_total";
 pub const BACKEND_EFFECTIVE_WEIGHT: &str = "sluice_backend_effective_weight";
+pub const START_TIME: &str = "sluice_start_time_seconds";
+pub const UPGRADES: &str = "sluice_upgrades_total";
 
 /// Connect times: sub-millisecond on a LAN up to the longest sensible connect timeout.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -127,6 +129,10 @@ pub struct Metrics {
     pub access_log_dropped: IntCounter,
     /// Backends by name: written by the control plane's resolver tasks only.
     pub discovery: DiscoveryMetrics,
+    pub start_time: Gauge,
+    pub upgrades_success: IntCounter,
+    pub upgrades_failure: IntCounter,
+    pub upgrades_refused: IntCounter,
 }
 
 impl Metrics {
@@ -149,6 +155,13 @@ impl Metrics {
             &registry,
             CONFIG_RELOADS,
             "Config reload attempts, by result (success, failure)",
+            &["result"],
+        )?;
+
+        let upgrades = counter_vec(
+            &registry,
+            UPGRADES,
+            "Binary upgrades this process started, by result (success: the new process took over; failure; refused: one was already under way)",
             &["result"],
         )?;
 
@@ -379,6 +392,17 @@ impl Metrics {
                 &["route", "result"],
             )?,
             discovery: DiscoveryMetrics::new(&registry)?,
+            start_time: {
+                let g = Gauge::new(
+                    START_TIME,
+                    "Unix time this sluice process started (with sluice_build_info's version: which binary runs since when)",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            upgrades_success: upgrades.with_label_values(&["success"]),
+            upgrades_failure: upgrades.with_label_values(&["failure"]),
+            upgrades_refused: upgrades.with_label_values(&["refused"]),
             registry,
         };
         Ok(m)

@@ -22,6 +22,11 @@ pub struct Launch {
     /// A `[runtime]` table added to the config text (and to each rewrite of it).
     runtime: Option<String>,
     quiet: bool,
+    /// The sluice binary to run, in place of the one cargo built (a copy an upgrade test
+    /// replaces, say).
+    binary: Option<PathBuf>,
+    /// A program (and its arguments) that runs sluice, such as `systemd-socket-activate`.
+    wrapper: Vec<String>,
 }
 
 pub(super) enum Source {
@@ -38,7 +43,25 @@ impl Launch {
             env: Vec::new(),
             runtime: None,
             quiet: false,
+            binary: None,
+            wrapper: Vec::new(),
         }
+    }
+
+    /// Runs the sluice binary at `path` rather than the one cargo built.
+    pub fn binary(mut self, path: &std::path::Path) -> Launch {
+        self.binary = Some(path.to_path_buf());
+        self
+    }
+
+    /// Runs sluice through `program` and `args`, which start it (and pass on the
+    /// environment): `systemd-socket-activate -l ADDRESS`.
+    pub fn wrapped(mut self, program: &str, args: &[&str]) -> Launch {
+        self.wrapper = std::iter::once(program)
+            .chain(args.iter().copied())
+            .map(str::to_string)
+            .collect();
+        self
     }
 
     /// The process's open-file limit (`ulimit -n`).
@@ -149,15 +172,25 @@ impl Launch {
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         notify.set_nonblocking(true).unwrap();
 
-        let mut command = match self.nofile {
-            None => Command::new(env!("CARGO_BIN_EXE_sluice")),
-            Some(n) => {
+        let binary = self
+            .binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sluice")));
+        let mut command = match (self.nofile, self.wrapper.split_first()) {
+            (None, None) => Command::new(&binary),
+            (Some(n), None) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
                     .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
-                    .arg(env!("CARGO_BIN_EXE_sluice"));
+                    .arg(&binary);
                 c
             }
+            (None, Some((program, args))) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&binary);
+                c
+            }
+            (Some(_), Some(_)) => panic!("nofile and a wrapper: set the limit in the wrapper"),
         };
         // Tests read the per-connection line, which is at debug; benchmarks (quiet) run
         // at the production default. SLUICE_LOG overrides both, to measure the cost of

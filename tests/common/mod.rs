@@ -14,6 +14,8 @@
 //! - [`kernel`]: socket state the kernel shows (accept queues, listening sockets).
 //! - [`pki`]: certificates made by `openssl`, and `openssl s_server` / `s_client`.
 //! - [`browser`]: headless Chromium: a page's DOM, the requests it made, screenshots.
+//! - [`upgrade`]: the processes a binary upgrade starts ([`Successor`]), and binaries to
+//!   upgrade to.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
 // Private but for `pki`, which tests name: a glob import of a module `sluice` would
@@ -29,6 +31,7 @@ mod launch;
 mod metrics;
 pub mod pki;
 mod sluice;
+mod upgrade;
 
 pub use backends::*;
 pub use browser::*;
@@ -40,3 +43,4 @@ pub use kernel::*;
 pub use launch::*;
 pub use metrics::*;
 pub use sluice::*;
+pub use upgrade::*;

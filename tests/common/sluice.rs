@@ -142,6 +142,12 @@ impl Sluice {
         status
     }
 
+    /// Waits for the process to exit, without waiting for its output to end: after an
+    /// upgrade its successor writes to the same pipes.
+    pub async fn exit_status(&self) -> ExitStatus {
+        eventually("sluice to exit", async || self.process.try_wait()).await
+    }
+
     /// Every log line so far, standard output and error.
     pub fn log(&self) -> Vec<String> {
         self.process.lines()

@@ -224,45 +224,48 @@ fn read_token(path: &Path) -> Result<Arc<[u8]>, CtlError> {
     Ok(Arc::from(token.as_bytes()))
 }
 
-/// Serves the control sockets until the task is dropped.
+/// Serves the control sockets until the task is aborted: both accept loops run in this
+/// one task, so aborting it closes both sockets (an upgrade frees them for its new
+/// process that way).
 pub async fn serve(bound: Bound, ctl: Arc<Ctl>) {
     let Bound { unix, tcp, .. } = bound;
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    if let Some((socket, token)) = tcp {
-        let (ctl, slots) = (Arc::clone(&ctl), Arc::clone(&slots));
-        tokio::spawn(async move {
-            loop {
-                match socket.accept().await {
-                    Ok((stream, _)) => {
-                        let Some(slot) = take(&slots) else { continue };
-                        let _ = stream.set_nodelay(true);
-                        let token = Some(Arc::clone(&token));
-                        connection(stream, Arc::clone(&ctl), None, token, slot);
-                    }
-                    Err(e) => accept_failed(e).await,
+    let tcp_loop = async {
+        let Some((socket, token)) = tcp else { return };
+        loop {
+            match socket.accept().await {
+                Ok((stream, _)) => {
+                    let Some(slot) = take(&slots) else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let token = Some(Arc::clone(&token));
+                    connection(stream, Arc::clone(&ctl), None, token, slot);
                 }
+                Err(e) => accept_failed(e).await,
             }
-        });
-    }
-    loop {
-        match unix.accept().await {
-            Ok((stream, _)) => {
-                let Some(slot) = take(&slots) else { continue };
-                let peer = match stream.peer_cred() {
-                    Ok(c) => Peer::Unix {
-                        uid: c.uid(),
-                        pid: c.pid(),
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "control socket: no peer credentials; connection closed");
-                        continue;
-                    }
-                };
-                connection(stream, Arc::clone(&ctl), Some(peer), None, slot);
-            }
-            Err(e) => accept_failed(e).await,
         }
-    }
+    };
+    let unix_loop = async {
+        loop {
+            match unix.accept().await {
+                Ok((stream, _)) => {
+                    let Some(slot) = take(&slots) else { continue };
+                    let peer = match stream.peer_cred() {
+                        Ok(c) => Peer::Unix {
+                            uid: c.uid(),
+                            pid: c.pid(),
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "control socket: no peer credentials; connection closed");
+                            continue;
+                        }
+                    };
+                    connection(stream, Arc::clone(&ctl), Some(peer), None, slot);
+                }
+                Err(e) => accept_failed(e).await,
+            }
+        }
+    };
+    tokio::join!(tcp_loop, unix_loop);
 }
 
 /// A connection slot, or `None` (the connection is dropped) when all are taken.
