@@ -895,7 +895,8 @@ async fn ctl(socket: &Path, args: &[&str]) -> i32 {
 /// With a control socket: the old process lets go of it for the upgrade, takes it back
 /// when the upgrade fails, and after a good one the new process answers on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_socket_stays_after_a_failed_upgrade_and_moves_with_a_good_one() {
+async fn the_control_socket_stays_after_a_failed_upgrade_and_moves_with_a_good_one_and_ctl_upgrades()
+ {
     reap_successors();
     let dir = tempfile::tempdir().unwrap();
     let binary = own_binary(dir.path());
@@ -915,9 +916,27 @@ async fn the_control_socket_stays_after_a_failed_upgrade_and_moves_with_a_good_o
         0,
         "the old process answers"
     );
+    // The same through `sluice ctl upgrade`: it waits for the outcome and says it failed.
+    assert_eq!(
+        ctl(&socket, &["upgrade"]).await,
+        1,
+        "a failed upgrade exits 1"
+    );
+    assert_eq!(
+        ctl(&socket, &["backends"]).await,
+        0,
+        "the old process answers"
+    );
+    assert_eq!(
+        sluice
+            .metrics()
+            .await
+            .value("sluice_upgrades_total", &[("result", "failure")]),
+        2.0
+    );
 
     restore_binary(&binary);
-    sluice.signal("USR2");
+    assert_eq!(ctl(&socket, &["upgrade"]).await, 0, "sluice ctl upgrade");
     let new = successor(&sluice, 1).await;
     sluice.wait_log("upgrade: the new process is ready").await;
     assert_eq!(sluice.exit_status().await.code(), Some(0));

@@ -189,6 +189,8 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// The status report, collected now from the snapshot in force and the atomics.
 fn report(status: &Status) -> status::Report {
     let snapshot = status.snapshots.load();
+    // The accept queues and effective weights are sampled, as for a scrape.
+    status.held.sample(&snapshot);
     let listening = {
         let l = status.listening.lock().unwrap_or_else(|p| p.into_inner());
         l.listeners.clone()

@@ -265,6 +265,7 @@ pub async fn run(
 
     let admin = tokio::spawn(admin::serve(admin_socket, Arc::clone(&status)));
     let (reloads_tx, mut reloads) = tokio::sync::mpsc::channel::<ctl::ReloadRequest>(4);
+    let (upgrades_tx, mut upgrades) = tokio::sync::mpsc::channel::<ctl::UpgradeRequest>(4);
     let mut control = control.zip(config.control.clone()).map(|(bound, config)| {
         let (socket, tcp) = (bound.path().to_path_buf(), bound.tcp_address());
         let ctl = Arc::new(ctl::Ctl {
@@ -275,6 +276,7 @@ pub async fn run(
             status: Arc::clone(&status),
             metrics: Arc::clone(&metrics),
             reloads: reloads_tx,
+            upgrades: upgrades_tx,
         });
         ControlSocket {
             task: Some(tokio::spawn(ctl::serve(bound, Arc::clone(&ctl)))),
@@ -336,6 +338,19 @@ pub async fn run(
                     None => server.reload(signals::Trigger::Ctl).await,
                 };
                 let _ = reply.send(result);
+                continue;
+            }
+            Some((binary, reply)) = upgrades.recv() => {
+                // As on SIGUSR2, the control socket is let go of for the upgrade.
+                let idle = server.upgrade.is_none();
+                if idle && let Some(c) = &mut control {
+                    c.stop().await;
+                }
+                let started = server.upgrade(binary).map_err(|e| e.to_string());
+                if started.is_err() && idle && let Some(c) = &mut control {
+                    c.start();
+                }
+                let _ = reply.send(started);
                 continue;
             }
             () = answers_changed.notified() => {

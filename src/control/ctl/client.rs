@@ -30,7 +30,7 @@ pub const EXIT_NOT_RUNNING: u8 = 5;
 /// For `--help`; the README lists the same.
 pub const EXIT_CODES: &str = "Exit status:
   0    done
-  1    the operation failed (a reload refused: the error on stderr)
+  1    the operation failed (a reload refused, an upgrade failed: the error on stderr)
   2    the command line is wrong
   3    unknown upstream or backend (the error lists the ones that exist)
   4    not permitted (no access to the socket, missing or wrong token)
@@ -104,6 +104,13 @@ enum CtlCommand {
     ReadyProcess,
     /// Reload the config file; prints the generation, or the error.
     Reload,
+    /// Upgrade to a new binary as SIGUSR2 does: the new process takes over the
+    /// listening sockets, this one drains. Prints the new pid, or why it failed.
+    Upgrade {
+        /// The binary to start (default: sluice's own path, as it reads now).
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 /// Runs one `sluice ctl` command; returns the exit status.
@@ -284,6 +291,11 @@ fn request(command: &CtlCommand) -> Result<(hyper::Method, &'static str, Body), 
             Some(json!({ "ready": true })),
         ),
         CtlCommand::Reload => (Method::POST, "/v1/reload", Some(json!({}))),
+        CtlCommand::Upgrade { binary } => (
+            Method::POST,
+            "/v1/upgrade",
+            Some(json!({ "binary": binary })),
+        ),
     })
 }
 
@@ -415,6 +427,10 @@ fn human(command: &CtlCommand, v: &Value) -> String {
             }
         }
         CtlCommand::Reload => format!("reloaded: generation {}\n", s(&v["generation"])),
+        CtlCommand::Upgrade { .. } => format!(
+            "upgraded: pid {} serves; this process drains and exits\n",
+            s(&v["pid"])
+        ),
     }
 }
 
@@ -453,7 +469,15 @@ fn table(v: &Value) -> String {
                     b["admin_state"].as_str().unwrap_or("-"),
                     mark(!over["state"].is_null())
                 ),
-                format!("{}{}", b["weight"], mark(!over["weight"].is_null())),
+                match (b["effective_weight"].as_f64(), b["weight"].as_f64()) {
+                    // Slow start ramping it up: the weight balancing uses now.
+                    (Some(e), Some(w)) if e < w => format!(
+                        "{}{} (slow start: {e:.2})",
+                        b["weight"],
+                        mark(!over["weight"].is_null())
+                    ),
+                    _ => format!("{}{}", b["weight"], mark(!over["weight"].is_null())),
+                },
                 b["configured_weight"].to_string(),
                 b["active"].to_string(),
                 u["queue_length"].to_string(),

@@ -45,6 +45,13 @@ const MAX_CONNECTIONS: usize = 64;
 /// after it, or the error (with file:line:col for a config error).
 pub type ReloadRequest = oneshot::Sender<Result<u64, String>>;
 
+/// A binary upgrade asked for on the control socket: the binary (`None`: sluice's own
+/// path), and where the server loop answers with the upgrade started (or why not).
+pub type UpgradeRequest = (
+    Option<PathBuf>,
+    oneshot::Sender<Result<crate::control::upgrade::Started, String>>,
+);
+
 /// Why the control socket could not be set up at start.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -87,6 +94,7 @@ pub struct Ctl {
     pub status: Arc<Status>,
     pub metrics: Arc<Metrics>,
     pub reloads: mpsc::Sender<ReloadRequest>,
+    pub upgrades: mpsc::Sender<UpgradeRequest>,
     /// Where the control sockets are, for `GET /v1/control` (a TCP port 0 resolved).
     pub socket: PathBuf,
     pub tcp: Option<std::net::SocketAddr>,

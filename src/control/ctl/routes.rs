@@ -13,9 +13,7 @@
 //! | `/v1/readiness` | GET, POST | `ready` | fail or restore `/readyz` |
 //! | `/v1/reload` | POST | | reload the config file; the generation or the error |
 //! | `/v1/control` | GET | | where the control sockets are (a TCP port 0 resolved) |
-//!
-//! A binary upgrade (`/v1/upgrade`, with the SIGUSR2 handoff) is to be added here once
-//! that path exists; it is not served yet.
+//! | `/v1/upgrade` | POST | `binary`? (default: sluice's own path) | a binary upgrade, as SIGUSR2; answers once the new process is ready, or why it failed |
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -78,6 +76,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/v1/readiness", &[Method::GET, Method::POST]),
     ("/v1/reload", &[Method::POST]),
     ("/v1/control", &[Method::GET]),
+    ("/v1/upgrade", &[Method::POST]),
 ];
 
 pub(super) async fn respond(
@@ -160,6 +159,7 @@ async fn answer(
         ("/v1/readiness", Method::GET) => Ok(Answer::ok(readiness(ctl))),
         ("/v1/readiness", _) => set_readiness(ctl, &peer, parse(&body)?),
         ("/v1/reload", _) => reload(ctl, &peer).await,
+        ("/v1/upgrade", _) => upgrade(ctl, &peer, parse(&body)?).await,
         ("/v1/control", _) => Ok(Answer::ok(json!({
             "socket": ctl.socket.display().to_string(),
             "tcp": ctl.tcp.map(|a| a.to_string()),
@@ -464,6 +464,41 @@ async fn reload(ctl: &Ctl, peer: &Peer) -> Result<Answer> {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    #[serde(default)]
+    binary: Option<std::path::PathBuf>,
+}
+
+/// A binary upgrade, as on SIGUSR2: answers once the new process is ready (its pid) or
+/// the upgrade failed (why). This process closes its control socket for the upgrade;
+/// this connection, already open, still gets the answer.
+async fn upgrade(ctl: &Ctl, peer: &Peer, req: UpgradeBody) -> Result<Answer> {
+    tracing::info!(by = %peer, binary = ?req.binary, "binary upgrade requested (sluice ctl)");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let gone = || Answer::error(StatusCode::SERVICE_UNAVAILABLE, "sluice is shutting down");
+    if ctl.upgrades.send((req.binary, tx)).await.is_err() {
+        return Err(gone());
+    }
+    let started = match rx.await {
+        Ok(Ok(started)) => started,
+        Ok(Err(refused)) => return Err(Answer::error(StatusCode::CONFLICT, refused)),
+        Err(_) => return Err(gone()),
+    };
+    // The new process has `upgrade_timeout` to be ready; the old one kills it then.
+    let wait = ctl.snapshots.load().config.upgrade_timeout + Duration::from_secs(5);
+    match tokio::time::timeout(wait, started.outcome).await {
+        Ok(Ok(Ok(pid))) => Ok(Answer::ok(json!({ "pid": pid }))),
+        Ok(Ok(Err(error))) => Err(Answer::error(StatusCode::UNPROCESSABLE_ENTITY, error)),
+        Ok(Err(_)) => Err(gone()),
+        Err(_) => Err(Answer::error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the upgrade is still running; see the log",
+        )),
+    }
+}
+
 /// Every upstream and backend with its state, as `GET /v1/backends` answers.
 fn list(ctl: &Ctl) -> Value {
     let store = ctl.overrides.lock();
@@ -486,6 +521,7 @@ fn list(ctl: &Ctl) -> Value {
                         "admin_state": b.admin_state().as_str(),
                         "configured_weight": b.configured_weight(),
                         "weight": b.weight(),
+                        "effective_weight": b.effective_weight(),
                         "available": b.available(),
                         "active": b.active(),
                         "override": over.map(|o| json!({

@@ -147,6 +147,18 @@ const LISTENER_COLUMNS: &[Column<ListenerRow>] = &[
     ("bytes in / out", |l, _| {
         Cell::number(format!("{} / {}", bytes(l.bytes_in), bytes(l.bytes_out)))
     }),
+    ("accept queue", |l, _| {
+        let text = format!("{} / {}", l.accept_queue, l.accept_queue_limit);
+        let waiting = l.accept_queue > 0;
+        Cell::flagged(
+            if waiting {
+                format!("WAITING {text}")
+            } else {
+                text
+            },
+            waiting,
+        )
+    }),
 ];
 
 const BACKEND_COLUMNS: &[Column<BackendRow>] = &[
@@ -174,9 +186,14 @@ const BACKEND_COLUMNS: &[Column<BackendRow>] = &[
         other => Cell::flagged(other.to_uppercase(), true),
     }),
     ("weight", |b, _| {
-        Cell::number(match b.weight_override {
+        let weight = match b.weight_override {
             Some(w) => format!("{w} (set by ctl; config {})", b.configured_weight),
             None => b.weight.to_string(),
+        };
+        Cell::number(if b.effective_weight < f64::from(b.weight) {
+            format!("{weight}, slow start: {:.2} now", b.effective_weight)
+        } else {
+            weight
         })
     }),
     ("active / limit", |b, _| {

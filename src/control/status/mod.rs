@@ -166,6 +166,10 @@ pub struct ListenerRow {
     pub rejected_total: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Clients the kernel holds unaccepted in the listener's accept queues now (sluice at
+    /// `max_connections` or the process cap), and the queues' limit.
+    pub accept_queue: i64,
+    pub accept_queue_limit: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -208,6 +212,8 @@ pub struct BackendRow {
     pub weight: u32,
     pub configured_weight: u32,
     pub weight_override: Option<u32>,
+    /// `weight` as balancing uses it now: less while slow start ramps the backend up.
+    pub effective_weight: f64,
     pub active: u64,
     pub limit: Option<u64>,
     /// Failed connect attempts of real traffic, by reason (every reason, zeros included).
@@ -320,6 +326,8 @@ fn listener_row(
         rejected,
         bytes_in: m.bytes(Direction::ClientToBackend).get(),
         bytes_out: m.bytes(Direction::BackendToClient).get(),
+        accept_queue: route.metrics.accept_queue.get(),
+        accept_queue_limit: route.metrics.accept_queue_limit.get(),
     }
 }
 
@@ -376,6 +384,7 @@ fn backend_row(b: &Backend, limit: Option<u64>) -> BackendRow {
         weight: b.weight(),
         configured_weight: b.configured_weight(),
         weight_override: b.weight_override(),
+        effective_weight: b.effective_weight(),
         active: b.active(),
         limit,
         connect_errors_total: connect_errors.values().sum(),
