@@ -277,6 +277,7 @@ pub async fn run(
             metrics: Arc::clone(&metrics),
             reloads: reloads_tx,
             upgrades: upgrades_tx,
+            connections: Default::default(),
         });
         ControlSocket {
             task: Some(tokio::spawn(ctl::serve(bound, Arc::clone(&ctl)))),
@@ -474,6 +475,9 @@ pub async fn run(
     shutdown::cancel(&server.checks_stop);
     admin.abort();
     if let Some(mut c) = control {
+        // Answers still being written (`sluice ctl upgrade`'s, above all) go out first.
+        c.ctl.connections.close();
+        let _ = tokio::time::timeout(CTL_ANSWER_WAIT, c.ctl.connections.wait()).await;
         match stop {
             // Not the socket file: the new process listens on it now.
             Stop::Upgraded(_) => {
@@ -486,6 +490,9 @@ pub async fn run(
     }
     Ok(())
 }
+
+/// How long an exiting process waits for control connections to finish their answers.
+const CTL_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The control socket and what serves it: stopped for a binary upgrade (the new process
 /// binds it) and started again if the upgrade fails.

@@ -95,6 +95,9 @@ pub struct Ctl {
     pub metrics: Arc<Metrics>,
     pub reloads: mpsc::Sender<ReloadRequest>,
     pub upgrades: mpsc::Sender<UpgradeRequest>,
+    /// The connections being served: a process that exits waits a moment for them, so
+    /// that the answer to `sluice ctl upgrade` reaches its client.
+    pub connections: tokio_util::task::TaskTracker,
     /// Where the control sockets are, for `GET /v1/control` (a TCP port 0 resolved).
     pub socket: PathBuf,
     pub tcp: Option<std::net::SocketAddr>,
@@ -303,7 +306,8 @@ fn connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    tokio::spawn(async move {
+    let connections = ctl.connections.clone();
+    connections.spawn(async move {
         let service = service_fn(move |req| {
             let (ctl, peer, token) = (Arc::clone(&ctl), peer.clone(), token.clone());
             async move {
