@@ -172,17 +172,24 @@ impl Open {
         };
         let mut outcome = match &revoke {
             None => relayed.await,
+            // Boxed: only listeners with `close_denied_on_reload` need this state; in
+            // place, every connection's task would carry it (0.4 KiB more per idle
+            // connection, BENCHMARKS.md "Idle memory after the second wave").
             Some(token) => {
-                let denied = async {
-                    self.revocations.denied(self.peer.ip()).await;
-                    crate::shutdown::cancel(token);
-                    // The relay sees the token and ends, with its counts.
-                    std::future::pending::<Outcome>().await
-                };
-                tokio::select! {
-                    o = relayed => o,
-                    o = denied => o,
-                }
+                let (revocations, client) = (&self.revocations, self.peer.ip());
+                Box::pin(async move {
+                    let denied = async {
+                        revocations.denied(client).await;
+                        crate::shutdown::cancel(token);
+                        // The relay sees the token and ends, with its counts.
+                        std::future::pending::<Outcome>().await
+                    };
+                    tokio::select! {
+                        o = relayed => o,
+                        o = denied => o,
+                    }
+                })
+                .await
             }
         };
         if revoke.as_ref().is_some_and(|t| t.is_cancelled())
