@@ -31,6 +31,7 @@ const REQUIRED: &[&str] = &[
     "sluice_config_last_reload_success_timestamp_seconds",
     "sluice_backend_admin_state",
     "sluice_backend_weight",
+    "sluice_backend_bytes_total",
     "sluice_listener_accept_queue",
     "sluice_listener_accept_queue_limit",
     "sluice_listener_at_cap_seconds_total",

@@ -172,6 +172,17 @@ async fn chromium_shows_a_killed_backend_a_drained_one_and_a_failed_reload_and_f
     );
     assert_eq!(r["listeners"][0]["accepted"], 4, "{r:#}");
     assert_eq!(r["listeners"][0]["bytes_in"], 4 * 64 * 1024, "{r:#}");
+    // The four exchanges end (sluice records each once its relay is done): their bytes
+    // are the backends' too, each way.
+    let ended = |r: &serde_json::Value, key: &str| -> u64 {
+        r["upstreams"][0]["backends"]
+            .as_array()
+            .map_or(0, |b| b.iter().filter_map(|b| b[key].as_u64()).sum())
+    };
+    wait_status(&sluice, "the exchanges' bytes on their backends", |r| {
+        ended(r, "bytes_in") == 4 * 64 * 1024 && ended(r, "bytes_out") == 4 * 64 * 1024
+    })
+    .await;
 
     // The headers: HTML, never cached, a policy that allows no other fetch.
     let (head, body) = get_with_head(sluice.admin, "/").await;

@@ -627,9 +627,14 @@ impl Record {
         m.duration.observe(duration.as_secs_f64());
         let listener = &self.route().listener;
         let backend = lease.backend().address;
+        let bm = &lease.backend().metrics;
         if outcome.end == End::BackendClosed {
-            lease.backend().metrics.closed_by_operator.inc();
+            bm.closed_by_operator.inc();
         }
+        bm.bytes(Direction::ClientToBackend)
+            .inc_by(outcome.client_to_backend);
+        bm.bytes(Direction::BackendToClient)
+            .inc_by(outcome.backend_to_client);
         if let Some(log) = &self.snapshot.access_log {
             log.record(&access_log::Entry {
                 listener,

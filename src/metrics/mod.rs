@@ -58,6 +58,7 @@ pub const BACKEND_ADMIN_STATE: &str = "sluice_backend_admin_state";
 pub const BACKEND_WEIGHT: &str = "sluice_backend_weight";
 pub const CTL_REQUESTS: &str = "sluice_ctl_requests_total";
 pub const BACKEND_CLOSED_BY_OPERATOR: &str = "sluice_backend_connections_closed_by_operator_total";
+pub const BACKEND_BYTES: &str = "sluice_backend_bytes_total";
 // Who may connect and how much; clients held back (issue 17).
 pub const CLIENT_TABLE_ENTRIES: &str = "sluice_client_table_entries";
 pub const CLIENT_TABLE_EVICTIONS: &str = "sluice_client_table_evictions_total";
@@ -110,6 +111,7 @@ pub struct Metrics {
     backend_admin_state: IntGaugeVec,
     backend_weight: IntGaugeVec,
     backend_closed_by_operator: IntCounterVec,
+    backend_bytes: IntCounterVec,
     /// Control socket requests, by route and result.
     pub ctl_requests: IntCounterVec,
     client_table_entries: IntGaugeVec,
@@ -384,6 +386,12 @@ impl Metrics {
                 BACKEND_CLOSED_BY_OPERATOR,
                 "Connections to the backend ended by an operator's close (sluice ctl close, maint --close, a drain's close_after)",
                 &["upstream", "backend"],
+            )?,
+            backend_bytes: counter_vec(
+                &registry,
+                BACKEND_BYTES,
+                "Bytes relayed through the backend's connections, counted when each connection ends (the listener's bytes count as they flow)",
+                &["upstream", "backend", "direction"],
             )?,
             ctl_requests: counter_vec(
                 &registry,

@@ -151,6 +151,8 @@ pub struct BackendMetrics {
     pub weight: IntGauge,
     /// Connections ended by an operator's close.
     pub closed_by_operator: IntCounter,
+    /// Bytes of the backend's connections, added when each ends.
+    bytes: [IntCounter; Direction::COUNT],
     /// Sampled at each scrape: the weight ramped by slow start.
     pub effective_weight: Gauge,
     pub series: Series,
@@ -166,6 +168,11 @@ impl BackendMetrics {
 
     pub fn health_check(&self, result: CheckResult) -> &IntCounter {
         &self.health_checks[result.index()]
+    }
+
+    /// Bytes of the backend's connections that ended, in direction `d`.
+    pub fn bytes(&self, d: Direction) -> &IntCounter {
+        &self.bytes[d.index()]
     }
 
     pub fn connect_error(&self, failure: ConnectFailure) -> &IntCounter {
@@ -255,6 +262,9 @@ impl Metrics {
             }),
             weight: s.gauge(&self.backend_weight, b),
             closed_by_operator: s.counter(&self.backend_closed_by_operator, b),
+            bytes: per_value(|d: Direction| {
+                s.counter(&self.backend_bytes, &[upstream, address, d.as_str()])
+            }),
             effective_weight: s.float_gauge(&self.backend_effective_weight, b),
             series: s,
         }

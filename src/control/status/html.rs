@@ -202,6 +202,9 @@ const BACKEND_COLUMNS: &[Column<BackendRow>] = &[
             None => format!("{} / -", b.active),
         })
     }),
+    ("bytes in / out (ended)", |b, _| {
+        Cell::number(format!("{} / {}", bytes(b.bytes_in), bytes(b.bytes_out)))
+    }),
     ("connect errors", |b, _| {
         Cell::flagged(counts(&b.connect_errors), b.consecutive_failures > 0)
     }),

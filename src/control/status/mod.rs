@@ -216,6 +216,10 @@ pub struct BackendRow {
     pub effective_weight: f64,
     pub active: u64,
     pub limit: Option<u64>,
+    /// Bytes of this backend's connections that have ended (client to backend, and
+    /// back); a connection's bytes are added when it closes.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
     /// Failed connect attempts of real traffic, by reason (every reason, zeros included).
     pub connect_errors: BTreeMap<&'static str, u64>,
     pub connect_errors_total: u64,
@@ -387,6 +391,8 @@ fn backend_row(b: &Backend, limit: Option<u64>) -> BackendRow {
         effective_weight: b.effective_weight(),
         active: b.active(),
         limit,
+        bytes_in: b.metrics.bytes(Direction::ClientToBackend).get(),
+        bytes_out: b.metrics.bytes(Direction::BackendToClient).get(),
         connect_errors_total: connect_errors.values().sum(),
         connect_errors,
         consecutive_failures: b.health.consecutive_failures(),
