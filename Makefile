@@ -148,4 +148,4 @@ clean:
 # docs/status.png, which README.md shows: the status page of a sluice with a killed
 # backend and a refused reload, taken by the browser test that checks that page.
 screenshot: deps-test
-	SLUICE_STATUS_SCREENSHOT=$(CURDIR)/docs/status.png $(CARGO) test --locked --test status -- --exact chromium_shows_a_killed_backend_and_a_failed_reload_and_fetches_nothing_else
+	SLUICE_STATUS_SCREENSHOT=$(CURDIR)/docs/status.png $(CARGO) test --locked --test status -- --exact chromium_shows_a_killed_backend_a_drained_one_and_a_failed_reload_and_fetches_nothing_else

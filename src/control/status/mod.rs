@@ -361,7 +361,10 @@ fn upstream_row(u: &Upstream, snapshot: &Snapshot, memory: &Memory, now: Instant
         health_checks: u.health_check.is_some(),
         max_connections_per_backend: limit,
         queue,
-        available: backends.iter().filter(|b| b.state == "up").count(),
+        available: backends
+            .iter()
+            .filter(|b| b.state == "up" && b.admin_state == "ready")
+            .count(),
         backends,
     }
 }
