@@ -170,6 +170,10 @@ async fn chromium_shows_a_killed_backend_a_drained_one_and_a_failed_reload_and_f
         "ready",
         "{r:#}"
     );
+    assert_eq!(
+        r["upstreams"][0]["available"], 1,
+        "only the live one takes any: {r:#}"
+    );
     assert_eq!(r["listeners"][0]["accepted"], 4, "{r:#}");
     assert_eq!(r["listeners"][0]["bytes_in"], 4 * 64 * 1024, "{r:#}");
     // The four exchanges end (sluice records each once its relay is done): their bytes
