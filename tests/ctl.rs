@@ -1156,3 +1156,44 @@ async fn another_user_is_not_permitted() {
     assert!(stderr.contains("Permission denied"), "{stderr}");
     assert_eq!(sluice.get("/readyz").await.0, 200, "nothing changed");
 }
+
+/// Slow start ramps a backend an operator makes ready again, and the listing and the
+/// metric show its effective weight below its weight while it ramps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_made_ready_again_is_ramped_by_slow_start() {
+    let (a, b) = (tagged(b'a').await, tagged(b'b').await);
+    let sluice = Sluice::start(
+        Fixture::front(&[a.addr, b.addr])
+            .upstream_keys("slow_start = \"1h\"")
+            .table(CONTROL),
+    )
+    .await;
+    let listed = backend(&listing(&sluice).await, a.addr);
+    assert_eq!(
+        listed["effective_weight"], 1.0,
+        "no ramp at start: {listed}"
+    );
+    ctl_ok(&sluice, &["drain", "app", &a.addr.to_string()]).await;
+    ctl_ok(&sluice, &["ready", "app", &a.addr.to_string()]).await;
+    let listed = backend(&listing(&sluice).await, a.addr);
+    let effective = listed["effective_weight"].as_f64().unwrap();
+    // An hour's ramp from 10%: just above 0.1 for the first seconds.
+    assert!((0.1..0.2).contains(&effective), "{listed}");
+    assert_eq!(listed["weight"], 1, "{listed}");
+    let m = sluice.metrics().await;
+    let a_label = a.addr.to_string();
+    let gauge = m.value(
+        "sluice_backend_effective_weight",
+        &[("backend", a_label.as_str())],
+    );
+    assert!((0.1..0.2).contains(&gauge), "{gauge}");
+    let b_label = b.addr.to_string();
+    assert_eq!(
+        m.value(
+            "sluice_backend_effective_weight",
+            &[("backend", b_label.as_str())]
+        ),
+        1.0,
+        "the other backend is not ramped"
+    );
+}
