@@ -88,9 +88,13 @@ pub async fn serve(socket: TcpListener, status: Arc<Status>) {
             let service = service_fn(move |req| {
                 let status = Arc::clone(&status);
                 async move {
-                    if req.uri().path() == "/metrics" {
-                        // Reads /proc/net/tcp and sweeps the client tables: off the
-                        // event loop.
+                    if matches!(
+                        req.uri().path(),
+                        "/metrics" | "/" | "/status" | "/status.json"
+                    ) {
+                        // The accept queues, client tables and effective weights these
+                        // report: sampling reads /proc/net/tcp and sweeps the client
+                        // tables, so off the event loop.
                         let s = Arc::clone(&status);
                         let _ = tokio::task::spawn_blocking(move || {
                             s.held.sample(&s.snapshots.load());
@@ -189,8 +193,6 @@ fn respond(status: &Status, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// The status report, collected now from the snapshot in force and the atomics.
 fn report(status: &Status) -> status::Report {
     let snapshot = status.snapshots.load();
-    // The accept queues and effective weights are sampled, as for a scrape.
-    status.held.sample(&snapshot);
     let listening = {
         let l = status.listening.lock().unwrap_or_else(|p| p.into_inner());
         l.listeners.clone()
