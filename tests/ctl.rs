@@ -21,37 +21,9 @@ fn socket(s: &Sluice) -> PathBuf {
     s.config_path.parent().unwrap().join("ctl.sock")
 }
 
-/// What one `sluice ctl` run did.
-#[derive(Debug)]
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `sluice ctl ARGS` (off the test's runtime: it waits for the process).
-async fn ctl_args(args: Vec<String>) -> Ran {
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("ctl")
-            .args(args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    Ran {
-        code: out.status.code().expect("an exit status, not a signal"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// `sluice ctl --socket SOCKET ARGS` for `s`.
 async fn ctl(s: &Sluice, args: &[&str]) -> Ran {
-    let mut all = vec!["--socket".to_string(), socket(s).display().to_string()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    ctl_args(all).await
+    ctl_at(&socket(s), args).await
 }
 
 /// `sluice ctl`, which must succeed.

@@ -114,23 +114,9 @@ async fn chromium_shows_a_killed_backend_a_drained_one_and_a_failed_reload_and_f
     let sluice = Sluice::start(&fixture).await;
     // An operator drains one backend through the control socket.
     let socket = sluice.config_path.parent().unwrap().join("ctl.sock");
-    let drain = [
-        "ctl".to_string(),
-        "--socket".to_string(),
-        socket.display().to_string(),
-        "drain".to_string(),
-        "app".to_string(),
-        drained.addr.to_string(),
-    ];
-    let ran = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(drain)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(ran.status.success(), "sluice ctl drain: {ran:?}");
+    let drained_addr = drained.addr.to_string();
+    let ran = ctl_at(&socket, &["drain", "app", &drained_addr]).await;
+    assert_eq!(ran.code, 0, "sluice ctl drain: {ran:?}");
 
     // Traffic, checked end to end, so the counters have something to show.
     for seed in 0..4 {

@@ -875,21 +875,7 @@ async fn ten_upgrades_under_load_lose_nothing() {
 
 /// `sluice ctl ARGS` against the control socket at `socket`: its exit code.
 async fn ctl(socket: &Path, args: &[&str]) -> i32 {
-    let mut all = vec![
-        "ctl".to_string(),
-        "--socket".to_string(),
-        socket.display().to_string(),
-    ];
-    all.extend(args.iter().map(|a| a.to_string()));
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(all)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    out.status.code().expect("an exit status")
+    ctl_at(socket, args).await.code
 }
 
 /// With a control socket: the old process lets go of it for the upgrade, takes it back

@@ -14,6 +14,7 @@
 //! - [`kernel`]: socket state the kernel shows (accept queues, listening sockets).
 //! - [`pki`]: certificates made by `openssl`, and `openssl s_server` / `s_client`.
 //! - [`browser`]: headless Chromium: a page's DOM, the requests it made, screenshots.
+//! - [`ctl`]: `sluice ctl` runs and what they printed.
 //! - [`upgrade`]: the processes a binary upgrade starts ([`Successor`]), and binaries to
 //!   upgrade to.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
@@ -22,6 +23,7 @@
 // shadow the crate.
 mod backends;
 mod browser;
+mod ctl;
 mod dns;
 mod eventually;
 mod fixture;
@@ -35,6 +37,7 @@ mod upgrade;
 
 pub use backends::*;
 pub use browser::*;
+pub use ctl::*;
 pub use dns::*;
 pub use eventually::*;
 pub use fixture::*;
