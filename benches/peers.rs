@@ -1,10 +1,21 @@
 //! The peers sluice is compared with, started with configs equivalent to sluice's: one
-//! TCP route per backend of the benchmark (echo, sink, iperf3, HTTP), two threads or
-//! workers, generous timeouts, half-close passed on (nginx needs `proxy_half_close on`;
-//! HAProxy and sluice do it by default), no logging of each connection.
+//! TCP route per route of the benchmark (echo, sink, iperf3, HTTP, and the TLS and storm
+//! routes), two threads or workers, generous timeouts, half-close passed on (nginx needs
+//! `proxy_half_close on`; HAProxy and sluice do it by default), no logging of each
+//! connection.
+//!
+//! A TLS route terminates TLS with the benchmark's one certificate ([`Cert`]) and each
+//! peer's default session resumption: HAProxy `bind ... ssl crt`, its session cache
+//! (`tune.ssl.cachesize`, 20,000) and tickets on; nginx `listen ... ssl` with
+//! `ssl_certificate`, tickets on and no `ssl_session_cache` (its default, `none`: no
+//! session-ID resumption). nginx 1.22's default `ssl_protocols` leaves TLS 1.3 out (it
+//! joined the default in 1.23.4), so the routes say `ssl_protocols TLSv1.2 TLSv1.3`: the
+//! versions sluice and HAProxy accept by default. A route with a backlog gets it on its
+//! listening socket (HAProxy `bind ... backlog N`, nginx `listen ... backlog=N`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,8 +35,35 @@ impl Peer {
     }
 }
 
-/// A route of the benchmark: its name and the backend it leads to.
-pub type Route = (&'static str, SocketAddr);
+/// A route of the benchmark: its name, the backend it leads to, whether the proxy
+/// terminates TLS on it, and its listen backlog if the route sets one (otherwise each
+/// proxy's default).
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub name: &'static str,
+    pub backend: SocketAddr,
+    pub tls: bool,
+    pub backlog: Option<u32>,
+}
+
+impl Route {
+    /// A plain TCP route with the proxy's default backlog.
+    pub fn plain(name: &'static str, backend: SocketAddr) -> Route {
+        Route {
+            name,
+            backend,
+            tls: false,
+            backlog: None,
+        }
+    }
+}
+
+/// The certificate every proxy presents on its TLS routes: a PEM certificate and its
+/// PEM key.
+pub struct Cert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 impl Drop for Peer {
     /// SIGTERM first: nginx's master passes it on to its workers, which SIGKILL to the
@@ -77,32 +115,46 @@ fn version(cmd: &str, arg: &str) -> String {
 
 /// HAProxy and nginx, each with one TCP route per entry of `routes`; a peer whose
 /// binary is missing is left out (make bench installs both).
-pub async fn start(routes: &[Route]) -> Vec<Peer> {
+pub async fn start(routes: &[Route], cert: &Cert) -> Vec<Peer> {
     let mut peers = Vec::new();
     if Command::new("haproxy").arg("-v").output().is_ok() {
-        peers.push(haproxy(routes));
+        peers.push(haproxy(routes, cert));
     }
     if Command::new("nginx").arg("-v").output().is_ok() {
-        peers.push(nginx(routes));
+        peers.push(nginx(routes, cert));
     }
     peers
 }
 
 /// Each route with the port its frontend will listen on.
-fn with_ports(routes: &[Route]) -> Vec<(&'static str, SocketAddr, u16)> {
-    routes.iter().map(|&(n, b)| (n, b, free_port())).collect()
+fn with_ports(routes: &[Route]) -> Vec<(Route, u16)> {
+    routes.iter().map(|&r| (r, free_port())).collect()
 }
 
-fn haproxy(routes: &[Route]) -> Peer {
+fn haproxy(routes: &[Route], cert: &Cert) -> Peer {
     let dir = tempfile::tempdir().unwrap();
     let routes = with_ports(routes);
+    // HAProxy's `crt` is one file with the certificate and its key.
+    let pem = dir.path().join("cert-and-key.pem");
+    let both =
+        std::fs::read_to_string(&cert.cert).unwrap() + &std::fs::read_to_string(&cert.key).unwrap();
+    std::fs::write(&pem, both).unwrap();
     let mut config = String::from(
         "global\n  nbthread 2\n  maxconn 9000\n\
          defaults\n  mode tcp\n  timeout connect 3s\n  timeout client 1h\n  timeout server 1h\n",
     );
-    for (name, backend, port) in &routes {
+    for (route, port) in &routes {
+        let (name, backend) = (route.name, route.backend);
+        let tls = if route.tls {
+            format!(" ssl crt {}", pem.display())
+        } else {
+            String::new()
+        };
+        let backlog = route
+            .backlog
+            .map_or(String::new(), |b| format!(" backlog {b}"));
         config.push_str(&format!(
-            "frontend {name}\n  bind 127.0.0.1:{port}\n  default_backend {name}\n\
+            "frontend {name}\n  bind 127.0.0.1:{port}{tls}{backlog}\n  default_backend {name}\n\
              backend {name}\n  server s1 {backend}\n"
         ));
     }
@@ -113,7 +165,12 @@ fn haproxy(routes: &[Route]) -> Peer {
     launch("haproxy", version("haproxy", "-v"), command, &routes, dir)
 }
 
-fn nginx(routes: &[Route]) -> Peer {
+/// nginx's `worker_connections` counts both sides of a proxied connection and binds
+/// each worker alone: 18,000 lets one worker hold 9,000 proxied connections, as HAProxy's
+/// `maxconn 9000` and sluice's `max_connections = 9000` do, however unevenly the two
+/// workers share a reconnect storm (with 9,000 the TLS storm of 8,000 clients lost
+/// connections in nginx).
+fn nginx(routes: &[Route], cert: &Cert) -> Peer {
     let dir = tempfile::tempdir().unwrap();
     let routes = with_ports(routes);
     let d = dir.path().display();
@@ -121,12 +178,26 @@ fn nginx(routes: &[Route]) -> Peer {
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
          daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 19000;\n\
          pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         events {{ worker_connections 9000; }}\n\
+         events {{ worker_connections 18000; }}\n\
          stream {{\n  proxy_connect_timeout 3s;\n  proxy_timeout 1h;\n  proxy_half_close on;\n"
     );
-    for (_, backend, port) in &routes {
+    for (route, port) in &routes {
+        let backend = route.backend;
+        let backlog = route
+            .backlog
+            .map_or(String::new(), |b| format!(" backlog={b}"));
+        let ssl = if route.tls { " ssl" } else { "" };
+        let certs = if route.tls {
+            format!(
+                " ssl_certificate {}; ssl_certificate_key {}; ssl_protocols TLSv1.2 TLSv1.3;",
+                cert.cert.display(),
+                cert.key.display()
+            )
+        } else {
+            String::new()
+        };
         config.push_str(&format!(
-            "  server {{ listen 127.0.0.1:{port}; proxy_pass {backend}; }}\n"
+            "  server {{ listen 127.0.0.1:{port}{ssl}{backlog};{certs} proxy_pass {backend}; }}\n"
         ));
     }
     config.push_str("}\n");
@@ -142,7 +213,7 @@ fn launch(
     name: &'static str,
     version: String,
     mut command: Command,
-    routes: &[(&'static str, SocketAddr, u16)],
+    routes: &[(Route, u16)],
     dir: tempfile::TempDir,
 ) -> Peer {
     let child = command
@@ -155,7 +226,7 @@ fn launch(
         version,
         routes: routes
             .iter()
-            .map(|&(n, _, port)| (n, SocketAddr::from(([127, 0, 0, 1], port))))
+            .map(|&(r, port)| (r.name, SocketAddr::from(([127, 0, 0, 1], port))))
             .collect(),
         child,
         _dir: dir,
@@ -188,7 +259,7 @@ pub fn http_backend() -> Peer {
         "nginx-http",
         version("nginx", "-v"),
         command,
-        &[("http", backend, port)],
+        &[(Route::plain("http", backend), port)],
         dir,
     )
 }
@@ -204,7 +275,7 @@ pub fn iperf3_server() -> Peer {
         "iperf3",
         version("iperf3", "-v"),
         command,
-        &[("iperf", backend, port)],
+        &[(Route::plain("iperf", backend), port)],
         dir,
     )
 }

@@ -4,17 +4,26 @@
 //! Targets: the direct path, sluice, and HAProxy and nginx (stream) with equivalent
 //! configs (benches/peers.rs), each started on loopback by the benchmark.
 //!
-//! Workloads: bulk throughput (one stream into a sink), new connections per second (with
-//! sluice's CPU time per connection), 64-byte ping-pong latency on one connection, and
-//! sluice's resident memory per idle proxied connection. The load generator and the
-//! backends run in this process, on the same two cores as sluice: figures are for
-//! comparison within one run, not absolute capacity.
+//! Workloads: HTTP through wrk (keep-alive and a new connection per request), bulk
+//! throughput (iperf3, and one stream into a sink), new connections per second (with the
+//! proxy's CPU time per connection), 64-byte ping-pong latency on one connection, the
+//! proxy's resident memory per idle proxied connection, and sluice holding many
+//! connections at once (scale). TLS termination, on three more routes that every proxy
+//! terminates with the same ECDSA P-256 certificate and its own default session
+//! resumption: wrk over https (`tls`), TLS handshakes per second, full and resumed, from
+//! an in-process rustls client that counts which handshakes resumed (`handshake`), and a
+//! reconnect storm, plain and TLS, of clients all connecting at once (`storm`), whose
+//! routes share one listen backlog, [`BACKLOG`]. BENCHMARKS.md, "Workloads", says exactly
+//! what each does. The load generator and the backends run in this process, on the same
+//! two cores as the proxies: figures are for comparison within one run, not absolute
+//! capacity.
 //!
 //! `SLUICE_BENCH_QUICK=1` shortens every workload. Results go to stdout and to
 //! `target/bench/results.md`.
 //!
 //! For iteration, `SLUICE_BENCH_ONLY=wrk,ping` runs only the named workloads (`iperf`,
-//! `wrk`, `bulk`, `conns`, `ping`, `idle`, `scale`), and `SLUICE_BENCH_ALSO=copy`
+//! `wrk`, `bulk`, `conns`, `ping`, `idle`, `scale`, `tls`, `handshake`, `storm`), and
+//! `SLUICE_BENCH_ALSO=copy`
 //! adds sluice variants as extra columns, each a second sluice process with one more
 //! config line (see [`VARIANTS`]); the ratio column stays the default sluice's.
 //! `SLUICE_BENCH_ALSO=limits` adds one with every listener's access lists and per-client
@@ -27,9 +36,13 @@ mod peers;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Backend, Fixture, Sluice};
+use peers::Route;
+use rustls::{ClientConfig, HandshakeKind, SupportedProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -45,6 +58,13 @@ struct Plan {
     /// Connections held through sluice at once in the scale run, and its rounds.
     scale: usize,
     scale_rounds: usize,
+    /// TLS handshakes per measured run of the handshake workload (each mode), and the
+    /// concurrent client tasks that make them.
+    handshakes: usize,
+    handshake_tasks: usize,
+    /// Clients of one reconnect storm, and the rounds (the first ones) that run storms.
+    storm: usize,
+    storm_rounds: usize,
 }
 
 const FULL: Plan = Plan {
@@ -57,6 +77,10 @@ const FULL: Plan = Plan {
     seconds: 2,
     scale: 9_000,
     scale_rounds: 10,
+    handshakes: 4_000,
+    handshake_tasks: 32,
+    storm: 8_000,
+    storm_rounds: 3,
 };
 
 const QUICK: Plan = Plan {
@@ -69,7 +93,36 @@ const QUICK: Plan = Plan {
     seconds: 1,
     scale: 2_000,
     scale_rounds: 3,
+    handshakes: 1_000,
+    handshake_tasks: 32,
+    storm: 2_000,
+    storm_rounds: 3,
 };
+
+/// The listen backlog of every proxy's TLS and storm routes (sluice `backlog`, HAProxy
+/// `bind ... backlog`, nginx `listen ... backlog=`): one value for all, sluice's default.
+/// The kernel caps it at `net.core.somaxconn`, which the results' footer shows.
+const BACKLOG: u32 = 1024;
+
+/// The listen backlog of the echo backend behind the storm routes, so that the proxies'
+/// own connections to it are not what overflows: this host's somaxconn.
+const STORM_BACKEND_BACKLOG: u32 = 4096;
+
+/// How long one storm client may take, from its connect to the end of its echo, before
+/// it counts as an error: the storm always ends.
+const STORM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The name the TLS clients ask for; the benchmark's certificate covers it.
+const TLS_NAME: &str = "localhost";
+
+/// The handshake workload's modes: a label, the one protocol version the client offers,
+/// and whether it resumes sessions.
+const HANDSHAKE_MODES: [(&str, &SupportedProtocolVersion, bool); 4] = [
+    ("TLS 1.3 full", &rustls::version::TLS13, false),
+    ("TLS 1.3 resumed", &rustls::version::TLS13, true),
+    ("TLS 1.2 full", &rustls::version::TLS12, false),
+    ("TLS 1.2 resumed", &rustls::version::TLS12, true),
+];
 
 /// Extra sluice targets for `SLUICE_BENCH_ALSO`: a name and the top-level config it adds.
 const VARIANTS: &[(&str, &str)] = &[
@@ -117,25 +170,29 @@ struct Target {
     sink: SocketAddr,
     iperf: SocketAddr,
     http: SocketAddr,
+    /// TLS terminated by the proxy in front of the HTTP backend and of the storm's echo
+    /// backend; `None` for direct, which has no TLS.
+    https: Option<SocketAddr>,
+    tls_echo: Option<SocketAddr>,
+    /// Plain TCP to the storm's echo backend, with the listen backlog [`BACKLOG`].
+    storm: SocketAddr,
     /// The process whose tree's CPU and memory are measured; `None` for direct.
     pid: Option<u32>,
 }
 
 impl Target {
     fn new(name: &'static str, routes: &[(&'static str, SocketAddr)], pid: Option<u32>) -> Target {
-        let at = |route: &str| {
-            routes
-                .iter()
-                .find(|(n, _)| *n == route)
-                .map(|(_, a)| *a)
-                .unwrap()
-        };
+        let find = |route: &str| routes.iter().find(|(n, _)| *n == route).map(|(_, a)| *a);
+        let at = |route: &str| find(route).unwrap();
         Target {
             name,
             echo: at("echo"),
             sink: at("sink"),
             iperf: at("iperf"),
             http: at("http"),
+            https: find("https"),
+            tls_echo: find("tls_echo"),
+            storm: at("storm"),
             pid,
         }
     }
@@ -144,35 +201,72 @@ impl Target {
 async fn run(plan: Plan) -> String {
     let echo = Backend::echo().await;
     let sink = Backend::start(sink).await;
+    let storm_echo = storm_backend().await;
     let iperf = peers::iperf3_server();
     let http = peers::http_backend();
-    let routes: Vec<(&'static str, SocketAddr)> = vec![
-        ("echo", echo.addr),
-        ("sink", sink.addr),
-        iperf.routes[0],
-        http.routes[0],
+    // One ECDSA P-256 certificate (for localhost and 127.0.0.1) from a CA of the run,
+    // presented by every proxy; the TLS clients trust that CA.
+    let pki = common::pki::Pki::new();
+    let ca = pki.ca("bench-ca");
+    let leaf = pki.leaf("bench-ca", "bench-server", &[TLS_NAME, "127.0.0.1"], 30);
+    let cert = peers::Cert {
+        cert: leaf.cert.clone(),
+        key: leaf.key.clone(),
+    };
+    let with_backlog = |name, backend, tls| Route {
+        name,
+        backend,
+        tls,
+        backlog: Some(BACKLOG),
+    };
+    let routes: Vec<Route> = vec![
+        Route::plain("echo", echo.addr),
+        Route::plain("sink", sink.addr),
+        Route::plain(iperf.routes[0].0, iperf.routes[0].1),
+        Route::plain(http.routes[0].0, http.routes[0].1),
+        with_backlog("https", http.routes[0].1, true),
+        with_backlog("tls_echo", storm_echo, true),
+        with_backlog("storm", storm_echo, false),
     ];
+    let tls_table = format!(
+        "certificates = [{{ cert = \"{}\", key = \"{}\" }}]",
+        leaf.cert.display(),
+        leaf.key.display()
+    );
     let build = |listener_keys: &str| {
         let mut config = Fixture::new();
-        for (name, _) in &routes {
+        for route in &routes {
             config = config
-                .listener(name)
-                .to(name)
+                .listener(route.name)
+                .to(route.name)
                 .listener_keys("max_connections = 9000")
                 .listener_keys(listener_keys);
+            if let Some(backlog) = route.backlog {
+                config = config.listener_keys(&format!("backlog = {backlog}"));
+            }
+            if route.tls {
+                config = config.listener_table("tls", &tls_table);
+            }
         }
-        for (name, backend) in &routes {
-            config = config.upstream(name).backend(*backend);
+        for route in &routes {
+            config = config.upstream(route.name).backend(route.backend);
         }
         config
     };
     let config = build("");
     let sluice = Sluice::with(&config).quiet().start().await;
     let through = |s: &Sluice| -> Vec<(&'static str, SocketAddr)> {
-        routes.iter().map(|(n, _)| (*n, s.addr(n))).collect()
+        routes.iter().map(|r| (r.name, s.addr(r.name))).collect()
     };
+    // The direct path: straight to each backend, with no TLS route (the backends speak
+    // none).
+    let direct: Vec<(&'static str, SocketAddr)> = routes
+        .iter()
+        .filter(|r| !r.tls)
+        .map(|r| (r.name, r.backend))
+        .collect();
     let mut targets = vec![
-        Target::new("direct", &routes, None),
+        Target::new("direct", &direct, None),
         Target::new("sluice", &through(&sluice), Some(sluice.pid())),
     ];
     // Variants before the peers: `table_row` takes every column after them as a peer.
@@ -199,7 +293,7 @@ async fn run(plan: Plan) -> String {
         variants.push(variant);
     }
     let first_peer = targets.len();
-    let peers = peers::start(&routes).await;
+    let peers = peers::start(&routes, &cert).await;
     for p in &peers {
         targets.push(Target::new(p.name, &p.routes, Some(p.pid())));
     }
@@ -216,6 +310,20 @@ async fn run(plan: Plan) -> String {
     let mut keepalive_cpu = vec![Vec::new(); n];
     let mut per_request = vec![Vec::new(); n];
     let mut per_request_cpu = vec![Vec::new(); n];
+    let mut tls_close = vec![Vec::new(); n];
+    let mut tls_close_cpu = vec![Vec::new(); n];
+    let mut tls_keepalive = vec![Vec::new(); n];
+    let mut tls_keepalive_cpu = vec![Vec::new(); n];
+    // Per handshake mode: handshakes/s, CPU per handshake, the share that resumed.
+    let mut hs_rate = vec![vec![Vec::new(); n]; HANDSHAKE_MODES.len()];
+    let mut hs_cpu = vec![vec![Vec::new(); n]; HANDSHAKE_MODES.len()];
+    let mut hs_resumed = vec![vec![Vec::new(); n]; HANDSHAKE_MODES.len()];
+    // Per storm kind (plain, TLS): all served (s), p99 connect to first byte (ms),
+    // errors (summed over rounds), the proxy's CPU for the storm (ms).
+    let mut storm_all = vec![vec![Vec::new(); n]; 2];
+    let mut storm_p99 = vec![vec![Vec::new(); n]; 2];
+    let mut storm_errors = vec![vec![0.0; n]; 2];
+    let mut storm_cpu = vec![vec![Vec::new(); n]; 2];
     for round in 0..plan.rounds {
         eprintln!("round {}/{}", round + 1, plan.rounds);
         for (i, t) in targets.iter().enumerate() {
@@ -224,12 +332,72 @@ async fn run(plan: Plan) -> String {
                 iperf4[i].push(iperf3_gbit(t.iperf, 4, plan.seconds));
             }
             if runs("wrk") {
-                let (rate, cpu_us) = wrk(t.http, t.pid, false, plan.seconds);
+                let url = format!("http://{}/", t.http);
+                let (rate, cpu_us) = wrk(&url, t.pid, false, 64, plan.seconds);
                 keepalive[i].push(rate);
                 keepalive_cpu[i].extend(cpu_us);
-                let (rate, cpu_us) = wrk(t.http, t.pid, true, plan.seconds);
+                let (rate, cpu_us) = wrk(&url, t.pid, true, 64, plan.seconds);
                 per_request[i].push(rate);
                 per_request_cpu[i].extend(cpu_us);
+            }
+            if runs("tls")
+                && let Some(https) = t.https
+            {
+                let url = format!("https://{https}/");
+                let (rate, cpu_us) = wrk(&url, t.pid, true, 32, plan.seconds);
+                tls_close[i].push(rate);
+                tls_close_cpu[i].extend(cpu_us);
+                let (rate, cpu_us) = wrk(&url, t.pid, false, 64, plan.seconds);
+                tls_keepalive[i].push(rate);
+                tls_keepalive_cpu[i].extend(cpu_us);
+            }
+            if runs("handshake")
+                && let Some(addr) = t.tls_echo
+            {
+                for (m, (_, version, resume)) in HANDSHAKE_MODES.iter().enumerate() {
+                    // A client config, so a session cache, per task: each task is one
+                    // client resuming its own sessions, new for each target and round.
+                    let clients: Vec<_> = (0..plan.handshake_tasks)
+                        .map(|_| tls_client(&ca.cert, version, *resume))
+                        .collect();
+                    if *resume {
+                        // Prime: one handshake per task, so that each has a session to
+                        // offer; not measured.
+                        handshakes(addr, &clients, plan.handshake_tasks).await;
+                    }
+                    let before = t.pid.map(tree_cpu_seconds);
+                    let (rate, resumed) = handshakes(addr, &clients, plan.handshakes).await;
+                    hs_rate[m][i].push(rate);
+                    if let (Some(pid), Some(before)) = (t.pid, before) {
+                        hs_cpu[m][i]
+                            .push((tree_cpu_seconds(pid) - before) * 1e6 / plan.handshakes as f64);
+                    }
+                    if *resume {
+                        hs_resumed[m][i].push(resumed as f64 * 100.0 / plan.handshakes as f64);
+                    }
+                }
+            }
+            if runs("storm") && round < plan.storm_rounds {
+                let kinds = [
+                    Some((t.storm, None)),
+                    t.tls_echo.map(|a| {
+                        (
+                            a,
+                            Some(tls_client(&ca.cert, &rustls::version::TLS13, false)),
+                        )
+                    }),
+                ];
+                for (k, kind) in kinds.into_iter().enumerate() {
+                    let Some((addr, client)) = kind else { continue };
+                    let before = t.pid.map(tree_cpu_seconds);
+                    let result = storm(addr, plan.storm, client).await;
+                    if let (Some(pid), Some(before)) = (t.pid, before) {
+                        storm_cpu[k][i].push((tree_cpu_seconds(pid) - before) * 1e3);
+                    }
+                    storm_all[k][i].push(result.all_served);
+                    storm_p99[k][i].push(result.p99_ms);
+                    storm_errors[k][i] += result.errors as f64;
+                }
             }
             if runs("bulk") {
                 bulk[i].push(bulk_gbit(t.sink, plan.bulk_bytes).await);
@@ -374,6 +542,122 @@ async fn run(plan: Plan) -> String {
         plan.idle
     );
     table_row(&mut out, &label, &idle, first_peer, 1, false);
+    let tls_rows: [(String, &mut Vec<Vec<f64>>, usize, bool); 4] = [
+        (
+            format!("TLS termination, wrk -t1 -c32 -d{s}s, Connection: close: req/s"),
+            &mut tls_close,
+            0,
+            true,
+        ),
+        (
+            "proxy CPU per handshake and request, TLS close (µs)".to_string(),
+            &mut tls_close_cpu,
+            1,
+            false,
+        ),
+        (
+            format!("TLS keep-alive, wrk -t1 -c64 -d{s}s: req/s"),
+            &mut tls_keepalive,
+            0,
+            true,
+        ),
+        (
+            "proxy CPU per request, TLS keep-alive (µs)".to_string(),
+            &mut tls_keepalive_cpu,
+            2,
+            false,
+        ),
+    ];
+    // The new workloads' rows only when they ran (`SLUICE_BENCH_ONLY`).
+    for (label, values, digits, higher) in tls_rows.into_iter().filter(|_| runs("tls")) {
+        table_row(
+            &mut out,
+            &label,
+            &medians(values),
+            first_peer,
+            digits,
+            higher,
+        );
+    }
+    for (m, (mode, _, resume)) in HANDSHAKE_MODES
+        .iter()
+        .enumerate()
+        .filter(|_| runs("handshake"))
+    {
+        let label = format!(
+            "handshakes, {mode} ({} tasks, {} each run): handshakes/s",
+            plan.handshake_tasks, plan.handshakes
+        );
+        table_row(
+            &mut out,
+            &label,
+            &medians(&mut hs_rate[m]),
+            first_peer,
+            0,
+            true,
+        );
+        let label = format!("proxy CPU per handshake, {mode} (µs)");
+        table_row(
+            &mut out,
+            &label,
+            &medians(&mut hs_cpu[m]),
+            first_peer,
+            1,
+            false,
+        );
+        if *resume {
+            let label = format!("handshakes that resumed, {mode} (%)");
+            table_row(
+                &mut out,
+                &label,
+                &medians(&mut hs_resumed[m]),
+                first_peer,
+                1,
+                true,
+            );
+        }
+    }
+    for (k, kind) in ["plain", "TLS 1.3 full handshakes"]
+        .iter()
+        .enumerate()
+        .filter(|_| runs("storm"))
+    {
+        let c = plan.storm;
+        let label = format!("storm, {kind}, {c} clients at once: all served (s)");
+        table_row(
+            &mut out,
+            &label,
+            &medians(&mut storm_all[k]),
+            first_peer,
+            2,
+            false,
+        );
+        let label = format!("storm, {kind}: p99 connect to first echoed byte (ms)");
+        table_row(
+            &mut out,
+            &label,
+            &medians(&mut storm_p99[k]),
+            first_peer,
+            1,
+            false,
+        );
+        let label = format!("storm, {kind}: errors, all rounds");
+        let errors: Vec<f64> = storm_errors[k]
+            .iter()
+            .zip(&storm_all[k])
+            .map(|(e, ran)| if ran.is_empty() { f64::NAN } else { *e })
+            .collect();
+        table_row(&mut out, &label, &errors, first_peer, 0, false);
+        let label = format!("storm, {kind}: proxy CPU for the storm (ms)");
+        table_row(
+            &mut out,
+            &label,
+            &medians(&mut storm_cpu[k]),
+            first_peer,
+            0,
+            false,
+        );
+    }
     writeln!(
         out,
         "\nMedians of {} rounds, each running every target in turn. {} cores; {}. Peers: {}.",
@@ -387,8 +671,27 @@ async fn run(plan: Plan) -> String {
             .join("; ")
     )
     .unwrap();
+    if runs("storm") {
+        writeln!(
+            out,
+            "\nStorms: medians of the first {} rounds; errors summed over them. The storm and \
+             TLS routes listen with backlog {BACKLOG} in every proxy (the storm's echo \
+             backend with {STORM_BACKEND_BACKLOG}); this host: net.core.somaxconn {}, \
+             net.ipv4.tcp_max_syn_backlog {}, net.ipv4.tcp_syncookies {}.",
+            plan.storm_rounds.min(plan.rounds),
+            sysctl("net/core/somaxconn"),
+            sysctl("net/ipv4/tcp_max_syn_backlog"),
+            sysctl("net/ipv4/tcp_syncookies"),
+        )
+        .unwrap();
+    }
     writeln!(out, "\n{scaled}").unwrap();
     out
+}
+
+fn sysctl(name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/sys/{name}"))
+        .map_or_else(|_| "unknown".to_string(), |v| v.trim().to_string())
 }
 
 /// One row: the targets' values (direct first, sluice second, then any variants, then
@@ -418,10 +721,12 @@ fn table_row(
     } else {
         peers.fold(f64::NAN, f64::min)
     };
-    let ratio = if best.is_nan() {
+    let ratio = values[1] / best;
+    // No peer value, or 0 over 0 (no errors anywhere): no ratio.
+    let ratio = if ratio.is_nan() {
         "–".to_string()
     } else {
-        format!("{:.2}", values[1] / best)
+        format!("{ratio:.2}")
     };
     writeln!(out, "| {name} | {} | {ratio} |", cells.join(" | ")).unwrap();
 }
@@ -489,6 +794,179 @@ async fn connections_per_sec(addr: SocketAddr, total: usize, workers: usize) -> 
         t.await.unwrap();
     }
     total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// An echo server on 127.0.0.1:0 with listen backlog [`STORM_BACKEND_BACKLOG`]: the
+/// backend of the storm and TLS echo routes. It runs until the benchmark exits.
+async fn storm_backend() -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let listener = socket.listen(STORM_BACKEND_BACKLOG).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(common::echo(s));
+        }
+    });
+    addr
+}
+
+/// A TLS client trusting the benchmark's CA, offering only `version`, with rustls's
+/// default in-memory session cache when `resume` is set and `Resumption::disabled()`
+/// otherwise.
+fn tls_client(
+    ca: &Path,
+    version: &'static SupportedProtocolVersion,
+    resume: bool,
+) -> Arc<ClientConfig> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Arc::new(config)
+}
+
+/// `total` TLS exchanges through `addr` by one concurrent task per client config in
+/// `clients`, each looping: connect, handshake, write 32 bytes, read their echo, close
+/// (linger 0, as [`connections_per_sec`]). Returns handshakes per second and how many of
+/// them resumed a session (the client connection's `handshake_kind`). Any failure fails
+/// the benchmark.
+async fn handshakes(addr: SocketAddr, clients: &[Arc<ClientConfig>], total: usize) -> (f64, usize) {
+    let started = Instant::now();
+    let tasks = clients.len();
+    let workers: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(w, client)| {
+            let n = total / tasks + usize::from(w < total % tasks);
+            let connector = tokio_rustls::TlsConnector::from(Arc::clone(client));
+            tokio::spawn(async move {
+                let name = rustls_pki_types::ServerName::try_from(TLS_NAME).unwrap();
+                let mut resumed = 0;
+                let mut buf = [0u8; 32];
+                for _ in 0..n {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    tcp.set_nodelay(true).unwrap();
+                    let mut tls = connector
+                        .connect(name.clone(), tcp)
+                        .await
+                        .unwrap_or_else(|e| panic!("TLS handshake through {addr}: {e}"));
+                    tls.write_all(&[7u8; 32]).await.unwrap();
+                    tls.flush().await.unwrap();
+                    tls.read_exact(&mut buf).await.unwrap();
+                    assert_eq!(buf, [7u8; 32], "the echo through {addr}");
+                    let (tcp, session) = tls.get_ref();
+                    if session.handshake_kind() == Some(HandshakeKind::Resumed) {
+                        resumed += 1;
+                    }
+                    tcp.set_zero_linger().unwrap();
+                }
+                resumed
+            })
+        })
+        .collect();
+    let mut resumed = 0;
+    for w in workers {
+        resumed += w.await.unwrap();
+    }
+    (total as f64 / started.elapsed().as_secs_f64(), resumed)
+}
+
+/// What one reconnect storm gave.
+struct StormResult {
+    /// From the release of every client until the last was served (or failed), seconds.
+    all_served: f64,
+    /// p99 over the served clients of the time from connect start to the first echoed
+    /// byte, milliseconds.
+    p99_ms: f64,
+    /// Clients that failed in any way: connect, handshake, write, read, a wrong echo, or
+    /// [`STORM_TIMEOUT`].
+    errors: usize,
+}
+
+/// A reconnect storm: `n` clients, spawned first and then released together (no pacing),
+/// each connecting to `addr` (with a full TLS handshake when `tls` is set), writing 32
+/// bytes, reading their echo and closing (linger 0).
+async fn storm(addr: SocketAddr, n: usize, tls: Option<Arc<ClientConfig>>) -> StormResult {
+    let go = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let clients: Vec<_> = (0..n)
+        .map(|_| {
+            let go = Arc::clone(&go);
+            let connector = tls.clone().map(tokio_rustls::TlsConnector::from);
+            tokio::spawn(async move {
+                go.wait().await;
+                let started = Instant::now();
+                let exchange = async {
+                    let tcp = TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    let message = [9u8; 32];
+                    let mut got = [0u8; 32];
+                    let first = match connector {
+                        None => {
+                            let mut s = tcp;
+                            s.write_all(&message).await?;
+                            s.read_exact(&mut got[..1]).await?;
+                            let first = started.elapsed();
+                            s.read_exact(&mut got[1..]).await?;
+                            s.set_zero_linger()?;
+                            first
+                        }
+                        Some(connector) => {
+                            let name = rustls_pki_types::ServerName::try_from(TLS_NAME).unwrap();
+                            let mut s = connector.connect(name, tcp).await?;
+                            s.write_all(&message).await?;
+                            s.flush().await?;
+                            s.read_exact(&mut got[..1]).await?;
+                            let first = started.elapsed();
+                            s.read_exact(&mut got[1..]).await?;
+                            s.get_ref().0.set_zero_linger()?;
+                            first
+                        }
+                    };
+                    if got != message {
+                        return Err(std::io::Error::other("wrong echo"));
+                    }
+                    Ok::<_, std::io::Error>(first)
+                };
+                tokio::time::timeout(STORM_TIMEOUT, exchange)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            })
+        })
+        .collect();
+    go.wait().await;
+    let started = Instant::now();
+    let mut firsts = Vec::with_capacity(n);
+    let mut errors = 0;
+    for c in clients {
+        match c.await.unwrap() {
+            Some(first) => firsts.push(first.as_secs_f64() * 1e3),
+            None => errors += 1,
+        }
+    }
+    let all_served = started.elapsed().as_secs_f64();
+    firsts.sort_by(|a, b| a.total_cmp(b));
+    let p99_ms = firsts
+        .get((firsts.len() * 99 / 100).min(firsts.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN);
+    StormResult {
+        all_served,
+        p99_ms,
+        errors,
+    }
 }
 
 /// p50 and p99 round-trip times in microseconds.
@@ -588,25 +1066,32 @@ fn iperf3_gbit(addr: SocketAddr, streams: u32, seconds: u32) -> f64 {
     bps / 1e9
 }
 
-/// `wrk -t1 -c64` against `addr` for `seconds` (with `Connection: close` when `close`):
-/// requests per second, and the proxy's CPU time per request in µs when `pid` is set.
-/// Non-2xx answers or socket errors fail the benchmark rather than count.
-fn wrk(addr: SocketAddr, pid: Option<u32>, close: bool, seconds: u32) -> (f64, Option<f64>) {
+/// `wrk -t1 -c<connections>` against `url` (http or https) for `seconds` (with
+/// `Connection: close` when `close`): requests per second, and the proxy's CPU time per
+/// request in µs when `pid` is set. Non-2xx answers or socket errors fail the benchmark
+/// rather than count.
+fn wrk(
+    url: &str,
+    pid: Option<u32>,
+    close: bool,
+    connections: u32,
+    seconds: u32,
+) -> (f64, Option<f64>) {
     let before = pid.map(tree_cpu_seconds);
     let mut command = std::process::Command::new("wrk");
-    command.args(["-t1", "-c64", &format!("-d{seconds}s")]);
+    command.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")]);
     if close {
         command.args(["-H", "Connection: close"]);
     }
     let out = command
-        .arg(format!("http://{addr}/"))
+        .arg(url)
         .output()
         .expect("run wrk (make bench installs it)");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let cpu = pid.zip(before).map(|(p, b)| tree_cpu_seconds(p) - b);
     assert!(
         !text.contains("Non-2xx") && !text.contains("Socket errors: connect"),
-        "wrk saw errors through {addr}:\n{text}"
+        "wrk saw errors through {url}:\n{text}"
     );
     let field = |prefix: &str| -> Option<f64> {
         text.lines()
