@@ -130,11 +130,14 @@ deps-nginx:
 	  echo "installing nginx with its stream module"; \
 	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends nginx libnginx-mod-stream >/dev/null; }
 
-# The peers sluice is compared with, from Debian: HAProxy, and nginx with its stream module.
+# The peers sluice is compared with, from Debian: HAProxy, and nginx with its stream module;
+# wrk (built with OpenSSL: it speaks https too), iperf3, and openssl, which makes the
+# certificate of the TLS workloads.
 deps-bench: deps-nginx
 	$(call need,haproxy,haproxy)
 	$(call need,wrk,wrk)
 	$(call need,iperf3,iperf3)
+	$(call need,openssl,openssl)
 
 bench: build deps-bench
 	$(CARGO) bench --locked --bench proxy

@@ -62,7 +62,7 @@ struct Plan {
     /// concurrent client tasks that make them.
     handshakes: usize,
     handshake_tasks: usize,
-    /// Clients of one reconnect storm, and the rounds (the first ones) that run storms.
+    /// Clients of one reconnect storm, and the storm rounds (after every other workload).
     storm: usize,
     storm_rounds: usize,
 }
@@ -150,6 +150,9 @@ fn main() {
     } else {
         FULL
     };
+    if runs("storm") {
+        descriptors_for_storm(plan.storm);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -161,6 +164,28 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("results.md"), &report).unwrap();
     eprintln!("written to {}", dir.join("results.md").display());
+}
+
+/// A storm of `clients` needs a socket per client and one per backend connection in
+/// this process, and as many again in a proxy, which inherits the limit: raise the soft
+/// open-file limit to the hard one if it is lower than that (with room for the rest), or
+/// stop with what to change.
+fn descriptors_for_storm(clients: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let needed = 2 * clients as u64 + 1_000;
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some_and(|c| c < needed) {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        setrlimit(Resource::Nofile, raised).unwrap();
+    }
+    let current = getrlimit(Resource::Nofile).current;
+    assert!(
+        current.is_none_or(|c| c >= needed),
+        "the storm of {clients} clients needs {needed} open files; `ulimit -n` allows {current:?}: raise the hard limit"
+    );
 }
 
 /// A proxy under test, or the direct path, with where its routes listen.
@@ -340,65 +365,6 @@ async fn run(plan: Plan) -> String {
                 per_request[i].push(rate);
                 per_request_cpu[i].extend(cpu_us);
             }
-            if runs("tls")
-                && let Some(https) = t.https
-            {
-                let url = format!("https://{https}/");
-                let (rate, cpu_us) = wrk(&url, t.pid, true, 32, plan.seconds);
-                tls_close[i].push(rate);
-                tls_close_cpu[i].extend(cpu_us);
-                let (rate, cpu_us) = wrk(&url, t.pid, false, 64, plan.seconds);
-                tls_keepalive[i].push(rate);
-                tls_keepalive_cpu[i].extend(cpu_us);
-            }
-            if runs("handshake")
-                && let Some(addr) = t.tls_echo
-            {
-                for (m, (_, version, resume)) in HANDSHAKE_MODES.iter().enumerate() {
-                    // A client config, so a session cache, per task: each task is one
-                    // client resuming its own sessions, new for each target and round.
-                    let clients: Vec<_> = (0..plan.handshake_tasks)
-                        .map(|_| tls_client(&ca.cert, version, *resume))
-                        .collect();
-                    if *resume {
-                        // Prime: one handshake per task, so that each has a session to
-                        // offer; not measured.
-                        handshakes(addr, &clients, plan.handshake_tasks).await;
-                    }
-                    let before = t.pid.map(tree_cpu_seconds);
-                    let (rate, resumed) = handshakes(addr, &clients, plan.handshakes).await;
-                    hs_rate[m][i].push(rate);
-                    if let (Some(pid), Some(before)) = (t.pid, before) {
-                        hs_cpu[m][i]
-                            .push((tree_cpu_seconds(pid) - before) * 1e6 / plan.handshakes as f64);
-                    }
-                    if *resume {
-                        hs_resumed[m][i].push(resumed as f64 * 100.0 / plan.handshakes as f64);
-                    }
-                }
-            }
-            if runs("storm") && round < plan.storm_rounds {
-                let kinds = [
-                    Some((t.storm, None)),
-                    t.tls_echo.map(|a| {
-                        (
-                            a,
-                            Some(tls_client(&ca.cert, &rustls::version::TLS13, false)),
-                        )
-                    }),
-                ];
-                for (k, kind) in kinds.into_iter().enumerate() {
-                    let Some((addr, client)) = kind else { continue };
-                    let before = t.pid.map(tree_cpu_seconds);
-                    let result = storm(addr, plan.storm, client).await;
-                    if let (Some(pid), Some(before)) = (t.pid, before) {
-                        storm_cpu[k][i].push((tree_cpu_seconds(pid) - before) * 1e3);
-                    }
-                    storm_all[k][i].push(result.all_served);
-                    storm_p99[k][i].push(result.p99_ms);
-                    storm_errors[k][i] += result.errors as f64;
-                }
-            }
             if runs("bulk") {
                 bulk[i].push(bulk_gbit(t.sink, plan.bulk_bytes).await);
             }
@@ -436,6 +402,83 @@ async fn run(plan: Plan) -> String {
     } else {
         "Scale: not run (SLUICE_BENCH_ONLY).".to_string()
     };
+
+    // The TLS workloads and the storms after idle and scale, in rounds of their own: their
+    // buffers and their many connections grow every proxy's heap, and the idle workload
+    // would find that memory already there (it read 0.0 KiB per connection for sluice).
+    for round in 0..plan.rounds {
+        if !runs("tls") && !runs("handshake") {
+            break;
+        }
+        eprintln!("TLS round {}/{}", round + 1, plan.rounds);
+        for (i, t) in targets.iter().enumerate() {
+            if runs("tls")
+                && let Some(https) = t.https
+            {
+                let url = format!("https://{https}/");
+                let (rate, cpu_us) = wrk(&url, t.pid, true, 32, plan.seconds);
+                tls_close[i].push(rate);
+                tls_close_cpu[i].extend(cpu_us);
+                let (rate, cpu_us) = wrk(&url, t.pid, false, 64, plan.seconds);
+                tls_keepalive[i].push(rate);
+                tls_keepalive_cpu[i].extend(cpu_us);
+            }
+            if runs("handshake")
+                && let Some(addr) = t.tls_echo
+            {
+                for (m, (_, version, resume)) in HANDSHAKE_MODES.iter().enumerate() {
+                    // A client config, so a session cache, per task: each task is one
+                    // client resuming its own sessions, new for each target and round.
+                    let clients: Vec<_> = (0..plan.handshake_tasks)
+                        .map(|_| tls_client(&ca.cert, version, *resume))
+                        .collect();
+                    if *resume {
+                        // Prime: one handshake per task, so that each has a session to
+                        // offer; not measured.
+                        handshakes(addr, &clients, plan.handshake_tasks).await;
+                    }
+                    let before = t.pid.map(tree_cpu_seconds);
+                    let (rate, resumed) = handshakes(addr, &clients, plan.handshakes).await;
+                    hs_rate[m][i].push(rate);
+                    if let (Some(pid), Some(before)) = (t.pid, before) {
+                        hs_cpu[m][i]
+                            .push((tree_cpu_seconds(pid) - before) * 1e6 / plan.handshakes as f64);
+                    }
+                    if *resume {
+                        hs_resumed[m][i].push(resumed as f64 * 100.0 / plan.handshakes as f64);
+                    }
+                }
+            }
+        }
+    }
+    for round in 0..plan.storm_rounds {
+        if !runs("storm") {
+            break;
+        }
+        eprintln!("storm round {}/{}", round + 1, plan.storm_rounds);
+        for (i, t) in targets.iter().enumerate() {
+            let kinds = [
+                Some((t.storm, None)),
+                t.tls_echo.map(|a| {
+                    (
+                        a,
+                        Some(tls_client(&ca.cert, &rustls::version::TLS13, false)),
+                    )
+                }),
+            ];
+            for (k, kind) in kinds.into_iter().enumerate() {
+                let Some((addr, client)) = kind else { continue };
+                let before = t.pid.map(tree_cpu_seconds);
+                let result = storm(addr, plan.storm, client).await;
+                if let (Some(pid), Some(before)) = (t.pid, before) {
+                    storm_cpu[k][i].push((tree_cpu_seconds(pid) - before) * 1e3);
+                }
+                storm_all[k][i].push(result.all_served);
+                storm_p99[k][i].push(result.p99_ms);
+                storm_errors[k][i] += result.errors as f64;
+            }
+        }
+    }
 
     let names: Vec<&str> = targets.iter().map(|t| t.name).collect();
     let mut out = String::new();
@@ -674,11 +717,11 @@ async fn run(plan: Plan) -> String {
     if runs("storm") {
         writeln!(
             out,
-            "\nStorms: medians of the first {} rounds; errors summed over them. The storm and \
+            "\nStorms: medians of {} rounds, after the other workloads; errors summed over them. The storm and \
              TLS routes listen with backlog {BACKLOG} in every proxy (the storm's echo \
              backend with {STORM_BACKEND_BACKLOG}); this host: net.core.somaxconn {}, \
              net.ipv4.tcp_max_syn_backlog {}, net.ipv4.tcp_syncookies {}.",
-            plan.storm_rounds.min(plan.rounds),
+            plan.storm_rounds,
             sysctl("net/core/somaxconn"),
             sysctl("net/ipv4/tcp_max_syn_backlog"),
             sysctl("net/ipv4/tcp_syncookies"),
