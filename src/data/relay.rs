@@ -269,7 +269,7 @@ impl Relay<'_> {
             // socket's keepalive gets its interval and count then, on a connection that
             // lived that long. Later firings (about once per idle timeout) set them
             // again, which costs less than remembering that they are set.
-            keepalive_rest(*this.backend);
+            keepalive_rest(this.backend);
             this.timer.as_mut().reset(this.limits.deadline(*this.last));
         }
         Poll::Pending
