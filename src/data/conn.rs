@@ -675,23 +675,17 @@ impl Drop for Record {
 /// Resolves when the client has left before a backend was reached: it reset, or it
 /// sent FIN without having sent data. A FIN after data (`sent_data`, or bytes still
 /// unread) may be a half-close by a client that still waits for its answer, so that
-/// client is kept; while the socket stays readable, the check repeats every 250 ms
-/// (for a reset, through the socket's pending error) instead of spinning on readiness.
-async fn client_gone(client: &TcpStream, mut sent_data: bool) {
+/// client is kept; from then on only a reset ends the wait, seen as the socket's error
+/// readiness (EPOLLERR), with no timer and no further system call while it waits.
+async fn client_gone(client: &TcpStream, sent_data: bool) {
     let mut probe = [0u8; 1];
-    loop {
-        match client.peek(&mut probe).await {
-            Err(_) => return,
-            Ok(0) if !sent_data => return,
-            // With data unread, peek keeps returning it even after a reset; the socket's
-            // pending error shows the reset.
-            Ok(n) => {
-                sent_data |= n > 0;
-                if !matches!(client.take_error(), Ok(None)) {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
+    match client.peek(&mut probe).await {
+        Err(_) => return,
+        Ok(0) if !sent_data => return,
+        // With data unread, peek keeps returning it even after a reset; the reset shows
+        // as an error on the socket.
+        Ok(_) => {}
     }
+    // Resolves only with the error bit set (a reset, or the readiness's own failure).
+    let _ = client.ready(tokio::io::Interest::ERROR).await;
 }

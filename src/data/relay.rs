@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::shutdown::Stopped;
 use crate::stream::Stream;
+use crate::upstream::{KEEPALIVE_REST_AFTER, keepalive_rest};
 
 /// Size of one relay buffer: faster than 16 KiB on one bulk stream (BENCHMARKS.md, "What
 /// was measured and changed"), and it costs nothing while idle.
@@ -161,7 +162,8 @@ pub fn relay<'a>(
         counters,
         limits,
         last: now,
-        timer: sleep_until(limits.deadline(now)),
+        // First at the keepalive point (see the timer's loop in `step`), if earlier.
+        timer: sleep_until(limits.deadline(now).min(now + KEEPALIVE_REST_AFTER)),
         stopped: Stopped::new(stops.removed),
         shutdown: stops.shutdown,
         retired: stops.retired,
@@ -263,6 +265,11 @@ impl Relay<'_> {
             if now >= *this.last + this.limits.idle {
                 return Poll::Ready(End::IdleTimeout);
             }
+            // The first firing comes at KEEPALIVE_REST_AFTER at the latest: the backend
+            // socket's keepalive gets its interval and count then, on a connection that
+            // lived that long. Later firings (about once per idle timeout) set them
+            // again, which costs less than remembering that they are set.
+            keepalive_rest(this.backend);
             this.timer.as_mut().reset(this.limits.deadline(*this.last));
         }
         Poll::Pending
@@ -489,6 +496,9 @@ pub async fn relay_streams<C: Stream, B: Stream>(
     let clock = IdleClock::new();
     let up = Direction::default();
     let down = Direction::default();
+    // A TLS connection's handshake costs far more than these two system calls: they
+    // are set here rather than timed as in the plain relay.
+    keepalive_rest(backend.tcp());
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let end = {
@@ -842,6 +852,78 @@ mod tests {
         let e = start(false, Duration::from_secs(60), stop.clone()).await;
         crate::shutdown::cancel(&stop);
         assert_eq!(e.relayed.await.unwrap().0.end, End::Shutdown);
+    }
+
+    /// The backend socket's keepalive interval and count, as the kernel has them.
+    fn probes(s: &TcpStream) -> (Duration, u32) {
+        use rustix::net::sockopt;
+        (
+            sockopt::tcp_keepintvl(s).unwrap(),
+            sockopt::tcp_keepcnt(s).unwrap(),
+        )
+    }
+
+    /// A relay that lives past KEEPALIVE_REST_AFTER sets the rest of the keepalive on
+    /// its backend socket (the connect set only SO_KEEPALIVE and the idle time), and is
+    /// not ended by it. The clock is tokio's paused one; the sockets are real.
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_that_lives_a_minute_sets_its_backend_keepalive_probes() {
+        for splice in [false, true] {
+            let (client_side, mut client) = pair().await;
+            let (backend_side, mut backend) = pair().await;
+            let (up, down) = (
+                IntCounter::new("u", "u").unwrap(),
+                IntCounter::new("d", "d").unwrap(),
+            );
+            let limits = Limits {
+                idle: Duration::from_secs(3600),
+                lifetime_end: None,
+            };
+            let stop = CancellationToken::new();
+            let counters = Counters {
+                client_to_backend: &up,
+                backend_to_client: &down,
+            };
+            let stops = Stops {
+                shutdown: &stop,
+                removed: &stop,
+                retired: &stop,
+            };
+            let relayed = relay(
+                &client_side,
+                &backend_side,
+                &limits,
+                stops,
+                counters,
+                splice,
+            );
+            tokio::pin!(relayed);
+            let before = probes(&backend_side);
+            let checks = async {
+                client.write_all(b"ping").await.unwrap();
+                assert_eq!(read_exactly(&mut backend, 4).await, b"ping");
+                tokio::time::sleep(KEEPALIVE_REST_AFTER - Duration::from_secs(1)).await;
+                assert_eq!(probes(&backend_side), before, "not before the point");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                backend.write_all(b"pong").await.unwrap();
+                assert_eq!(read_exactly(&mut client, 4).await, b"pong");
+            };
+            tokio::select! {
+                o = &mut relayed => panic!("the relay ended: {:?}", o.end),
+                () = checks => {}
+            }
+            assert_eq!(
+                probes(&backend_side),
+                (Duration::from_secs(15), 4),
+                "splice={splice}"
+            );
+        }
+    }
+
+    async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).await.unwrap();
+        buf
     }
 
     #[tokio::test]

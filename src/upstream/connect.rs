@@ -20,12 +20,39 @@ use crate::upstream::backend::Backend;
 use crate::upstream::pool::Pool;
 use crate::upstream::queue::{Queue, QueueError, Slots};
 
+/// Idle time before the first keepalive probe (TCP_KEEPIDLE).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(120);
+/// Time between unanswered probes (TCP_KEEPINTVL).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Unanswered probes before the connection is given up (TCP_KEEPCNT).
+const KEEPALIVE_PROBES: u32 = 4;
+
 /// Keepalive on both sides of a proxied connection, so a peer that vanished without a
 /// FIN (a rebooted host, a dropped NAT entry) is noticed within about three minutes.
+/// The client side inherits all of it from the listening socket; the backend side gets
+/// it in two steps, [`connect_to`] and [`keepalive_rest`].
 pub const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
-    .with_time(Duration::from_secs(120))
-    .with_interval(Duration::from_secs(15))
-    .with_retries(4);
+    .with_time(KEEPALIVE_IDLE)
+    .with_interval(KEEPALIVE_INTERVAL)
+    .with_retries(KEEPALIVE_PROBES);
+
+/// How long a relay runs before it calls [`keepalive_rest`] on its backend socket. It
+/// must stay well below [`KEEPALIVE_IDLE`]: the first probe cannot go out earlier than
+/// that after the connect, and the interval and count are only read from then on.
+pub const KEEPALIVE_REST_AFTER: Duration = Duration::from_secs(60);
+
+/// The part of [`KEEPALIVE`] that only matters once a connection has been idle for
+/// [`KEEPALIVE_IDLE`]: the probes' interval and count. A backend socket gets them from
+/// its relay after [`KEEPALIVE_REST_AFTER`], not at connect, so the many connections
+/// that end sooner save two system calls each (BENCHMARKS.md, "Plain new connections
+/// (issue 18)"). The kernel reads both when the idle timer fires, so a vanished peer is
+/// noticed exactly as if they had been set at connect. Setting them again is harmless.
+pub fn keepalive_rest(socket: &TcpStream) {
+    use rustix::net::sockopt;
+    // Only fails on a socket the kernel already closed (nothing left to probe).
+    let _ = sockopt::set_tcp_keepintvl(socket, KEEPALIVE_INTERVAL);
+    let _ = sockopt::set_tcp_keepcnt(socket, KEEPALIVE_PROBES);
+}
 
 /// A named group of backends that serves one kind of traffic.
 pub struct Upstream {
@@ -385,7 +412,10 @@ async fn connect_to(address: SocketAddr) -> std::io::Result<TcpStream> {
     } else {
         TcpSocket::new_v6()?
     };
-    socket2::SockRef::from(&socket).set_tcp_keepalive(&KEEPALIVE)?;
+    // Keepalive on, with its idle time, from the start (`ss` shows the timer at once);
+    // the interval and count come later, from the relay: see [`keepalive_rest`].
+    socket.set_keepalive(true)?;
+    rustix::net::sockopt::set_tcp_keepidle(&socket, KEEPALIVE_IDLE)?;
     socket.set_nodelay(true)?;
     socket.connect(address).await
 }

@@ -23,4 +23,7 @@ pub mod pool;
 pub mod queue;
 
 pub use backend::Backend;
-pub use connect::{Carried, ConnectError, Ends, Header, KEEPALIVE, Lease, Upstream};
+pub use connect::{
+    Carried, ConnectError, Ends, Header, KEEPALIVE, KEEPALIVE_REST_AFTER, Lease, Upstream,
+    keepalive_rest,
+};
