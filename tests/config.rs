@@ -305,6 +305,14 @@ fn invalid_configs() -> Vec<Invalid> {
             "not both",
         ),
         invalid(
+            "a_session_cache_too_large",
+            format!(
+                "{LISTENER}tls = {{ certificates = [{{ cert = \"a.pem\", key = \"a.key\" }}], session_cache_size = 2000000 }}\n{UPSTREAM}"
+            ),
+            (5, 82),
+            "`session_cache_size` must be at most 1000000",
+        ),
+        invalid(
             "a_bad_server_name_in_a_route",
             format!(
                 "[[listener]]\nname = \"sni\"\nbind = [\"127.0.0.1:7000\"]\n[[listener.route]]\nsni = [\"ok.test\", \"*.*.bad\"]\nupstream = \"app\"\n{UPSTREAM}"

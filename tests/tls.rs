@@ -623,3 +623,121 @@ async fn a_health_check_fails_when_the_backend_refuses_sluices_client_certificat
         );
     }
 }
+
+/// `openssl s_client` sending one HTTP request and reading until the server closes (so
+/// the TLS 1.3 tickets sent after the handshake arrive before the session is saved),
+/// with `args`; returns its output.
+fn s_client_request(addr: SocketAddr, args: &[&str]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("timeout")
+        .arg("20")
+        .args([
+            "openssl",
+            "s_client",
+            "-ign_eof",
+            "-connect",
+            &addr.to_string(),
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run openssl s_client");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(b"GET /resumed HTTP/1.0\r\nHost: srv.test\r\n\r\n")
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Whether `out` (of `s_client_request`) resumed a session and got the backend's answer.
+fn resumed(out: &str) -> bool {
+    assert!(
+        out.contains("you asked: GET /resumed HTTP/1.0"),
+        "the request did not pass:\n{out}"
+    );
+    out.lines().any(|l| l.starts_with("Reused,"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_on_every_worker_and_across_reloads_but_not_after_client_auth_changes() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    pki.ca("clients");
+    let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
+    let backend = http_backend().await;
+    // Four workers: the kernel spreads the connections below over their sockets by
+    // their ports, so a session made on one worker resumes on the others.
+    let config = |extra: &str| {
+        tls_config(&[&cert], extra, backend.addr).table("[runtime]\nworker_threads = 4")
+    };
+    let sluice = Sluice::start(config("")).await;
+    let addr = sluice.addr("tls");
+    let ca = pki.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    // TLS 1.3 tickets, TLS 1.2 tickets, TLS 1.2 session IDs (the cache).
+    let kinds: [&[&str]; 3] = [&["-tls1_3"], &["-tls1_2"], &["-tls1_2", "-no_ticket"]];
+    let sessions: Vec<std::path::PathBuf> = (0..kinds.len())
+        .map(|i| pki.path(&format!("session{i}.pem")))
+        .collect();
+    let base = |session: &std::path::Path, kind: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["-CAfile", ca, "-servername", "srv.test", "-sess_in"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.push(session.display().to_string());
+        a.extend(kind.iter().map(|s| s.to_string()));
+        a
+    };
+    for (kind, session) in kinds.iter().zip(&sessions) {
+        let mut args = vec!["-CAfile", ca, "-servername", "srv.test", "-sess_out"];
+        let path = session.display().to_string();
+        args.push(&path);
+        args.extend(kind.iter());
+        let out = s_client_request(addr, &args);
+        assert!(
+            !resumed(&out),
+            "a first connection is a full handshake:\n{out}"
+        );
+        for _ in 0..8 {
+            let args = base(session, kind);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = s_client_request(addr, &args);
+            assert!(resumed(&out), "{kind:?} did not resume:\n{out}");
+        }
+    }
+
+    // A reload that changes the listener keeps the sessions.
+    sluice.rewrite(config("alpn = [\"http/1.1\"]"));
+    sluice.wait_generation(1).await;
+    for (kind, session) in kinds.iter().zip(&sessions) {
+        let args = base(session, kind);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = s_client_request(addr, &args);
+        assert!(
+            resumed(&out),
+            "{kind:?} did not resume after a reload:\n{out}"
+        );
+    }
+
+    // Asking for client certificates (even optional ones) refuses every session made
+    // before: none was verified against those CAs.
+    let clients = pki.path("clients.pem");
+    sluice.rewrite(config(&format!(
+        "alpn = [\"http/1.1\"]\nclient_auth = {{ ca = {clients:?}, required = false }}"
+    )));
+    sluice.wait_generation(2).await;
+    for (kind, session) in kinds.iter().zip(&sessions) {
+        let args = base(session, kind);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = s_client_request(addr, &args);
+        assert!(!resumed(&out), "{kind:?} resumed past client auth:\n{out}");
+    }
+}

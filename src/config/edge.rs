@@ -28,6 +28,12 @@ pub const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// (about 1,800 bytes today) many times over, yet bounded.
 pub const DEFAULT_MAX_HELLO_SIZE: usize = 16_384;
 pub const MAX_HELLO_SIZE_LIMIT: usize = 65_536;
+/// Sessions a TLS listener remembers by session ID, for TLS 1.2 clients that resume
+/// without tickets (and every client when `session_tickets = false`). rustls reserves
+/// the table up front (about 0.2 MB resident for this default, BENCHMARKS.md), a few
+/// hundred bytes a session once filled.
+pub const DEFAULT_SESSION_CACHE_SIZE: usize = 10_000;
+pub const MAX_SESSION_CACHE_SIZE: usize = 1_000_000;
 
 /// TLS termination on a listener.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -42,6 +48,11 @@ pub struct ListenerTls {
     pub min_version: TlsVersion,
     /// Client certificates (mTLS); `None` asks for none.
     pub client_auth: Option<ClientAuth>,
+    /// Stateless session tickets (TLS 1.3, and TLS 1.2 clients that ask for them),
+    /// encrypted with keys held once per process and kept across reloads.
+    pub session_tickets: bool,
+    /// Sessions remembered by ID (TLS 1.2 without tickets); 0 remembers none.
+    pub session_cache_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
@@ -226,6 +237,9 @@ pub(super) struct RawListenerTls {
     #[serde(default)]
     min_version: TlsVersion,
     client_auth: Option<RawClientAuth>,
+    #[serde(default = "yes")]
+    session_tickets: bool,
+    session_cache_size: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -335,7 +349,28 @@ impl RawListenerTls {
                 ca: base.resolve(a.ca),
                 required: a.required,
             }),
+            session_tickets: self.session_tickets,
+            session_cache_size: session_cache_size(self.session_cache_size)?,
         })
+    }
+}
+
+/// Checks a TLS listener's `session_cache_size`.
+fn session_cache_size(value: Option<Spanned<u64>>) -> Result<usize, Invalid> {
+    match value {
+        None => Ok(DEFAULT_SESSION_CACHE_SIZE),
+        Some(v) => {
+            let n = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
+            if n > MAX_SESSION_CACHE_SIZE {
+                return Err((
+                    v.span(),
+                    format!(
+                        "`session_cache_size` must be at most {MAX_SESSION_CACHE_SIZE} sessions (0 keeps none)"
+                    ),
+                ));
+            }
+            Ok(n)
+        }
     }
 }
 

@@ -6,14 +6,18 @@
 //! stays in use. The material carries a fingerprint of every byte read, so a reload
 //! triggered by a rotated certificate applies even though the config text is unchanged.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ProducesTickets, ResolvesServerCert,
+    ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -97,6 +101,61 @@ pub struct Termination {
     pub handshake_timeout: Duration,
     /// (certificate file, notAfter as Unix seconds), for the expiry gauge.
     pub expiries: Vec<(String, i64)>,
+    /// Held so that the registry keeps it while a snapshot uses it (see [`resumption`]).
+    _resumption: Arc<Resumption>,
+}
+
+/// TLS 1.3 tickets sent after each handshake (rustls sends 2 by default). One lets a
+/// client that reconnects one connection at a time resume every time, since each
+/// resumption brings a new ticket; see BENCHMARKS.md, "TLS handshakes (issue 18)".
+const TLS13_TICKETS: usize = 2;
+
+/// A listener's session resumption state: the ticket keys (rustls's rotating ticketer:
+/// a new key every 6 hours, the one before still accepted, so a ticket lives 12 hours)
+/// and the session-ID cache. Every worker uses the one listener config, so a session
+/// made on one worker resumes on any other.
+struct Resumption {
+    ticketer: Arc<dyn ProducesTickets>,
+    cache: Arc<dyn StoresServerSessions>,
+}
+
+/// What a listener's resumption state is kept by across reloads. rustls resumes a
+/// session without verifying the client again (a resumed session keeps the client
+/// certificate verified when it was made), so a session may resume only where the same
+/// verification holds: on the same listener, with the same client CAs (their bytes)
+/// and the same `required`. A change to either starts new keys and an empty cache, and
+/// every session made before is refused (a full handshake follows). A new server
+/// certificate keeps them: the client already authenticated the server.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ResumptionKey {
+    listener: String,
+    /// (hash of the CA file's bytes, required).
+    client_auth: Option<(u64, bool)>,
+    cache_size: usize,
+}
+
+/// The resumption state of every listener, once per process; see [`resumption`].
+static RESUMPTION: LazyLock<Mutex<HashMap<ResumptionKey, Arc<Resumption>>>> =
+    LazyLock::new(Default::default);
+
+/// The resumption state for `key`: the one already held if any (so tickets and cached
+/// sessions survive a reload), else new. What no snapshot holds any more (besides the
+/// ones in `keep`, which the load in progress uses) is dropped.
+fn resumption(key: ResumptionKey, keep: &[ResumptionKey]) -> Result<Arc<Resumption>, String> {
+    let mut held = RESUMPTION.lock().unwrap_or_else(PoisonError::into_inner);
+    held.retain(|k, r| Arc::strong_count(r) > 1 || *k == key || keep.contains(k));
+    if let Some(r) = held.get(&key) {
+        return Ok(Arc::clone(r));
+    }
+    let ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| format!("cannot make session ticket keys: {e}"))?;
+    let cache: Arc<dyn StoresServerSessions> = match key.cache_size {
+        0 => Arc::new(NoServerSessionStorage {}),
+        n => ServerSessionMemoryCache::new(n),
+    };
+    let r = Arc::new(Resumption { ticketer, cache });
+    held.insert(key, Arc::clone(&r));
+    Ok(r)
 }
 
 /// An upstream's TLS towards its backends.
@@ -133,11 +192,12 @@ fn load_named(config: &Config) -> Result<Material, TlsError> {
     let mut reader = Reader {
         hash: Default::default(),
         provider: provider(),
+        resumption: Vec::new(),
     };
     let mut material = Material::default();
     for l in &config.listeners {
         if let Some(tls) = &l.tls {
-            let t = termination(tls, &mut reader)?;
+            let t = termination(&l.name, tls, &mut reader)?;
             material.listeners.insert(l.name.clone(), Arc::new(t));
         }
     }
@@ -155,6 +215,8 @@ fn load_named(config: &Config) -> Result<Material, TlsError> {
 struct Reader {
     hash: std::collections::hash_map::DefaultHasher,
     provider: Arc<CryptoProvider>,
+    /// The resumption state this load has taken so far.
+    resumption: Vec<ResumptionKey>,
 }
 
 impl Reader {
@@ -183,14 +245,24 @@ impl Reader {
             .map_err(|e| error(path, format!("no usable PEM private key: {e}")))
     }
 
-    fn roots(&mut self, path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    /// The CAs in `path`, and a hash of the file's bytes.
+    fn roots(&mut self, path: &Path) -> Result<(Arc<RootCertStore>, u64), TlsError> {
         let mut roots = RootCertStore::empty();
-        for cert in self.certificates(path)? {
+        let bytes = self.read(path)?;
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut digest);
+        let certs = CertificateDer::pem_slice_iter(&bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| error(path, format!("invalid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(error(path, "no PEM certificate (BEGIN CERTIFICATE) found"));
+        }
+        for cert in certs {
             roots
                 .add(cert)
                 .map_err(|e| error(path, format!("invalid CA certificate: {e}")))?;
         }
-        Ok(Arc::new(roots))
+        Ok((Arc::new(roots), digest.finish()))
     }
 
     fn certified(&mut self, files: &CertificateFiles) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -217,7 +289,11 @@ fn warn_if_readable(path: &Path) {
     }
 }
 
-fn termination(tls: &config::ListenerTls, reader: &mut Reader) -> Result<Termination, TlsError> {
+fn termination(
+    listener: &str,
+    tls: &config::ListenerTls,
+    reader: &mut Reader,
+) -> Result<Termination, TlsError> {
     let mut resolver = SniResolver::default();
     let mut expiries = Vec::new();
     for files in &tls.certificates {
@@ -238,10 +314,12 @@ fn termination(tls: &config::ListenerTls, reader: &mut Reader) -> Result<Termina
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(versions)
         .map_err(|e| error(&tls.certificates[0].cert, e))?;
+    let mut client_auth = None;
     let builder = match &tls.client_auth {
         None => builder.with_no_client_auth(),
         Some(auth) => {
-            let roots = reader.roots(&auth.ca)?;
+            let (roots, digest) = reader.roots(&auth.ca)?;
+            client_auth = Some((digest, auth.required));
             let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider);
             let verifier = if auth.required {
                 verifier
@@ -254,10 +332,24 @@ fn termination(tls: &config::ListenerTls, reader: &mut Reader) -> Result<Termina
     };
     let mut server = builder.with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let key = ResumptionKey {
+        listener: listener.to_string(),
+        client_auth,
+        cache_size: tls.session_cache_size,
+    };
+    let resumption = resumption(key.clone(), &reader.resumption)
+        .map_err(|e| error(&tls.certificates[0].cert, e))?;
+    reader.resumption.push(key);
+    server.session_storage = Arc::clone(&resumption.cache);
+    if tls.session_tickets {
+        server.ticketer = Arc::clone(&resumption.ticketer);
+        server.send_tls13_tickets = TLS13_TICKETS;
+    }
     Ok(Termination {
         acceptor: TlsAcceptor::from(Arc::new(server)),
         handshake_timeout: tls.handshake_timeout,
         expiries,
+        _resumption: resumption,
     })
 }
 
@@ -267,7 +359,7 @@ fn origination(tls: &config::UpstreamTls, reader: &mut Reader) -> Result<Origina
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| error(Path::new("upstream tls"), e))?;
     let builder = match (&tls.ca, tls.verify) {
-        (Some(ca), true) => builder.with_root_certificates(reader.roots(ca)?),
+        (Some(ca), true) => builder.with_root_certificates(reader.roots(ca)?.0),
         _ => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider))),
@@ -350,8 +442,13 @@ impl SniResolver {
 
     fn pick(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         if let Some(name) = name {
-            let name = name.to_ascii_lowercase();
-            if let Some(k) = self.exact.get(&name) {
+            // rustls hands the name over lowercased already: no copy in the usual case.
+            let name = match name.bytes().any(|b| b.is_ascii_uppercase()) {
+                true => Cow::Owned(name.to_ascii_lowercase()),
+                false => Cow::Borrowed(name),
+            };
+            let name: &str = &name;
+            if let Some(k) = self.exact.get(name) {
                 return Some(Arc::clone(k));
             }
             if let Some((_, parent)) = name.split_once('.')
