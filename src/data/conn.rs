@@ -2,9 +2,12 @@
 //! termination or a ClientHello peek for SNI routing), pick a backend, connect, relay,
 //! record.
 
+use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -58,12 +61,14 @@ pub struct Accepted {
 /// An open connection's task holds this future for its whole life, so it is kept
 /// small: `accepted` comes boxed and is unpacked inside the boxed setup, whose state
 /// (the edge, a TLS handshake, the queue, the connect) is freed when it ends; what is
-/// left is the relay and a pointer to one [`Open`] (boxed too: the future of an
-/// `.await` keeps its result and the binding it moves to, so an unboxed `Open` would
-/// be held twice, 208 bytes each, measured with `-Zprint-type-sizes`).
+/// left is the relay ([`Open::relayed`]: on a plain connection the `Relay` itself, in
+/// place) and a pointer to one [`Open`] (boxed too: the future of an `.await` keeps
+/// its result and the binding it moves to, so an unboxed `Open` would be held twice,
+/// measured with `-Zprint-type-sizes`).
 pub async fn handle(accepted: Box<Accepted>) {
     if let Some(mut open) = Box::pin(open(accepted)).await {
-        open.relay().await;
+        let outcome = open.relayed().await;
+        open.closed(outcome);
     }
 }
 
@@ -142,67 +147,134 @@ struct Open {
 }
 
 impl Open {
-    /// Relays to the end and records it. Borrowed, not consumed: an `async fn` taking
-    /// `self` keeps its argument and a copy.
-    async fn relay(&mut self) {
-        // With `close_denied_on_reload`, a token of this connection's own (a child of
-        // the backend's sessions token, so an operator's close, removal and the cut
-        // still reach it) stops the relay when a reload's lists deny the client.
-        let revoke = (self.record.route().close_denied_on_reload)
-            .then(|| self.lease.sessions().child_token());
+    /// The relay of this connection. A plain connection on a listener without
+    /// `close_denied_on_reload` (most of them) gets the `Relay` itself, awaited in place
+    /// in the task: no `async` frame of its own around it, which would keep a second
+    /// copy of what the relay was built from (BENCHMARKS.md, "Idle memory (issue 18)").
+    /// TLS on either side and the deny-on-reload watch need state only they use, so
+    /// they run in a box of their own.
+    fn relayed(&mut self) -> Relayed<'_> {
+        let Open {
+            client,
+            backend,
+            limits,
+            lease,
+            record,
+            stop,
+            revocations,
+            peer,
+            ..
+        } = self;
+        let route = record.route();
         let stops = relay::Stops {
-            shutdown: &self.stop,
-            removed: revoke.as_ref().unwrap_or(self.lease.sessions()),
-            retired: &self.lease.backend().removed,
+            shutdown: stop,
+            removed: lease.sessions(),
+            retired: &lease.backend().removed,
         };
-        let counters = self.record.counters();
-        let relayed = async {
-            match (&mut self.client, &mut self.backend) {
-                (ClientStream::Plain(c), BackendStream::Plain(b)) => {
-                    let splice = self.record.snapshot.config.relay.splice;
-                    relay::relay(c, b, &self.limits, stops, counters, splice).await
-                }
-                (c, b) => {
-                    // Boxed for the same reason as the setup: only TLS connections need
-                    // this state.
-                    let limits = &self.limits;
-                    Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
+        match (route.close_denied_on_reload, client, backend) {
+            (false, ClientStream::Plain(c), BackendStream::Plain(b)) => {
+                let splice = record.snapshot.config.relay.splice;
+                Relayed::Plain {
+                    relay: relay::relay(c, b, limits, stops, record.counters(), splice),
                 }
             }
-        };
-        let mut outcome = match &revoke {
-            None => relayed.await,
-            // Boxed: only listeners with `close_denied_on_reload` need this state; in
-            // place, every connection's task would carry it (0.4 KiB more per idle
-            // connection, BENCHMARKS.md "Idle memory after the second wave").
-            Some(token) => {
-                let (revocations, client) = (&self.revocations, self.peer.ip());
-                Box::pin(async move {
-                    let denied = async {
-                        revocations.denied(client).await;
-                        crate::shutdown::cancel(token);
-                        // The relay sees the token and ends, with its counts.
-                        std::future::pending::<Outcome>().await
-                    };
-                    tokio::select! {
-                        o = relayed => o,
-                        o = denied => o,
-                    }
-                })
-                .await
+            (_, c, b) => {
+                let watch = route
+                    .close_denied_on_reload
+                    .then(|| (&**revocations, peer.ip()));
+                Relayed::Boxed {
+                    relay: Box::pin(relay_boxed(c, b, limits, stops, record, watch)),
+                }
             }
-        };
-        if revoke.as_ref().is_some_and(|t| t.is_cancelled())
-            && !self.lease.sessions().is_cancelled()
-        {
-            outcome.end = End::Denied;
         }
+    }
+
+    /// Records the end of the relay.
+    fn closed(&self, outcome: Outcome) {
         let outcome = Outcome {
             client_to_backend: outcome.client_to_backend + self.sent,
             ..outcome
         };
         self.record
             .closed(self.peer, &self.upstream.name, &self.lease, &outcome);
+    }
+}
+
+/// The relay of a TLS connection, or of one whose listener has `close_denied_on_reload`
+/// (`watch`: the listener's lists in force and the client's address).
+async fn relay_boxed(
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    limits: &relay::Limits,
+    stops: relay::Stops<'_>,
+    record: &Record,
+    watch: Option<(&Revocations, std::net::IpAddr)>,
+) -> Outcome {
+    let counters = record.counters();
+    let splice = record.snapshot.config.relay.splice;
+    let Some((revocations, ip)) = watch else {
+        return relay_either(client, backend, limits, stops, counters, splice).await;
+    };
+    // A token of this connection's own, a child of the backend's sessions token (so an
+    // operator's close, removal and the cut still reach it), stops the relay when a
+    // reload's lists deny the client.
+    let sessions = stops.removed;
+    let token = sessions.child_token();
+    let stops = relay::Stops {
+        removed: &token,
+        ..stops
+    };
+    let relayed = relay_either(client, backend, limits, stops, counters, splice);
+    let denied = async {
+        revocations.denied(ip).await;
+        crate::shutdown::cancel(&token);
+        // The relay sees the token and ends, with its counts.
+        std::future::pending::<Outcome>().await
+    };
+    let mut outcome = tokio::select! {
+        o = relayed => o,
+        o = denied => o,
+    };
+    if token.is_cancelled() && !sessions.is_cancelled() {
+        outcome.end = End::Denied;
+    }
+    outcome
+}
+
+/// The plain relay, or the stream relay with TLS on either side.
+async fn relay_either(
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    limits: &relay::Limits,
+    stops: relay::Stops<'_>,
+    counters: Counters<'_>,
+    splice: bool,
+) -> Outcome {
+    match (client, backend) {
+        (ClientStream::Plain(c), BackendStream::Plain(b)) => {
+            relay::relay(c, b, limits, stops, counters, splice).await
+        }
+        (c, b) => relay::relay_streams(c, b, limits, stops, counters).await,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Open::relayed`].
+    #[project = RelayedProj]
+    enum Relayed<'a> {
+        Plain { #[pin] relay: relay::Relay<'a> },
+        Boxed { relay: Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> },
+    }
+}
+
+impl Future for Relayed<'_> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        match self.project() {
+            RelayedProj::Plain { relay } => relay.poll(cx),
+            RelayedProj::Boxed { relay } => relay.as_mut().poll(cx),
+        }
     }
 }
 
