@@ -119,7 +119,6 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         lease,
         upstream,
         record,
-        stop,
         sent,
         _permits: permits,
         _client: client_slot,
@@ -137,7 +136,6 @@ struct Open {
     lease: Lease,
     upstream: Arc<Upstream>,
     record: Record,
-    stop: CancellationToken,
     /// Bytes the edge read from the client and sent on before the relay.
     sent: u64,
     _permits: Permits,
@@ -160,14 +158,14 @@ impl Open {
             limits,
             lease,
             record,
-            stop,
             revocations,
             peer,
             ..
         } = self;
         let route = record.route();
         let stops = relay::Stops {
-            shutdown: stop,
+            // The cut this process's relays stop at; the backend keeps it.
+            shutdown: &lease.backend().cut,
             removed: lease.sessions(),
             retired: &lease.backend().removed,
         };

@@ -32,11 +32,12 @@ use crate::config::ClientLimits;
 const SHARDS: usize = 64;
 
 /// A client: its address family and the leading bits of its address kept by the
-/// configured prefix.
+/// configured prefix. The bits are two `u64`s rather than a `u128`, whose 16-byte
+/// alignment would pad every open connection that holds a [`ClientSlot`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey {
     v6: bool,
-    bits: u128,
+    bits: [u64; 2],
 }
 
 impl ClientKey {
@@ -50,15 +51,16 @@ impl ClientKey {
                 p => !(u128::MAX >> p) >> (128 - bits),
             }
         };
-        match ip.to_canonical() {
-            IpAddr::V4(a) => ClientKey {
-                v6: false,
-                bits: u128::from(u32::from(a)) & mask(32, limits.ipv4_prefix),
-            },
-            IpAddr::V6(a) => ClientKey {
-                v6: true,
-                bits: u128::from(a) & mask(128, limits.ipv6_prefix),
-            },
+        let (v6, bits) = match ip.to_canonical() {
+            IpAddr::V4(a) => (
+                false,
+                u128::from(u32::from(a)) & mask(32, limits.ipv4_prefix),
+            ),
+            IpAddr::V6(a) => (true, u128::from(a) & mask(128, limits.ipv6_prefix)),
+        };
+        ClientKey {
+            v6,
+            bits: [(bits >> 64) as u64, bits as u64],
         }
     }
 }
