@@ -86,7 +86,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         revocations,
     } = *accepted;
     // `None`: the listener was removed from the config between accept and here.
-    let record = Record::start(snapshot, &listener)?;
+    let mut record = Record::start(snapshot, &listener)?;
     let Ready {
         client,
         mut backend,
@@ -96,30 +96,25 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         preface,
         client_slot,
     } = setup(record.route(), client, peer, &stop, &record, &clients).await?;
-    let sent = match forward_preface(preface, &mut backend, &upstream, &record.counters()).await {
-        Ok(sent) => sent,
+    match forward_preface(preface, &mut backend, &upstream, &record.counters()).await {
+        Ok(sent) => record.sent = sent,
         Err(outcome) => {
             record.closed(ends.client, &upstream.name, &lease, &outcome);
             return None;
         }
-    };
+    }
     // Spread the lifetimes so connections opened together do not all close together.
     let lifetime = upstream
         .max_lifetime
         .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
-    let limits = relay::Limits {
-        idle: upstream.idle_timeout,
-        lifetime_end: lifetime.map(|l| Instant::now() + l),
-    };
     Some(Box::new(Open {
         client,
-        limits,
+        lifetime_end: lifetime.map(|l| Instant::now() + l),
         backend,
         peer: ends.client,
         lease,
         upstream,
         record,
-        sent,
         _permits: permits,
         _client: client_slot,
         revocations,
@@ -129,15 +124,15 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
 /// A connection with its backend, relaying: everything it holds while open.
 struct Open {
     client: ClientStream,
-    limits: relay::Limits,
+    /// The end of the upstream's `max_lifetime`, if it has one; its `idle_timeout` is
+    /// read from `upstream`.
+    lifetime_end: Option<Instant>,
     backend: BackendStream,
     /// The client, as a PROXY header named it or as accepted.
     peer: SocketAddr,
     lease: Lease,
     upstream: Arc<Upstream>,
     record: Record,
-    /// Bytes the edge read from the client and sent on before the relay.
-    sent: u64,
     _permits: Permits,
     /// Counts this connection against its client's `max_connections_per_client`.
     _client: Option<ClientSlot>,
@@ -155,7 +150,8 @@ impl Open {
         let Open {
             client,
             backend,
-            limits,
+            lifetime_end,
+            upstream,
             lease,
             record,
             revocations,
@@ -163,6 +159,10 @@ impl Open {
             ..
         } = self;
         let route = record.route();
+        let limits = relay::Limits {
+            idle: upstream.idle_timeout,
+            lifetime_end: *lifetime_end,
+        };
         let stops = relay::Stops {
             // The cut this process's relays stop at; the backend keeps it.
             shutdown: &lease.backend().cut,
@@ -173,7 +173,7 @@ impl Open {
             (false, ClientStream::Plain(c), BackendStream::Plain(b)) => {
                 let splice = record.snapshot.config.relay.splice;
                 Relayed::Plain {
-                    relay: relay::relay(c, b, limits, stops, record.counters(), splice),
+                    relay: relay::relay(c, b, &limits, stops, record.counters(), splice),
                 }
             }
             (_, c, b) => {
@@ -189,10 +189,6 @@ impl Open {
 
     /// Records the end of the relay.
     fn closed(&self, outcome: Outcome) {
-        let outcome = Outcome {
-            client_to_backend: outcome.client_to_backend + self.sent,
-            ..outcome
-        };
         self.record
             .closed(self.peer, &self.upstream.name, &self.lease, &outcome);
     }
@@ -203,7 +199,7 @@ impl Open {
 async fn relay_boxed(
     client: &mut ClientStream,
     backend: &mut BackendStream,
-    limits: &relay::Limits,
+    limits: relay::Limits,
     stops: relay::Stops<'_>,
     record: &Record,
     watch: Option<(&Revocations, std::net::IpAddr)>,
@@ -211,7 +207,7 @@ async fn relay_boxed(
     let counters = record.counters();
     let splice = record.snapshot.config.relay.splice;
     let Some((revocations, ip)) = watch else {
-        return relay_either(client, backend, limits, stops, counters, splice).await;
+        return relay_either(client, backend, &limits, stops, counters, splice).await;
     };
     // A token of this connection's own, a child of the backend's sessions token (so an
     // operator's close, removal and the cut still reach it), stops the relay when a
@@ -222,7 +218,7 @@ async fn relay_boxed(
         removed: &token,
         ..stops
     };
-    let relayed = relay_either(client, backend, limits, stops, counters, splice);
+    let relayed = relay_either(client, backend, &limits, stops, counters, splice);
     let denied = async {
         revocations.denied(ip).await;
         crate::shutdown::cancel(&token);
@@ -596,7 +592,7 @@ async fn forward_preface<B>(
     backend: &mut B,
     upstream: &Upstream,
     counters: &Counters<'_>,
-) -> Result<u64, Outcome>
+) -> Result<u32, Outcome>
 where
     B: tokio::io::AsyncWrite + Unpin,
 {
@@ -610,7 +606,8 @@ where
     match timeout(upstream.connect_timeout, write).await {
         Ok(Ok(())) => {
             counters.client_to_backend.inc_by(preface.len() as u64);
-            Ok(preface.len() as u64)
+            // The edge's reads are bounded (PROXY_MAX_HEADER, max_hello_size).
+            Ok(u32::try_from(preface.len()).unwrap_or(u32::MAX))
         }
         _ => Err(Outcome {
             end: End::BackendReset,
@@ -624,20 +621,25 @@ where
 /// keeps the listener's active-connections gauge while it lives.
 struct Record {
     snapshot: Arc<Snapshot>,
-    /// The listener's place in `snapshot.listeners`.
-    route: usize,
     started: Instant,
+    /// The listener's place in `snapshot.listeners`.
+    route: u32,
+    /// Bytes the edge read from the client and sent on before the relay (at most a
+    /// PROXY header's or a ClientHello's bounded read), counted with the relay's.
+    sent: u32,
 }
 
 impl Record {
     /// Counts a connection accepted on `listener`; `None` if the snapshot has no such
     /// listener.
     fn start(snapshot: Arc<Snapshot>, listener: &str) -> Option<Record> {
-        let route = snapshot.route_index(listener)?;
+        // A config has far fewer than 2^32 listeners.
+        let route = u32::try_from(snapshot.route_index(listener)?).ok()?;
         let record = Record {
             snapshot,
-            route,
             started: Instant::now(),
+            route,
+            sent: 0,
         };
         let m = &record.route().metrics;
         m.accepted.inc();
@@ -647,7 +649,7 @@ impl Record {
 
     fn route(&self) -> &Route {
         // The index came from this snapshot, whose listeners never change.
-        &self.snapshot.listeners[self.route]
+        &self.snapshot.listeners[self.route as usize]
     }
 
     /// Where the relay adds the bytes it moves.
@@ -698,11 +700,12 @@ impl Record {
         let listener = &self.route().listener;
         let backend = lease.backend().address;
         let bm = &lease.backend().metrics;
+        // What the edge sent on before the relay counts as the client's.
+        let bytes_in = outcome.client_to_backend + u64::from(self.sent);
         if outcome.end == End::BackendClosed {
             bm.closed_by_operator.inc();
         }
-        bm.bytes(Direction::ClientToBackend)
-            .inc_by(outcome.client_to_backend);
+        bm.bytes(Direction::ClientToBackend).inc_by(bytes_in);
         bm.bytes(Direction::BackendToClient)
             .inc_by(outcome.backend_to_client);
         if let Some(log) = &self.snapshot.access_log {
@@ -711,7 +714,7 @@ impl Record {
                 client,
                 upstream,
                 backend: Some(backend),
-                bytes_in: outcome.client_to_backend,
+                bytes_in,
                 bytes_out: outcome.backend_to_client,
                 duration,
                 reason: outcome.end.as_str(),
@@ -727,7 +730,7 @@ impl Record {
             client = %client,
             upstream,
             backend = %backend,
-            bytes_in = outcome.client_to_backend,
+            bytes_in,
             bytes_out = outcome.backend_to_client,
             duration_ms = duration.as_millis() as u64,
             reason = outcome.end.as_str(),
