@@ -2,9 +2,12 @@
 //! termination or a ClientHello peek for SNI routing), pick a backend, connect, relay,
 //! record.
 
+use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -58,12 +61,14 @@ pub struct Accepted {
 /// An open connection's task holds this future for its whole life, so it is kept
 /// small: `accepted` comes boxed and is unpacked inside the boxed setup, whose state
 /// (the edge, a TLS handshake, the queue, the connect) is freed when it ends; what is
-/// left is the relay and a pointer to one [`Open`] (boxed too: the future of an
-/// `.await` keeps its result and the binding it moves to, so an unboxed `Open` would
-/// be held twice, 208 bytes each, measured with `-Zprint-type-sizes`).
+/// left is the relay ([`Open::relayed`]: on a plain connection the `Relay` itself, in
+/// place) and a pointer to one [`Open`] (boxed too: the future of an `.await` keeps
+/// its result and the binding it moves to, so an unboxed `Open` would be held twice,
+/// measured with `-Zprint-type-sizes`).
 pub async fn handle(accepted: Box<Accepted>) {
     if let Some(mut open) = Box::pin(open(accepted)).await {
-        open.relay().await;
+        let outcome = open.relayed().await;
+        open.closed(outcome);
     }
 }
 
@@ -81,7 +86,7 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         revocations,
     } = *accepted;
     // `None`: the listener was removed from the config between accept and here.
-    let record = Record::start(snapshot, &listener)?;
+    let mut record = Record::start(snapshot, &listener)?;
     let Ready {
         client,
         mut backend,
@@ -91,31 +96,25 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
         preface,
         client_slot,
     } = setup(record.route(), client, peer, &stop, &record, &clients).await?;
-    let sent = match forward_preface(preface, &mut backend, &upstream, &record.counters()).await {
-        Ok(sent) => sent,
+    match forward_preface(preface, &mut backend, &upstream, &record.counters()).await {
+        Ok(sent) => record.sent = sent,
         Err(outcome) => {
             record.closed(ends.client, &upstream.name, &lease, &outcome);
             return None;
         }
-    };
+    }
     // Spread the lifetimes so connections opened together do not all close together.
     let lifetime = upstream
         .max_lifetime
         .map(|l| l.max + l.jitter.mul_f64(fastrand::f64()));
-    let limits = relay::Limits {
-        idle: upstream.idle_timeout,
-        lifetime_end: lifetime.map(|l| Instant::now() + l),
-    };
     Some(Box::new(Open {
         client,
-        limits,
+        lifetime_end: lifetime.map(|l| Instant::now() + l),
         backend,
         peer: ends.client,
         lease,
         upstream,
         record,
-        stop,
-        sent,
         _permits: permits,
         _client: client_slot,
         revocations,
@@ -125,16 +124,15 @@ async fn open(accepted: Box<Accepted>) -> Option<Box<Open>> {
 /// A connection with its backend, relaying: everything it holds while open.
 struct Open {
     client: ClientStream,
-    limits: relay::Limits,
+    /// The end of the upstream's `max_lifetime`, if it has one; its `idle_timeout` is
+    /// read from `upstream`.
+    lifetime_end: Option<Instant>,
     backend: BackendStream,
     /// The client, as a PROXY header named it or as accepted.
     peer: SocketAddr,
     lease: Lease,
     upstream: Arc<Upstream>,
     record: Record,
-    stop: CancellationToken,
-    /// Bytes the edge read from the client and sent on before the relay.
-    sent: u64,
     _permits: Permits,
     /// Counts this connection against its client's `max_connections_per_client`.
     _client: Option<ClientSlot>,
@@ -142,67 +140,135 @@ struct Open {
 }
 
 impl Open {
-    /// Relays to the end and records it. Borrowed, not consumed: an `async fn` taking
-    /// `self` keeps its argument and a copy.
-    async fn relay(&mut self) {
-        // With `close_denied_on_reload`, a token of this connection's own (a child of
-        // the backend's sessions token, so an operator's close, removal and the cut
-        // still reach it) stops the relay when a reload's lists deny the client.
-        let revoke = (self.record.route().close_denied_on_reload)
-            .then(|| self.lease.sessions().child_token());
+    /// The relay of this connection. A plain connection on a listener without
+    /// `close_denied_on_reload` (most of them) gets the `Relay` itself, awaited in place
+    /// in the task: no `async` frame of its own around it, which would keep a second
+    /// copy of what the relay was built from (BENCHMARKS.md, "Idle memory (issue 18)").
+    /// TLS on either side and the deny-on-reload watch need state only they use, so
+    /// they run in a box of their own.
+    fn relayed(&mut self) -> Relayed<'_> {
+        let Open {
+            client,
+            backend,
+            lifetime_end,
+            upstream,
+            lease,
+            record,
+            revocations,
+            peer,
+            ..
+        } = self;
+        let route = record.route();
+        let limits = relay::Limits {
+            idle: upstream.idle_timeout,
+            lifetime_end: *lifetime_end,
+        };
         let stops = relay::Stops {
-            shutdown: &self.stop,
-            removed: revoke.as_ref().unwrap_or(self.lease.sessions()),
-            retired: &self.lease.backend().removed,
+            // The cut this process's relays stop at; the backend keeps it.
+            shutdown: &lease.backend().cut,
+            removed: lease.sessions(),
+            retired: &lease.backend().removed,
         };
-        let counters = self.record.counters();
-        let relayed = async {
-            match (&mut self.client, &mut self.backend) {
-                (ClientStream::Plain(c), BackendStream::Plain(b)) => {
-                    let splice = self.record.snapshot.config.relay.splice;
-                    relay::relay(c, b, &self.limits, stops, counters, splice).await
-                }
-                (c, b) => {
-                    // Boxed for the same reason as the setup: only TLS connections need
-                    // this state.
-                    let limits = &self.limits;
-                    Box::pin(relay::relay_streams(c, b, limits, stops, counters)).await
+        match (route.close_denied_on_reload, client, backend) {
+            (false, ClientStream::Plain(c), BackendStream::Plain(b)) => {
+                let splice = record.snapshot.config.relay.splice;
+                Relayed::Plain {
+                    relay: relay::relay(c, b, &limits, stops, record.counters(), splice),
                 }
             }
-        };
-        let mut outcome = match &revoke {
-            None => relayed.await,
-            // Boxed: only listeners with `close_denied_on_reload` need this state; in
-            // place, every connection's task would carry it (0.4 KiB more per idle
-            // connection, BENCHMARKS.md "Idle memory after the second wave").
-            Some(token) => {
-                let (revocations, client) = (&self.revocations, self.peer.ip());
-                Box::pin(async move {
-                    let denied = async {
-                        revocations.denied(client).await;
-                        crate::shutdown::cancel(token);
-                        // The relay sees the token and ends, with its counts.
-                        std::future::pending::<Outcome>().await
-                    };
-                    tokio::select! {
-                        o = relayed => o,
-                        o = denied => o,
-                    }
-                })
-                .await
+            (_, c, b) => {
+                let watch = route
+                    .close_denied_on_reload
+                    .then(|| (&**revocations, peer.ip()));
+                Relayed::Boxed {
+                    relay: Box::pin(relay_boxed(c, b, limits, stops, record, watch)),
+                }
             }
-        };
-        if revoke.as_ref().is_some_and(|t| t.is_cancelled())
-            && !self.lease.sessions().is_cancelled()
-        {
-            outcome.end = End::Denied;
         }
-        let outcome = Outcome {
-            client_to_backend: outcome.client_to_backend + self.sent,
-            ..outcome
-        };
+    }
+
+    /// Records the end of the relay.
+    fn closed(&self, outcome: Outcome) {
         self.record
             .closed(self.peer, &self.upstream.name, &self.lease, &outcome);
+    }
+}
+
+/// The relay of a TLS connection, or of one whose listener has `close_denied_on_reload`
+/// (`watch`: the listener's lists in force and the client's address).
+async fn relay_boxed(
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    limits: relay::Limits,
+    stops: relay::Stops<'_>,
+    record: &Record,
+    watch: Option<(&Revocations, std::net::IpAddr)>,
+) -> Outcome {
+    let counters = record.counters();
+    let splice = record.snapshot.config.relay.splice;
+    let Some((revocations, ip)) = watch else {
+        return relay_either(client, backend, &limits, stops, counters, splice).await;
+    };
+    // A token of this connection's own, a child of the backend's sessions token (so an
+    // operator's close, removal and the cut still reach it), stops the relay when a
+    // reload's lists deny the client.
+    let sessions = stops.removed;
+    let token = sessions.child_token();
+    let stops = relay::Stops {
+        removed: &token,
+        ..stops
+    };
+    let relayed = relay_either(client, backend, &limits, stops, counters, splice);
+    let denied = async {
+        revocations.denied(ip).await;
+        crate::shutdown::cancel(&token);
+        // The relay sees the token and ends, with its counts.
+        std::future::pending::<Outcome>().await
+    };
+    let mut outcome = tokio::select! {
+        o = relayed => o,
+        o = denied => o,
+    };
+    if token.is_cancelled() && !sessions.is_cancelled() {
+        outcome.end = End::Denied;
+    }
+    outcome
+}
+
+/// The plain relay, or the stream relay with TLS on either side.
+async fn relay_either(
+    client: &mut ClientStream,
+    backend: &mut BackendStream,
+    limits: &relay::Limits,
+    stops: relay::Stops<'_>,
+    counters: Counters<'_>,
+    splice: bool,
+) -> Outcome {
+    match (client, backend) {
+        (ClientStream::Plain(c), BackendStream::Plain(b)) => {
+            relay::relay(c, b, limits, stops, counters, splice).await
+        }
+        (c, b) => relay::relay_streams(c, b, limits, stops, counters).await,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`Open::relayed`].
+    #[project = RelayedProj]
+    enum Relayed<'a> {
+        Plain { #[pin] relay: relay::Relay<'a> },
+        Boxed { relay: Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> },
+    }
+}
+
+impl Future for Relayed<'_> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        match self.project() {
+            RelayedProj::Plain { relay } => relay.poll(cx),
+            RelayedProj::Boxed { relay } => relay.as_mut().poll(cx),
+        }
     }
 }
 
@@ -526,7 +592,7 @@ async fn forward_preface<B>(
     backend: &mut B,
     upstream: &Upstream,
     counters: &Counters<'_>,
-) -> Result<u64, Outcome>
+) -> Result<u32, Outcome>
 where
     B: tokio::io::AsyncWrite + Unpin,
 {
@@ -540,7 +606,8 @@ where
     match timeout(upstream.connect_timeout, write).await {
         Ok(Ok(())) => {
             counters.client_to_backend.inc_by(preface.len() as u64);
-            Ok(preface.len() as u64)
+            // The edge's reads are bounded (PROXY_MAX_HEADER, max_hello_size).
+            Ok(u32::try_from(preface.len()).unwrap_or(u32::MAX))
         }
         _ => Err(Outcome {
             end: End::BackendReset,
@@ -554,20 +621,25 @@ where
 /// keeps the listener's active-connections gauge while it lives.
 struct Record {
     snapshot: Arc<Snapshot>,
-    /// The listener's place in `snapshot.listeners`.
-    route: usize,
     started: Instant,
+    /// The listener's place in `snapshot.listeners`.
+    route: u32,
+    /// Bytes the edge read from the client and sent on before the relay (at most a
+    /// PROXY header's or a ClientHello's bounded read), counted with the relay's.
+    sent: u32,
 }
 
 impl Record {
     /// Counts a connection accepted on `listener`; `None` if the snapshot has no such
     /// listener.
     fn start(snapshot: Arc<Snapshot>, listener: &str) -> Option<Record> {
-        let route = snapshot.route_index(listener)?;
+        // A config has far fewer than 2^32 listeners.
+        let route = u32::try_from(snapshot.route_index(listener)?).ok()?;
         let record = Record {
             snapshot,
-            route,
             started: Instant::now(),
+            route,
+            sent: 0,
         };
         let m = &record.route().metrics;
         m.accepted.inc();
@@ -577,7 +649,7 @@ impl Record {
 
     fn route(&self) -> &Route {
         // The index came from this snapshot, whose listeners never change.
-        &self.snapshot.listeners[self.route]
+        &self.snapshot.listeners[self.route as usize]
     }
 
     /// Where the relay adds the bytes it moves.
@@ -628,11 +700,12 @@ impl Record {
         let listener = &self.route().listener;
         let backend = lease.backend().address;
         let bm = &lease.backend().metrics;
+        // What the edge sent on before the relay counts as the client's.
+        let bytes_in = outcome.client_to_backend + u64::from(self.sent);
         if outcome.end == End::BackendClosed {
             bm.closed_by_operator.inc();
         }
-        bm.bytes(Direction::ClientToBackend)
-            .inc_by(outcome.client_to_backend);
+        bm.bytes(Direction::ClientToBackend).inc_by(bytes_in);
         bm.bytes(Direction::BackendToClient)
             .inc_by(outcome.backend_to_client);
         if let Some(log) = &self.snapshot.access_log {
@@ -641,7 +714,7 @@ impl Record {
                 client,
                 upstream,
                 backend: Some(backend),
-                bytes_in: outcome.client_to_backend,
+                bytes_in,
                 bytes_out: outcome.backend_to_client,
                 duration,
                 reason: outcome.end.as_str(),
@@ -657,7 +730,7 @@ impl Record {
             client = %client,
             upstream,
             backend = %backend,
-            bytes_in = outcome.client_to_backend,
+            bytes_in,
             bytes_out = outcome.backend_to_client,
             duration_ms = duration.as_millis() as u64,
             reason = outcome.end.as_str(),

@@ -102,8 +102,10 @@ pub struct Counters<'a> {
     pub backend_to_client: &'a IntCounter,
 }
 
-/// Time limits on one relay. The relay borrows them: the connection keeps them for
-/// its life in its own (boxed) state, where they cost the task nothing.
+/// Time limits on one relay. The plain relay keeps a copy: a connection without a
+/// lifetime then holds nothing of its own for them outside its task (the idle timeout
+/// is its upstream's).
+#[derive(Clone, Copy)]
 pub struct Limits {
     /// Close when no byte has moved either way for this long.
     pub idle: Duration,
@@ -148,7 +150,7 @@ fn stopped_by(shutdown: &CancellationToken, retired: &CancellationToken) -> End 
 pub fn relay<'a>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
-    limits: &'a Limits,
+    limits: &Limits,
     stops: Stops<'a>,
     counters: Counters<'a>,
     splice: bool,
@@ -160,7 +162,7 @@ pub fn relay<'a>(
         up: Half::new(splice),
         down: Half::new(splice),
         counters,
-        limits,
+        limits: *limits,
         last: now,
         // First at the keepalive point (see the timer's loop in `step`), if earlier.
         timer: sleep_until(limits.deadline(now).min(now + KEEPALIVE_REST_AFTER)),
@@ -181,7 +183,7 @@ pin_project_lite::pin_project! {
         up: Half,
         down: Half,
         counters: Counters<'a>,
-        limits: &'a Limits,
+        limits: Limits,
         // When a byte last moved either way.
         last: Instant,
         // Fires at the idle or lifetime deadline, whichever is first.

@@ -35,6 +35,10 @@ pub struct Backend {
     /// (`on_backend_removed`), and, as a child of the shutdown cut, at the drain's
     /// deadline: a relay waits on this one token for both.
     pub removed: CancellationToken,
+    /// The shutdown cut that `removed` is a child of: a relay stopped through
+    /// `removed` tells the cut from a removal by asking it. Kept here, once per backend,
+    /// so that an open connection need not hold the cut itself.
+    pub cut: CancellationToken,
     /// What the relays of connections opened now wait on: a child of `removed`, replaced
     /// by a fresh one each time an operator closes the backend's connections, so that
     /// closing them (`sluice ctl close`, maint with close) does not retire the backend.
@@ -82,6 +86,7 @@ impl Backend {
             retired: AtomicBool::new(false),
             sessions: ArcSwap::from_pointee(removed.child_token()),
             removed,
+            cut: cut.clone(),
             slow_start_ms: AtomicU64::new(0),
             ramp_started: AtomicU64::new(0),
         }
