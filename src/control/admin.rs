@@ -27,7 +27,8 @@ use crate::data::held::Held;
 use crate::metrics::Metrics;
 use crate::snapshot::SnapshotHandle;
 
-/// A client that has not sent its request headers by then is dropped.
+/// A client that has not sent its request headers by then is dropped (admin endpoint
+/// and control socket alike: [`serve_http1`]).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the admin endpoint reports on.
@@ -104,15 +105,27 @@ pub async fn serve(socket: TcpListener, status: Arc<Status>) {
                     Ok::<_, Infallible>(respond(&status, &req))
                 }
             });
-            let served = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!(error = %e, "admin connection ended with an error");
-            }
+            serve_http1(stream, service, "admin").await;
         });
+    }
+}
+
+/// Serves one HTTP/1 connection of the admin endpoint or the control socket, dropping a
+/// client that has not sent its request headers within [`HEADER_READ_TIMEOUT`]; how the
+/// connection ended is logged at debug, under `what` ("admin", "control").
+pub(crate) async fn serve_http1<S, Svc>(stream: S, service: Svc, what: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    Svc: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "{what} connection ended with an error");
     }
 }
 

@@ -20,9 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,9 +31,6 @@ use crate::snapshot::SnapshotHandle;
 
 pub use overrides::Overrides;
 
-/// A client that has not sent its request headers by then is dropped (as on the admin
-/// endpoint).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control connections open at once, both sockets together; more are closed at once, so
 /// a client that opens many (on TCP, even without the token) cannot take sluice's
 /// descriptors. An operator's tool opens one at a time.
@@ -316,14 +311,7 @@ fn connection<S>(
                 )
             }
         });
-        let served = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
-        if let Err(e) = served {
-            tracing::debug!(error = %e, "control connection ended with an error");
-        }
+        crate::control::admin::serve_http1(stream, service, "control").await;
         drop(slot);
     });
 }
