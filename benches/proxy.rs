@@ -494,6 +494,11 @@ async fn run(plan: Plan) -> String {
             .map(|x| if x.is_empty() { f64::NAN } else { median(x) })
             .collect()
     };
+    // One row of medians: see `table_row`.
+    let row =
+        |out: &mut String, label: &str, v: &mut Vec<Vec<f64>>, digits: usize, higher: bool| {
+            table_row(out, label, &medians(v), first_peer, digits, higher);
+        };
     let s = plan.seconds;
     let rows: [(String, &mut Vec<Vec<f64>>, usize, bool); 6] = [
         (
@@ -534,52 +539,23 @@ async fn run(plan: Plan) -> String {
         ),
     ];
     for (label, values, digits, higher) in rows {
-        table_row(
-            &mut out,
-            &label,
-            &medians(values),
-            first_peer,
-            digits,
-            higher,
-        );
+        row(&mut out, &label, values, digits, higher);
     }
-    table_row(
-        &mut out,
-        "bulk, 1 stream: Gbit/s",
-        &medians(&mut bulk),
-        first_peer,
-        1,
-        true,
-    );
+    row(&mut out, "bulk, 1 stream: Gbit/s", &mut bulk, 1, true);
     let label = format!(
         "new connection per exchange ({} workers): conn/s",
         plan.workers
     );
-    table_row(&mut out, &label, &medians(&mut conns), first_peer, 0, true);
-    table_row(
+    row(&mut out, &label, &mut conns, 0, true);
+    row(
         &mut out,
         "proxy CPU per connection (µs)",
-        &medians(&mut cpu),
-        first_peer,
+        &mut cpu,
         1,
         false,
     );
-    table_row(
-        &mut out,
-        "ping-pong 64 B, p50 (µs)",
-        &medians(&mut p50),
-        first_peer,
-        1,
-        false,
-    );
-    table_row(
-        &mut out,
-        "ping-pong 64 B, p99 (µs)",
-        &medians(&mut p99),
-        first_peer,
-        1,
-        false,
-    );
+    row(&mut out, "ping-pong 64 B, p50 (µs)", &mut p50, 1, false);
+    row(&mut out, "ping-pong 64 B, p99 (µs)", &mut p99, 1, false);
     let label = format!(
         "proxy memory per idle proxied connection ({} held, KiB)",
         plan.idle
@@ -613,14 +589,7 @@ async fn run(plan: Plan) -> String {
     ];
     // The new workloads' rows only when they ran (`SLUICE_BENCH_ONLY`).
     for (label, values, digits, higher) in tls_rows.into_iter().filter(|_| runs("tls")) {
-        table_row(
-            &mut out,
-            &label,
-            &medians(values),
-            first_peer,
-            digits,
-            higher,
-        );
+        row(&mut out, &label, values, digits, higher);
     }
     for (m, (mode, _, resume)) in HANDSHAKE_MODES
         .iter()
@@ -631,33 +600,12 @@ async fn run(plan: Plan) -> String {
             "handshakes, {mode} ({} tasks, {} each run): handshakes/s",
             plan.handshake_tasks, plan.handshakes
         );
-        table_row(
-            &mut out,
-            &label,
-            &medians(&mut hs_rate[m]),
-            first_peer,
-            0,
-            true,
-        );
+        row(&mut out, &label, &mut hs_rate[m], 0, true);
         let label = format!("proxy CPU per handshake, {mode} (µs)");
-        table_row(
-            &mut out,
-            &label,
-            &medians(&mut hs_cpu[m]),
-            first_peer,
-            1,
-            false,
-        );
+        row(&mut out, &label, &mut hs_cpu[m], 1, false);
         if *resume {
             let label = format!("handshakes that resumed, {mode} (%)");
-            table_row(
-                &mut out,
-                &label,
-                &medians(&mut hs_resumed[m]),
-                first_peer,
-                1,
-                true,
-            );
+            row(&mut out, &label, &mut hs_resumed[m], 1, true);
         }
     }
     for (k, kind) in ["plain", "TLS 1.3 full handshakes"]
@@ -667,23 +615,9 @@ async fn run(plan: Plan) -> String {
     {
         let c = plan.storm;
         let label = format!("storm, {kind}, {c} clients at once: all served (s)");
-        table_row(
-            &mut out,
-            &label,
-            &medians(&mut storm_all[k]),
-            first_peer,
-            2,
-            false,
-        );
+        row(&mut out, &label, &mut storm_all[k], 2, false);
         let label = format!("storm, {kind}: p99 connect to first echoed byte (ms)");
-        table_row(
-            &mut out,
-            &label,
-            &medians(&mut storm_p99[k]),
-            first_peer,
-            1,
-            false,
-        );
+        row(&mut out, &label, &mut storm_p99[k], 1, false);
         let label = format!("storm, {kind}: errors, all rounds");
         let errors: Vec<f64> = storm_errors[k]
             .iter()
@@ -692,14 +626,7 @@ async fn run(plan: Plan) -> String {
             .collect();
         table_row(&mut out, &label, &errors, first_peer, 0, false);
         let label = format!("storm, {kind}: proxy CPU for the storm (ms)");
-        table_row(
-            &mut out,
-            &label,
-            &medians(&mut storm_cpu[k]),
-            first_peer,
-            0,
-            false,
-        );
+        row(&mut out, &label, &mut storm_cpu[k], 0, false);
     }
     writeln!(
         out,
