@@ -229,13 +229,7 @@ impl Reader {
 
     fn certificates(&mut self, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         let bytes = self.read(path)?;
-        let certs = CertificateDer::pem_slice_iter(&bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| error(path, format!("invalid PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(error(path, "no PEM certificate (BEGIN CERTIFICATE) found"));
-        }
-        Ok(certs)
+        pem_certificates(path, &bytes)
     }
 
     fn key(&mut self, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -251,13 +245,7 @@ impl Reader {
         let bytes = self.read(path)?;
         let mut digest = std::collections::hash_map::DefaultHasher::new();
         bytes.hash(&mut digest);
-        let certs = CertificateDer::pem_slice_iter(&bytes)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| error(path, format!("invalid PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(error(path, "no PEM certificate (BEGIN CERTIFICATE) found"));
-        }
-        for cert in certs {
+        for cert in pem_certificates(path, &bytes)? {
             roots
                 .add(cert)
                 .map_err(|e| error(path, format!("invalid CA certificate: {e}")))?;
@@ -276,6 +264,17 @@ impl Reader {
         })?;
         Ok(Arc::new(certified))
     }
+}
+
+/// The certificates in `bytes`, read from `path`: at least one.
+fn pem_certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(path, format!("invalid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(error(path, "no PEM certificate (BEGIN CERTIFICATE) found"));
+    }
+    Ok(certs)
 }
 
 /// A private key that group or others can read is worth a warning, not a refusal: some
