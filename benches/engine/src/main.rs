@@ -1,0 +1,326 @@
+//! Experiment: the cost of a proxied new connection in a minimal tokio proxy against a
+//! minimal io_uring proxy, both one thread per core on SO_REUSEPORT sockets.
+//! usage: engine tokio|uring LISTEN BACKEND THREADS
+use std::net::SocketAddr;
+use std::os::fd::{IntoRawFd, RawFd};
+
+fn listener(addr: SocketAddr) -> std::net::TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.set_tcp_nodelay(true).unwrap();
+    s.bind(&addr.into()).unwrap();
+    s.listen(1024).unwrap();
+    s.into()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args[1].clone();
+    let listen: SocketAddr = args[2].parse().unwrap();
+    let backend: SocketAddr = args[3].parse().unwrap();
+    let threads: usize = args[4].parse().unwrap();
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let l = listener(listen);
+        let mode = mode.clone();
+        handles.push(std::thread::spawn(move || match mode.as_str() {
+            "tokio" => tokio_worker(l, backend),
+            "uring" => uring_worker(l, backend),
+            _ => panic!("mode"),
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+fn tokio_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        l.set_nonblocking(true).unwrap();
+        let l = tokio::net::TcpListener::from_std(l).unwrap();
+        loop {
+            let (mut c, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let Ok(mut b) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+            });
+        }
+    });
+}
+
+// ---- io_uring ----
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+const BUF: usize = 16 * 1024;
+const ACCEPT: u64 = u64::MAX;
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Op {
+    Socket = 0,
+    Connect = 1,
+    RecvC = 2, // from client
+    RecvB = 3, // from backend
+    SendB = 4, // to backend
+    SendC = 5, // to client
+    Shut = 6,
+    Close = 7,
+}
+
+fn op_of(v: u64) -> Op {
+    match v & 0xff {
+        0 => Op::Socket,
+        1 => Op::Connect,
+        2 => Op::RecvC,
+        3 => Op::RecvB,
+        4 => Op::SendB,
+        5 => Op::SendC,
+        6 => Op::Shut,
+        _ => Op::Close,
+    }
+}
+
+struct Dir {
+    buf: Box<[u8]>,
+    len: usize,
+    off: usize,
+    done: bool,
+}
+
+struct Conn {
+    client: RawFd,
+    backend: RawFd,
+    /// client to backend, backend to client
+    dirs: [Dir; 2],
+    inflight: u32,
+    failed: bool,
+    closing: bool,
+}
+
+fn ud(slot: usize, op: Op) -> u64 {
+    ((slot as u64) << 8) | op as u64
+}
+
+fn uring_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let mut ring: IoUring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(4096)
+        .unwrap();
+    let lfd = l.into_raw_fd();
+    let baddr: socket2::SockAddr = backend.into();
+    let mut conns: slab::Slab<Conn> = slab::Slab::new();
+    let mut pending: Vec<squeue::Entry> = Vec::new();
+    let accept = opcode::AcceptMulti::new(types::Fd(lfd))
+        .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(ACCEPT);
+    pending.push(accept.clone());
+    let one: libc::c_int = 1;
+    loop {
+        {
+            let mut sq = ring.submission();
+            for e in pending.drain(..) {
+                unsafe { sq.push(&e).expect("sq full") };
+            }
+        }
+        ring.submit_and_wait(1).unwrap();
+        let cqes: Vec<(u64, i32, u32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result(), c.flags()))
+            .collect();
+        for (data, res, flags) in cqes {
+            if data == ACCEPT {
+                if !io_uring::cqueue::more(flags) {
+                    pending.push(accept.clone());
+                }
+                if res < 0 {
+                    continue;
+                }
+                let slot = conns.insert(Conn {
+                    client: res,
+                    backend: -1,
+                    dirs: [
+                        Dir {
+                            buf: vec![0; BUF].into(),
+                            len: 0,
+                            off: 0,
+                            done: false,
+                        },
+                        Dir {
+                            buf: vec![0; BUF].into(),
+                            len: 0,
+                            off: 0,
+                            done: false,
+                        },
+                    ],
+                    inflight: 1,
+                    failed: false,
+                    closing: false,
+                });
+                pending.push(
+                    opcode::Socket::new(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
+                        .build()
+                        .user_data(ud(slot, Op::Socket)),
+                );
+                continue;
+            }
+            let slot = (data >> 8) as usize;
+            let op = op_of(data);
+            let c = &mut conns[slot];
+            c.inflight -= 1;
+            match op {
+                Op::Socket => {
+                    if res < 0 {
+                        c.failed = true;
+                    } else {
+                        c.backend = res;
+                        unsafe {
+                            libc::setsockopt(
+                                res,
+                                libc::IPPROTO_TCP,
+                                libc::TCP_NODELAY,
+                                &one as *const _ as *const _,
+                                4,
+                            )
+                        };
+                        pending.push(
+                            opcode::Connect::new(
+                                types::Fd(res),
+                                baddr.as_ptr() as *const _,
+                                baddr.len(),
+                            )
+                            .build()
+                            .user_data(ud(slot, Op::Connect)),
+                        );
+                        c.inflight += 1;
+                    }
+                }
+                Op::Connect => {
+                    if res < 0 {
+                        c.failed = true;
+                    } else {
+                        for (i, o) in [(0usize, Op::RecvC), (1, Op::RecvB)] {
+                            let fd = if i == 0 { c.client } else { c.backend };
+                            let d = &mut c.dirs[i];
+                            pending.push(
+                                opcode::Recv::new(types::Fd(fd), d.buf.as_mut_ptr(), BUF as u32)
+                                    .build()
+                                    .user_data(ud(slot, o)),
+                            );
+                            c.inflight += 1;
+                        }
+                    }
+                }
+                Op::RecvC | Op::RecvB => {
+                    let i = if op == Op::RecvC { 0 } else { 1 };
+                    let (dst, send) = if i == 0 {
+                        (c.backend, Op::SendB)
+                    } else {
+                        (c.client, Op::SendC)
+                    };
+                    if res <= 0 || c.failed {
+                        if res < 0 {
+                            c.failed = true;
+                        }
+                        c.dirs[i].done = true;
+                        if !c.failed {
+                            // IORING_OP_SHUTDOWN is always punted to io-wq: a plain call.
+                            unsafe { libc::shutdown(dst, libc::SHUT_WR) };
+                        }
+                    } else {
+                        let d = &mut c.dirs[i];
+                        d.len = res as usize;
+                        d.off = 0;
+                        pending.push(
+                            opcode::Send::new(types::Fd(dst), d.buf.as_ptr(), d.len as u32)
+                                .flags(libc::MSG_NOSIGNAL)
+                                .build()
+                                .user_data(ud(slot, send)),
+                        );
+                        c.inflight += 1;
+                    }
+                }
+                Op::SendB | Op::SendC => {
+                    let i = if op == Op::SendB { 0 } else { 1 };
+                    let (src, dst, recv) = if i == 0 {
+                        (c.client, c.backend, Op::RecvC)
+                    } else {
+                        (c.backend, c.client, Op::RecvB)
+                    };
+                    if res < 0 || c.failed {
+                        c.failed = true;
+                        c.dirs[i].done = true;
+                    } else {
+                        let d = &mut c.dirs[i];
+                        d.off += res as usize;
+                        if d.off < d.len {
+                            pending.push(
+                                opcode::Send::new(
+                                    types::Fd(dst),
+                                    unsafe { d.buf.as_ptr().add(d.off) },
+                                    (d.len - d.off) as u32,
+                                )
+                                .flags(libc::MSG_NOSIGNAL)
+                                .build()
+                                .user_data(ud(slot, op)),
+                            );
+                        } else {
+                            pending.push(
+                                opcode::Recv::new(types::Fd(src), d.buf.as_mut_ptr(), BUF as u32)
+                                    .build()
+                                    .user_data(ud(slot, recv)),
+                            );
+                        }
+                        c.inflight += 1;
+                    }
+                }
+                Op::Shut => {}
+                Op::Close => {}
+            }
+            let c = &mut conns[slot];
+            if c.failed && !c.closing && c.inflight > 0 {
+                // wake pending receives
+                for fd in [c.client, c.backend] {
+                    if fd >= 0 {
+                        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                    }
+                }
+                c.closing = true;
+            }
+            if c.inflight == 0 && (c.failed || (c.dirs[0].done && c.dirs[1].done)) {
+                if op == Op::Close {
+                    conns.remove(slot);
+                    continue;
+                }
+                let mut n = 0;
+                for fd in [c.client, c.backend] {
+                    if fd >= 0 {
+                        pending.push(
+                            opcode::Close::new(types::Fd(fd))
+                                .build()
+                                .user_data(ud(slot, Op::Close)),
+                        );
+                        n += 1;
+                    }
+                }
+                c.inflight = n;
+                c.client = -1;
+                c.backend = -1;
+                c.failed = true;
+                if n == 0 {
+                    conns.remove(slot);
+                }
+            }
+        }
+    }
+}
