@@ -72,8 +72,7 @@ enum Op {
     RecvB = 3, // from backend
     SendB = 4, // to backend
     SendC = 5, // to client
-    Shut = 6,
-    Close = 7,
+    Close = 6,
 }
 
 fn op_of(v: u64) -> Op {
@@ -84,7 +83,6 @@ fn op_of(v: u64) -> Op {
         3 => Op::RecvB,
         4 => Op::SendB,
         5 => Op::SendC,
-        6 => Op::Shut,
         _ => Op::Close,
     }
 }
@@ -284,7 +282,6 @@ fn uring_worker(l: std::net::TcpListener, backend: SocketAddr) {
                         c.inflight += 1;
                     }
                 }
-                Op::Shut => {}
                 Op::Close => {}
             }
             let c = &mut conns[slot];
