@@ -3,7 +3,6 @@
 # wrk -t1 -c64 Connection: close through nginx stream, sluice, and the two minimal proxies
 # of src/main.rs, each to one nginx HTTP backend, alternating, medians of ROUNDS rounds.
 # Build first: cargo build --release (here) and make build (in the repository root).
-import os
 import subprocess, time, os, re, sys, statistics, signal
 HERE = os.path.dirname(os.path.abspath(__file__))
 D = int(os.environ.get("DUR", "8")); R = int(os.environ.get("ROUNDS", "3"))
@@ -23,14 +22,19 @@ def cpu(pid):
         except FileNotFoundError: pass
     return t / os.sysconf("SC_CLK_TCK")
 start(["nginx", "-p", HERE, "-c", HERE + "/backend.conf"])
-targets = {}
-targets["nginx"] = (start(["nginx", "-p", HERE, "-c", HERE + "/stream.conf"]), 19102)
-targets["sluice"] = (start([os.environ.get("SLUICE", HERE + "/../../target/release/sluice"), "run", "--config", HERE + "/sluice.toml"]), 19101)
-eng = HERE + "/target/release/sluice-engine-experiment"
-targets["tokio-min"] = (start([eng, "tokio", "127.0.0.1:19103", "127.0.0.1:19100", "2"]), 19103)
-targets["uring-min"] = (start([eng, "uring", "127.0.0.1:19104", "127.0.0.1:19100", "2"]), 19104)
 only = os.environ.get("ONLY")
-if only: targets = {k: v for k, v in targets.items() if k in only.split(",")}
+eng = HERE + "/target/release/sluice-engine-experiment"
+# name: (command, port); only the ones named in ONLY (all when unset) are started
+plan = {
+    "nginx": (["nginx", "-p", HERE, "-c", HERE + "/stream.conf"], 19102),
+    "sluice": ([os.environ.get("SLUICE", HERE + "/../../target/release/sluice"), "run", "--config", HERE + "/sluice.toml"], 19101),
+    "tokio-min": ([eng, "tokio", "127.0.0.1:19103", "127.0.0.1:19100", "2"], 19103),
+    "hybrid-min": ([eng, "hybrid", "127.0.0.1:19105", "127.0.0.1:19100", "2"], 19105),
+    "monoio-min": ([eng, "monoio", "127.0.0.1:19106", "127.0.0.1:19100", "2"], 19106),
+    "ring-min": ([eng, "ring", "127.0.0.1:19107", "127.0.0.1:19100", "2"], 19107),
+    "uring-min": ([eng, "uring", "127.0.0.1:19104", "127.0.0.1:19100", "2"], 19104),
+}
+targets = {k: (start(cmd), port) for k, (cmd, port) in plan.items() if not only or k in only.split(",")}
 time.sleep(1.5)
 res = {k: [] for k in targets}
 try:

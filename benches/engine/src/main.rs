@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, RawFd};
 
+mod ring;
+
 fn listener(addr: SocketAddr) -> std::net::TcpListener {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -28,6 +30,9 @@ fn main() {
         handles.push(std::thread::spawn(move || match mode.as_str() {
             "tokio" => tokio_worker(l, backend),
             "uring" => uring_worker(l, backend),
+            "hybrid" => hybrid_worker(l, backend),
+            "monoio" => monoio_worker(l, backend),
+            "ring" => ring_worker(l, backend),
             _ => panic!("mode"),
         }));
     }
@@ -55,6 +60,159 @@ fn tokio_worker(l: std::net::TcpListener, backend: SocketAddr) {
             });
         }
     });
+}
+
+// ---- tokio-uring: a tokio current-thread runtime whose reactor also drives a ring ----
+
+fn hybrid_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    tokio_uring::start(async move {
+        let l = tokio_uring::net::TcpListener::from_std(l);
+        loop {
+            let (c, _) = l.accept().await.unwrap();
+            tokio_uring::spawn(async move {
+                let Ok(b) = tokio_uring::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                let c = std::rc::Rc::new(c);
+                let b = std::rc::Rc::new(b);
+                let up = tokio_uring::spawn(pump(c.clone(), b.clone()));
+                pump(b, c).await;
+                let _ = up.await;
+            });
+        }
+    });
+}
+
+async fn pump(
+    from: std::rc::Rc<tokio_uring::net::TcpStream>,
+    to: std::rc::Rc<tokio_uring::net::TcpStream>,
+) {
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let (r, b) = from.read(buf).await;
+        buf = b;
+        match r {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                use tokio_uring::buf::BoundedBuf;
+                let (w, b) = to.write_all(buf.slice(..n)).await;
+                buf = b.into_inner();
+                if w.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+}
+
+// ---- monoio: a thread-per-core runtime whose own loop is the ring ----
+
+fn monoio_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let l = monoio::net::TcpListener::from_std(l).unwrap();
+        loop {
+            let (c, _) = l.accept().await.unwrap();
+            monoio::spawn(async move {
+                use monoio::io::{AsyncWriteRent, Splitable};
+                let Ok(b) = monoio::net::TcpStream::connect_addr(backend).await else {
+                    return;
+                };
+                let _ = b.set_nodelay(true);
+                let (mut cr, mut cw) = c.into_split();
+                let (mut br, mut bw) = b.into_split();
+                let up = async {
+                    let _ = monoio::io::copy(&mut cr, &mut bw).await;
+                    let _ = bw.shutdown().await;
+                };
+                let down = async {
+                    let _ = monoio::io::copy(&mut br, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                };
+                monoio::join!(up, down);
+            });
+        }
+    });
+}
+
+// ---- ring: tokio current-thread runtime, its I/O on a ring submitted at park (ring.rs) ----
+
+fn ring_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let fd = ring::init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(ring::turn)
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        tokio::task::spawn_local(ring::reaper(fd));
+        let lfd = l.into_raw_fd();
+        let accepts = ring::Accepts::new(lfd);
+        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
+        loop {
+            let c = accepts.next().await;
+            if c < 0 {
+                continue;
+            }
+            let baddr = baddr.clone();
+            tokio::task::spawn_local(async move {
+                let b = match ring::connect(baddr).await {
+                    Ok(b) => b,
+                    Err(_) => {
+                        ring::close(c).await;
+                        return;
+                    }
+                };
+                nodelay(b);
+                let up = ring_pump(c, b);
+                let down = ring_pump(b, c);
+                tokio::join!(up, down);
+                ring::close(c).await;
+                ring::close(b).await;
+            });
+        }
+    });
+}
+
+fn nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+    }
+}
+
+async fn ring_pump(from: RawFd, to: RawFd) {
+    let mut buf = vec![0u8; BUF];
+    'relay: loop {
+        let (n, b) = ring::recv(from, buf).await;
+        buf = b;
+        if n <= 0 {
+            break;
+        }
+        let n = n as usize;
+        let mut off = 0;
+        while off < n {
+            let (w, b) = ring::send(to, buf, off, n).await;
+            buf = b;
+            if w <= 0 {
+                break 'relay;
+            }
+            off += w as usize;
+        }
+    }
+    unsafe { libc::shutdown(to, libc::SHUT_WR) };
 }
 
 // ---- io_uring ----
