@@ -535,23 +535,6 @@ fn holds_open(pid: u32, path: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
-/// A port that was free a moment ago, for a peer that must be told its address: below
-/// the kernel's ephemeral range, so that no other test's port 0 (nor an outgoing
-/// connection) takes it in between.
-fn free_port() -> SocketAddr {
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-    let lowest: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
-    // Bounded: a few tries among thousands of ports.
-    for _ in 0..100 {
-        let port = fastrand::u16(10_000..lowest);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        if std::net::TcpListener::bind(addr).is_ok() {
-            return addr;
-        }
-    }
-    panic!("no free port in 10000..{lowest}");
-}
-
 // ---------------------------------------------------------------------------------
 // Under load: wrk, long streams and idle connections through ten upgrades in a row.
 

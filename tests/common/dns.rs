@@ -4,7 +4,7 @@
 //! SRV records given at start. Names under `.test` that it does not know get NXDOMAIN.
 //! Stopped (by its pid) when dropped.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -15,6 +15,7 @@ use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{RData, RecordType};
 
 use super::eventually::eventually;
+use super::kernel::free_port;
 
 pub struct Dns {
     pub addr: SocketAddr,
@@ -88,7 +89,8 @@ impl Dns {
         let this = &*self;
         eventually("dnsmasq to answer", async || {
             if let Ok(Some(status)) = child.try_wait() {
-                // On a restart, the port can still be taken for a moment: start again.
+                // The port is outside the ephemeral range (see `free_port`), so only a
+                // moment's overlap with the stopped server can hold it: start again.
                 let log = std::fs::read_to_string(this.dir.path().join("log")).unwrap_or_default();
                 child = this.spawn();
                 return Err(format!("dnsmasq exited ({status}), started again: {log}"));
@@ -152,17 +154,6 @@ impl Dns {
 impl Drop for Dns {
     fn drop(&mut self) {
         self.stop();
-    }
-}
-
-/// A loopback port free for UDP and TCP now.
-fn free_port() -> SocketAddr {
-    loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let addr = udp.local_addr().unwrap();
-        if std::net::TcpListener::bind(addr).is_ok() {
-            return addr;
-        }
     }
 }
 

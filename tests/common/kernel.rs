@@ -95,3 +95,20 @@ pub async fn wait_accept_queue(addr: SocketAddr, n: usize) {
     })
     .await
 }
+
+/// A loopback port free for TCP and UDP a moment ago, for a peer that must be told its
+/// address (and may be stopped and started again on it): below the kernel's ephemeral
+/// range, so that no other test's port 0, outgoing connection or DNS query takes it in
+/// between.
+pub fn free_port() -> SocketAddr {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let lowest: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    // Bounded: a few tries among thousands of ports.
+    for _ in 0..100 {
+        let addr = SocketAddr::from(([127, 0, 0, 1], fastrand::u16(10_000..lowest)));
+        if std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port in 10000..{lowest}");
+}
