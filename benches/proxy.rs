@@ -104,9 +104,16 @@ const QUICK: Plan = Plan {
 /// The kernel caps it at `net.core.somaxconn`, which the results' footer shows.
 const BACKLOG: u32 = 1024;
 
-/// The listen backlog of the echo backend behind the storm routes, so that the proxies'
-/// own connections to it are not what overflows: this host's somaxconn.
+/// The listen backlog of each of the echo backend's sockets behind the storm routes:
+/// this host's somaxconn.
 const STORM_BACKEND_BACKLOG: u32 = 4096;
+
+/// How many SO_REUSEPORT sockets the storm's echo backend listens on, one address: their
+/// queues together (4 × 4,097) hold a whole storm of 8,000 with room for the kernel's
+/// uneven hash, so the backend's accept queue is never what overflows. With one socket
+/// it was: its queue sat full (Recv-Q 4,097) in every storm, through every proxy, and the
+/// dropped SYNs' one-second retransmission set the storm's end for all of them alike.
+const STORM_BACKEND_SOCKETS: usize = 4;
 
 /// How long one storm client may take, from its connect to the end of its echo, before
 /// it counts as an error: the storm always ends.
@@ -646,7 +653,8 @@ async fn run(plan: Plan) -> String {
             out,
             "\nStorms: medians of {} rounds, after the other workloads; errors summed over them. The storm and \
              TLS routes listen with backlog {BACKLOG} in every proxy (the storm's echo \
-             backend with {STORM_BACKEND_BACKLOG}); this host: net.core.somaxconn {}, \
+             backend on {STORM_BACKEND_SOCKETS} SO_REUSEPORT sockets with {STORM_BACKEND_BACKLOG} \
+             each); this host: net.core.somaxconn {}, \
              net.ipv4.tcp_max_syn_backlog {}, net.ipv4.tcp_syncookies {}.",
             plan.storm_rounds,
             sysctl("net/core/somaxconn"),
@@ -766,18 +774,23 @@ async fn connections_per_sec(addr: SocketAddr, total: usize, workers: usize) -> 
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// An echo server on 127.0.0.1:0 with listen backlog [`STORM_BACKEND_BACKLOG`]: the
-/// backend of the storm and TLS echo routes. It runs until the benchmark exits.
+/// An echo server on one 127.0.0.1 port, [`STORM_BACKEND_SOCKETS`] SO_REUSEPORT sockets
+/// with listen backlog [`STORM_BACKEND_BACKLOG`] each: the backend of the storm and TLS
+/// echo routes. It runs until the benchmark exits.
 async fn storm_backend() -> SocketAddr {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-    let listener = socket.listen(STORM_BACKEND_BACKLOG).unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(common::echo(s));
-        }
-    });
+    let mut addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    for _ in 0..STORM_BACKEND_SOCKETS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseport(true).unwrap();
+        socket.bind(addr).unwrap();
+        let listener = socket.listen(STORM_BACKEND_BACKLOG).unwrap();
+        addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(common::echo(s));
+            }
+        });
+    }
     addr
 }
 
