@@ -558,7 +558,13 @@ async fn http_backend() -> Backend {
 }
 
 /// A long stream: chunks sent and echoed until `stop`, every byte hashed both ways.
-async fn long_stream(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>) -> Result<usize, String> {
+/// `served` counts it once its first chunk has come back: a process has accepted it.
+async fn long_stream(
+    addr: SocketAddr,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
+) -> Result<usize, String> {
     let mut s = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -580,6 +586,9 @@ async fn long_stream(addr: SocketAddr, seed: u64, stop: Arc<AtomicBool>) -> Resu
             .map_err(|_| "stuck".to_string())?
             .map_err(|e| format!("read after {total} bytes: {e}"))?;
         got_hash.update(&back);
+        if i == 0 {
+            served.fetch_add(1, Ordering::SeqCst);
+        }
         total += chunk.len();
     }
     s.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
@@ -697,14 +706,27 @@ async fn ten_upgrades_under_load_lose_nothing() {
     // test's child (its exit status readable here) before it exits.
     let stop = Arc::new(AtomicBool::new(false));
     let stops: Vec<Arc<AtomicBool>> = (0..=UPGRADES).map(|_| Arc::default()).collect();
+    // Streams whose first chunk came back. A process's streams must be accepted by it
+    // before the next upgrade: one still in the shared accept queue then would go to
+    // the next process, leaving this one nothing to drain, so that it exited before its
+    // parent, which reaped it instead of this test.
+    let served = Arc::new(AtomicU64::new(0));
+    let all_served = async |expect: u64| {
+        eventually("the new streams' first echo", async || {
+            served.load(Ordering::SeqCst) >= expect
+        })
+        .await;
+    };
     let mut streams: Vec<Vec<_>> = vec![Vec::new()];
     for seed in 0..STREAMS {
         streams[0].push(tokio::spawn(long_stream(
             streams_at,
             seed,
             Arc::clone(&stops[0]),
+            Arc::clone(&served),
         )));
     }
+    all_served(STREAMS).await;
     let mut idle = Vec::new();
     for i in 0..IDLE {
         let mut s = TcpStream::connect(streams_at).await.unwrap();
@@ -747,10 +769,16 @@ async fn ten_upgrades_under_load_lose_nothing() {
         let mine = (0..2)
             .map(|i| {
                 let seed = 1000 * n as u64 + i;
-                tokio::spawn(long_stream(streams_at, seed, Arc::clone(stop_mine)))
+                tokio::spawn(long_stream(
+                    streams_at,
+                    seed,
+                    Arc::clone(stop_mine),
+                    Arc::clone(&served),
+                ))
             })
             .collect();
         streams.push(mine);
+        all_served(STREAMS + 2 * n as u64).await;
         successors.push(next);
         // Served by the new process before the next upgrade.
         let at = seen.requests.load(Ordering::SeqCst);
