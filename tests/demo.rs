@@ -9,8 +9,10 @@
 //! the demo started is gone and that every port refuses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -89,12 +91,20 @@ fn signal(p: &Proc, sig: Signal) {
     }
 }
 
-/// Ports nothing listens on now, for the demo to bind.
+/// `N` distinct ports nothing listens on now, for the demo to bind: from
+/// [`common::free_port`], below the ephemeral range, so that no other test's connection
+/// takes one before the demo binds it.
 fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+    let mut ports = [0; N];
+    for i in 0..N {
+        ports[i] = loop {
+            let port = common::free_port().port();
+            if !ports[..i].contains(&port) {
+                break port;
+            }
+        };
+    }
+    ports
 }
 
 fn local(port: u16) -> SocketAddr {

@@ -679,6 +679,8 @@ fn nstat(name: &str) -> u64 {
 
 const UPGRADES: usize = 10;
 const STREAMS: u64 = 20;
+/// Long streams opened on each process an upgrade starts.
+const STREAMS_PER_UPGRADE: u64 = 2;
 const IDLE: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,7 +768,7 @@ async fn ten_upgrades_under_load_lose_nothing() {
             listening_sockets(before, streams_at) == 0
         })
         .await;
-        let mine = (0..2)
+        let mine = (0..STREAMS_PER_UPGRADE)
             .map(|i| {
                 let seed = 1000 * n as u64 + i;
                 tokio::spawn(long_stream(
@@ -778,7 +780,7 @@ async fn ten_upgrades_under_load_lose_nothing() {
             })
             .collect();
         streams.push(mine);
-        all_served(STREAMS + 2 * n as u64).await;
+        all_served(STREAMS + STREAMS_PER_UPGRADE * n as u64).await;
         successors.push(next);
         // Served by the new process before the next upgrade.
         let at = seen.requests.load(Ordering::SeqCst);
@@ -855,7 +857,7 @@ async fn ten_upgrades_under_load_lose_nothing() {
         seen.requests.load(Ordering::SeqCst),
         seen.errors.load(Ordering::SeqCst),
         seen.longest_us.load(Ordering::SeqCst) / 1000,
-        STREAMS as usize + 2 * UPGRADES,
+        STREAMS + STREAMS_PER_UPGRADE * UPGRADES as u64,
         drops_before.0,
         drops_after.0,
         drops_before.1,
