@@ -214,6 +214,55 @@ async fn a_queued_client_that_half_closes_keeps_its_place() {
     assert_eq!(got, b"trequest");
 }
 
+/// Behind a PROXY listener the header is read before the queue, so the socket's
+/// readiness no longer tells whether data came after it: a queued client that sent its
+/// header and then FIN is still seen to leave, and one that sent data after its header
+/// and then FIN keeps its place and gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_header_a_client_that_leaves_is_told_from_one_that_half_closes() {
+    const HEADER: &[u8] = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 80\r\n";
+    let backend = tagged(b't').await;
+    let sluice = Sluice::start(
+        Fixture::front(&[backend.addr])
+            .listener_keys("proxy_protocol = { trusted = [\"127.0.0.1/32\"] }")
+            .upstream_keys(
+                "max_connections_per_backend = 1\nqueue = { max = 10, timeout = \"60s\" }",
+            ),
+    )
+    .await;
+    let front = sluice.addr("front");
+    let mut holder = TcpStream::connect(front).await.unwrap();
+    holder.write_all(HEADER).await.unwrap();
+    assert_eq!(read_n(&mut holder, 1).await, b"t");
+
+    let mut leaving = TcpStream::connect(front).await.unwrap();
+    leaving.write_all(HEADER).await.unwrap();
+    sluice
+        .wait_metrics("the client queued", |m| queued(m) == 1.0)
+        .await;
+    leaving.shutdown().await.unwrap();
+    let m = sluice
+        .wait_metrics("the place freed", |m| queued(m) == 0.0)
+        .await;
+    assert_eq!(rejected(&m, "client_left"), 1.0);
+
+    let mut staying = TcpStream::connect(front).await.unwrap();
+    staying.write_all(HEADER).await.unwrap();
+    staying.write_all(b"request").await.unwrap();
+    sluice
+        .wait_metrics("the client queued", |m| queued(m) == 1.0)
+        .await;
+    staying.shutdown().await.unwrap();
+    drop(holder);
+    let mut got = Vec::new();
+    tokio::time::timeout(STUCK, staying.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"trequest");
+    assert_eq!(rejected(&sluice.metrics().await, "client_left"), 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_closed_at_its_max_lifetime_plus_jitter() {
     let backend = tagged(b't').await;

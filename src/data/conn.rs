@@ -327,9 +327,10 @@ async fn setup(
     // Bytes read at the edge, or a TLS session (whose reads may have taken the client's
     // data off the socket already), mean a FIN may be a half-close.
     let sent_data = !preface.is_empty() || matches!(client, ClientStream::Tls(_));
+    let untouched = route.proxy_protocol.is_none();
     let connected = tokio::select! {
         c = upstream.connect(ends) => c.map_err(Some),
-        () = client_gone(client.tcp(), sent_data) => Err(None),
+        () = client_gone(client.tcp(), sent_data, untouched) => Err(None),
         () = &mut stopped => return None,
     };
     match connected {
@@ -750,15 +751,36 @@ impl Drop for Record {
 /// unread) may be a half-close by a client that still waits for its answer, so that
 /// client is kept; from then on only a reset ends the wait, seen as the socket's error
 /// readiness (EPOLLERR), with no timer and no further system call while it waits.
-async fn client_gone(client: &TcpStream, sent_data: bool) {
-    let mut probe = [0u8; 1];
-    match client.peek(&mut probe).await {
-        Err(_) => return,
-        Ok(0) if !sent_data => return,
-        // With data unread, peek keeps returning it even after a reset; the reset shows
-        // as an error on the socket.
-        Ok(_) => {}
+///
+/// `untouched`: nothing was read from the socket before (no PROXY header), so its
+/// readiness is the kernel's own: readable without a FIN (EPOLLRDHUP) means data
+/// waits, and no `peek` is needed to know it. A `peek` tells data from a bare FIN only
+/// when a FIN was seen, or when an earlier read may have left the readiness stale.
+async fn client_gone(client: &TcpStream, sent_data: bool, untouched: bool) {
+    use tokio::io::Interest;
+    if !sent_data {
+        let gone = if untouched {
+            match client.ready(Interest::READABLE | Interest::ERROR).await {
+                Err(_) => true,
+                Ok(r) if r.is_error() => true,
+                Ok(r) if r.is_read_closed() => left_without_data(client).await,
+                Ok(_) => false,
+            }
+        } else {
+            left_without_data(client).await
+        };
+        if gone {
+            return;
+        }
     }
     // Resolves only with the error bit set (a reset, or the readiness's own failure).
-    let _ = client.ready(tokio::io::Interest::ERROR).await;
+    let _ = client.ready(Interest::ERROR).await;
+}
+
+/// Whether the client reset, or sent FIN with no data before it. With data unread,
+/// `peek` keeps returning it even after a reset; the reset then shows as an error on
+/// the socket, which [`client_gone`] waits for.
+async fn left_without_data(client: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(client.peek(&mut probe).await, Err(_) | Ok(0))
 }
