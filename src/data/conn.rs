@@ -757,30 +757,27 @@ impl Drop for Record {
 /// waits, and no `peek` is needed to know it. A `peek` tells data from a bare FIN only
 /// when a FIN was seen, or when an earlier read may have left the readiness stale.
 async fn client_gone(client: &TcpStream, sent_data: bool, untouched: bool) {
-    use tokio::io::Interest;
-    if !sent_data {
-        let gone = if untouched {
-            match client.ready(Interest::READABLE | Interest::ERROR).await {
-                Err(_) => true,
-                Ok(r) if r.is_error() => true,
-                Ok(r) if r.is_read_closed() => left_without_data(client).await,
-                Ok(_) => false,
-            }
-        } else {
-            left_without_data(client).await
-        };
-        if gone {
-            return;
-        }
+    if !sent_data && left_without_data(client, untouched).await {
+        return;
     }
     // Resolves only with the error bit set (a reset, or the readiness's own failure).
-    let _ = client.ready(Interest::ERROR).await;
+    let _ = client.ready(tokio::io::Interest::ERROR).await;
 }
 
-/// Whether the client reset, or sent FIN with no data before it. With data unread,
-/// `peek` keeps returning it even after a reset; the reset then shows as an error on
-/// the socket, which [`client_gone`] waits for.
-async fn left_without_data(client: &TcpStream) -> bool {
+/// Waits for the client's first data or FIN: whether it reset, or sent FIN with no
+/// data before it. With data unread, `peek` keeps returning it even after a reset; the
+/// reset then shows as an error on the socket, which [`client_gone`] waits for.
+async fn left_without_data(client: &TcpStream, untouched: bool) -> bool {
+    use tokio::io::Interest;
+    if untouched {
+        match client.ready(Interest::READABLE | Interest::ERROR).await {
+            Err(_) => return true,
+            Ok(r) if r.is_error() => return true,
+            Ok(r) if !r.is_read_closed() => return false,
+            // A FIN: only a peek tells whether data came before it.
+            Ok(_) => {}
+        }
+    }
     let mut probe = [0u8; 1];
     matches!(client.peek(&mut probe).await, Err(_) | Ok(0))
 }
