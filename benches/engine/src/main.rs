@@ -1,6 +1,7 @@
 //! Experiment: the cost of a proxied new connection in a minimal tokio proxy against a
 //! minimal io_uring proxy, both one thread per core on SO_REUSEPORT sockets.
-//! usage: engine tokio|uring LISTEN BACKEND THREADS
+//! usage: engine MODE LISTEN BACKEND THREADS, MODE one of tokio, uring, hybrid, monoio,
+//! ring, poll, ringio, pollrecv, provided (each described at its worker function)
 use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -33,6 +34,10 @@ fn main() {
             "hybrid" => hybrid_worker(l, backend),
             "monoio" => monoio_worker(l, backend),
             "ring" => ring_worker(l, backend),
+            "poll" => poll_worker(l, backend),
+            "ringio" => ringio_worker(l, backend),
+            "pollrecv" => pollrecv_worker(l, backend),
+            "provided" => provided_worker(l, backend),
             _ => panic!("mode"),
         }));
     }
@@ -178,6 +183,293 @@ fn ring_worker(l: std::net::TcpListener, backend: SocketAddr) {
             });
         }
     });
+}
+
+// ---- the ring as a readiness reactor only: POLL_ADD waits, plain system calls ----
+
+/// Like `ring_worker`, but the ring only accepts (multishot) and reports readiness
+/// (one-shot POLL_ADD); socket, connect, recv, send, shutdown and close are the plain
+/// system calls an epoll engine makes, so what differs from tokio's reactor is only
+/// the registration (none: no epoll_ctl ADD or DEL), the waits (batched in the ring,
+/// no epoll_wait per event) and the accept that ends in EAGAIN (none).
+fn poll_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let fd = ring::init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(ring::turn)
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        tokio::task::spawn_local(ring::reaper(fd));
+        let lfd = l.into_raw_fd();
+        let accepts = ring::Accepts::new(lfd);
+        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
+        loop {
+            let c = accepts.next().await;
+            if c < 0 {
+                continue;
+            }
+            let baddr = baddr.clone();
+            tokio::task::spawn_local(async move {
+                let b = match poll_connect(&baddr).await {
+                    Some(b) => b,
+                    None => {
+                        unsafe { libc::close(c) };
+                        return;
+                    }
+                };
+                nodelay(b);
+                let up = poll_pump(c, b);
+                let down = poll_pump(b, c);
+                tokio::join!(up, down);
+                unsafe {
+                    libc::close(c);
+                    libc::close(b);
+                }
+            });
+        }
+    });
+}
+
+/// Between `poll` and `ring`: recv and send on the ring with a buffer per direction,
+/// as `ring` does; socket, connect (then a POLL_ADD for its outcome), shutdown and
+/// close are plain system calls, as in `poll`.
+fn ringio_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let fd = ring::init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(ring::turn)
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        tokio::task::spawn_local(ring::reaper(fd));
+        let lfd = l.into_raw_fd();
+        let accepts = ring::Accepts::new(lfd);
+        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
+        loop {
+            let c = accepts.next().await;
+            if c < 0 {
+                continue;
+            }
+            let baddr = baddr.clone();
+            tokio::task::spawn_local(async move {
+                let b = match poll_connect(&baddr).await {
+                    Some(b) => b,
+                    None => {
+                        unsafe { libc::close(c) };
+                        return;
+                    }
+                };
+                nodelay(b);
+                let up = ring_pump(c, b);
+                let down = ring_pump(b, c);
+                tokio::join!(up, down);
+                unsafe {
+                    libc::close(c);
+                    libc::close(b);
+                }
+            });
+        }
+    });
+}
+
+async fn poll_connect(addr: &socket2::SockAddr) -> Option<RawFd> {
+    let s = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if s < 0 {
+        return None;
+    }
+    let r = unsafe { libc::connect(s, addr.as_ptr().cast(), addr.len()) };
+    if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+        unsafe { libc::close(s) };
+        return None;
+    }
+    let m = ring::poll(s, libc::POLLOUT as u32).await;
+    if m < 0 || m & (libc::POLLERR | libc::POLLHUP) as i32 != 0 {
+        unsafe { libc::close(s) };
+        return None;
+    }
+    Some(s)
+}
+
+/// Readiness first, as sluice's relay: wait readable, then read; write until done,
+/// waiting writable on EAGAIN.
+async fn poll_pump(from: RawFd, to: RawFd) {
+    let mut buf = vec![0u8; BUF];
+    'relay: loop {
+        let m = ring::poll(from, libc::POLLIN as u32).await;
+        if m < 0 {
+            break;
+        }
+        let n = unsafe { libc::recv(from, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+            continue;
+        }
+        if n <= 0 {
+            break;
+        }
+        let n = n as usize;
+        let mut off = 0;
+        while off < n {
+            let w = unsafe {
+                libc::send(to, buf[off..n].as_ptr().cast(), n - off, libc::MSG_NOSIGNAL)
+            };
+            if w < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+                if ring::poll(to, libc::POLLOUT as u32).await < 0 {
+                    break 'relay;
+                }
+                continue;
+            }
+            if w <= 0 {
+                break 'relay;
+            }
+            off += w as usize;
+        }
+    }
+    unsafe { libc::shutdown(to, libc::SHUT_WR) };
+}
+
+/// `ring` with sluice's readiness-first reads: each direction waits for POLLIN on the
+/// ring before it posts its recv, so a connection with nothing to read has no buffer
+/// lent to the kernel (an idle connection then holds none, as sluice's relay does).
+fn pollrecv_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let fd = ring::init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(ring::turn)
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        tokio::task::spawn_local(ring::reaper(fd));
+        let lfd = l.into_raw_fd();
+        let accepts = ring::Accepts::new(lfd);
+        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
+        loop {
+            let c = accepts.next().await;
+            if c < 0 {
+                continue;
+            }
+            let baddr = baddr.clone();
+            tokio::task::spawn_local(async move {
+                let b = match ring::connect(baddr).await {
+                    Ok(b) => b,
+                    Err(_) => {
+                        ring::close(c).await;
+                        return;
+                    }
+                };
+                nodelay(b);
+                let up = pollrecv_pump(c, b);
+                let down = pollrecv_pump(b, c);
+                tokio::join!(up, down);
+                ring::close(c).await;
+                ring::close(b).await;
+            });
+        }
+    });
+}
+
+/// `ring` with provided buffers: each recv is posted at once with no buffer of its own;
+/// the kernel takes one from the thread's buffer ring when bytes arrive, and it goes back
+/// to the ring once sent. An idle connection then holds no buffer, and a read costs one
+/// ring operation, not `pollrecv`'s two.
+fn provided_worker(l: std::net::TcpListener, backend: SocketAddr) {
+    let fd = ring::init();
+    ring::init_provided();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_park(ring::turn)
+        .build()
+        .unwrap();
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        tokio::task::spawn_local(ring::reaper(fd));
+        let lfd = l.into_raw_fd();
+        let accepts = ring::Accepts::new(lfd);
+        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
+        loop {
+            let c = accepts.next().await;
+            if c < 0 {
+                continue;
+            }
+            let baddr = baddr.clone();
+            tokio::task::spawn_local(async move {
+                let b = match ring::connect(baddr).await {
+                    Ok(b) => b,
+                    Err(_) => {
+                        ring::close(c).await;
+                        return;
+                    }
+                };
+                nodelay(b);
+                let up = provided_pump(c, b);
+                let down = provided_pump(b, c);
+                tokio::join!(up, down);
+                ring::close(c).await;
+                ring::close(b).await;
+            });
+        }
+    });
+}
+
+async fn provided_pump(from: RawFd, to: RawFd) {
+    'relay: loop {
+        let (n, bid) = ring::recv_provided(from).await;
+        let Some(bid) = bid else {
+            if n == -libc::ENOBUFS {
+                panic!("the buffer ring ran dry");
+            }
+            break;
+        };
+        if n <= 0 {
+            ring::give_back(bid);
+            break;
+        }
+        let data = ring::provided(bid, n as usize);
+        let mut off = 0;
+        while off < data.len() {
+            let w = ring::send_raw(to, data[off..].as_ptr(), data.len() - off).await;
+            if w <= 0 {
+                ring::give_back(bid);
+                break 'relay;
+            }
+            off += w as usize;
+        }
+        ring::give_back(bid);
+    }
+    unsafe { libc::shutdown(to, libc::SHUT_WR) };
+}
+
+async fn pollrecv_pump(from: RawFd, to: RawFd) {
+    'relay: loop {
+        if ring::poll(from, libc::POLLIN as u32).await < 0 {
+            break;
+        }
+        // Borrowed only now that bytes (or a FIN) wait.
+        let (n, mut buf) = ring::recv(from, vec![0u8; BUF]).await;
+        if n <= 0 {
+            break;
+        }
+        let n = n as usize;
+        let mut off = 0;
+        while off < n {
+            let (w, b) = ring::send(to, buf, off, n).await;
+            buf = b;
+            if w <= 0 {
+                break 'relay;
+            }
+            off += w as usize;
+        }
+    }
+    unsafe { libc::shutdown(to, libc::SHUT_WR) };
 }
 
 fn nodelay(fd: RawFd) {

@@ -15,7 +15,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 struct Slot {
     waker: Option<Waker>,
-    results: Vec<i32>,
+    results: Vec<(i32, u32)>,
     /// whether more completions follow (multishot)
     multishot: bool,
 }
@@ -85,7 +85,7 @@ pub fn turn() {
                 let key = cqe.user_data() as usize;
                 let more = cqueue::more(cqe.flags());
                 if let Some(slot) = d.slots.get_mut(key) {
-                    slot.results.push(cqe.result());
+                    slot.results.push((cqe.result(), cqe.flags()));
                     if !more {
                         slot.multishot = false;
                     }
@@ -121,7 +121,7 @@ fn push(entry: squeue::Entry, multishot: bool) -> usize {
     })
 }
 
-fn poll_result(key: usize, cx: &mut Context<'_>) -> Poll<i32> {
+fn poll_result(key: usize, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
     DRIVER.with(|d| {
         let mut d = d.borrow_mut();
         let d = d.as_mut().unwrap();
@@ -146,8 +146,129 @@ pub struct Completion {
 impl Future for Completion {
     type Output = i32;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<i32> {
+        poll_result(self.key, cx).map(|(r, _)| r)
+    }
+}
+
+/// A completion with its flags (which name the provided buffer a recv took).
+struct Flagged {
+    key: usize,
+}
+
+impl Future for Flagged {
+    type Output = (i32, u32);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(i32, u32)> {
         poll_result(self.key, cx)
     }
+}
+
+// ---- provided buffers: a buffer ring the kernel picks a buffer from when data arrives ----
+
+/// Buffers in the ring (a power of two) and the size of each.
+pub const PROVIDED: u16 = 4096;
+pub const PROVIDED_SIZE: usize = 16 * 1024;
+const GROUP: u16 = 0;
+
+struct Provided {
+    entries: *mut types::BufRingEntry,
+    buffers: *mut u8,
+    tail: u16,
+}
+
+thread_local! {
+    static PROVIDED_RING: RefCell<Option<Provided>> = const { RefCell::new(None) };
+}
+
+fn map(len: usize) -> *mut u8 {
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(p != libc::MAP_FAILED);
+    p.cast()
+}
+
+/// Registers this thread's buffer ring, every buffer in it. Call after `init`.
+pub fn init_provided() {
+    let entries = map(PROVIDED as usize * std::mem::size_of::<types::BufRingEntry>())
+        .cast::<types::BufRingEntry>();
+    let buffers = map(PROVIDED as usize * PROVIDED_SIZE);
+    DRIVER.with(|d| {
+        let d = d.borrow();
+        unsafe {
+            d.as_ref()
+                .unwrap()
+                .ring
+                .submitter()
+                .register_buf_ring_with_flags(entries as u64, PROVIDED, GROUP, 0)
+                .unwrap();
+        }
+    });
+    let mut p = Provided {
+        entries,
+        buffers,
+        tail: 0,
+    };
+    for bid in 0..PROVIDED {
+        p.push(bid);
+    }
+    PROVIDED_RING.with(|r| *r.borrow_mut() = Some(p));
+}
+
+impl Provided {
+    fn push(&mut self, bid: u16) {
+        unsafe {
+            let e = &mut *self.entries.add((self.tail & (PROVIDED - 1)) as usize);
+            e.set_addr(self.buffers.add(bid as usize * PROVIDED_SIZE) as u64);
+            e.set_len(PROVIDED_SIZE as u32);
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = types::BufRingEntry::tail(self.entries) as *const std::sync::atomic::AtomicU16;
+            (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// A recv whose buffer the kernel picks from the ring when data arrives: the result
+/// and the buffer's id (`None` with no data: EOF, or an error such as ENOBUFS).
+pub async fn recv_provided(fd: RawFd) -> (i32, Option<u16>) {
+    let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), PROVIDED_SIZE as u32)
+        .buf_group(GROUP)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT);
+    let (r, flags) = Flagged {
+        key: push(e, false),
+    }
+    .await;
+    (r, cqueue::buffer_select(flags))
+}
+
+/// The bytes of provided buffer `bid`.
+pub fn provided(bid: u16, len: usize) -> &'static [u8] {
+    PROVIDED_RING.with(|r| {
+        let r = r.borrow();
+        let p = r.as_ref().unwrap();
+        unsafe { std::slice::from_raw_parts(p.buffers.add(bid as usize * PROVIDED_SIZE), len) }
+    })
+}
+
+/// Gives buffer `bid` back to the ring.
+pub fn give_back(bid: u16) {
+    PROVIDED_RING.with(|r| r.borrow_mut().as_mut().unwrap().push(bid));
+}
+
+/// A send of `len` bytes at `ptr`, which the caller keeps alive until it completes.
+pub async fn send_raw(fd: RawFd, ptr: *const u8, len: usize) -> i32 {
+    let e = opcode::Send::new(types::Fd(fd), ptr, len as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build();
+    submit(e).await
 }
 
 pub fn submit(entry: squeue::Entry) -> Completion {
@@ -206,6 +327,11 @@ pub async fn send(fd: RawFd, buf: Vec<u8>, off: usize, len: usize) -> (i32, Vec<
         .build();
     let r = submit(e).await;
     (r, buf)
+}
+
+/// A one-shot readiness wait: the poll mask that was ready, or a negative errno.
+pub async fn poll(fd: RawFd, mask: u32) -> i32 {
+    submit(opcode::PollAdd::new(types::Fd(fd), mask).build()).await
 }
 
 pub async fn close(fd: RawFd) {
