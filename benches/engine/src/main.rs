@@ -318,9 +318,8 @@ async fn poll_pump(from: RawFd, to: RawFd) {
         let n = n as usize;
         let mut off = 0;
         while off < n {
-            let w = unsafe {
-                libc::send(to, buf[off..n].as_ptr().cast(), n - off, libc::MSG_NOSIGNAL)
-            };
+            let w =
+                unsafe { libc::send(to, buf[off..n].as_ptr().cast(), n - off, libc::MSG_NOSIGNAL) };
             if w < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
                 if ring::poll(to, libc::POLLOUT as u32).await < 0 {
                     break 'relay;

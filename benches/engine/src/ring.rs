@@ -229,7 +229,8 @@ impl Provided {
             e.set_len(PROVIDED_SIZE as u32);
             e.set_bid(bid);
             self.tail = self.tail.wrapping_add(1);
-            let tail = types::BufRingEntry::tail(self.entries) as *const std::sync::atomic::AtomicU16;
+            let tail =
+                types::BufRingEntry::tail(self.entries) as *const std::sync::atomic::AtomicU16;
             (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
         }
     }
