@@ -1,7 +1,7 @@
 //! Experiment: the cost of a proxied new connection in a minimal tokio proxy against a
 //! minimal io_uring proxy, both one thread per core on SO_REUSEPORT sockets.
 //! usage: engine MODE LISTEN BACKEND THREADS, MODE one of tokio, uring, hybrid, monoio,
-//! ring, poll, ringio, pollrecv, provided (each described at its worker function)
+//! ring, poll, ringio, pollrecv, provided (the last five described at `ring_proxy`)
 use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, RawFd};
 
@@ -33,11 +33,11 @@ fn main() {
             "uring" => uring_worker(l, backend),
             "hybrid" => hybrid_worker(l, backend),
             "monoio" => monoio_worker(l, backend),
-            "ring" => ring_worker(l, backend),
-            "poll" => poll_worker(l, backend),
-            "ringio" => ringio_worker(l, backend),
-            "pollrecv" => pollrecv_worker(l, backend),
-            "provided" => provided_worker(l, backend),
+            "ring" => ring_proxy(l, backend, Calls::Ring, false, ring_pump),
+            "poll" => ring_proxy(l, backend, Calls::Plain, false, poll_pump),
+            "ringio" => ring_proxy(l, backend, Calls::Plain, false, ring_pump),
+            "pollrecv" => ring_proxy(l, backend, Calls::Ring, false, pollrecv_pump),
+            "provided" => ring_proxy(l, backend, Calls::Ring, true, provided_pump),
             _ => panic!("mode"),
         }));
     }
@@ -147,8 +147,46 @@ fn monoio_worker(l: std::net::TcpListener, backend: SocketAddr) {
 
 // ---- ring: tokio current-thread runtime, its I/O on a ring submitted at park (ring.rs) ----
 
-fn ring_worker(l: std::net::TcpListener, backend: SocketAddr) {
+/// How a ring proxy makes and closes its backend socket: on the ring
+/// (`IORING_OP_SOCKET`, `CONNECT`, `CLOSE`), or with the plain system calls (connect's
+/// outcome then waited for with a `POLL_ADD`).
+#[derive(Clone, Copy)]
+enum Calls {
+    Ring,
+    Plain,
+}
+
+/// The proxy of every mode driven by ring.rs: a tokio current-thread runtime whose ring
+/// is submitted and reaped at park, a multishot accept, a task per connection that
+/// connects (`calls`), relays both ways with `pump` and closes. The modes:
+///
+/// - `ring`: `Calls::Ring`, `ring_pump` (recv and send on the ring, a 16 KiB buffer
+///   per direction).
+/// - `poll`: `Calls::Plain`, `poll_pump`. The ring only accepts and reports readiness
+///   (one-shot `POLL_ADD`); socket, connect, recv, send, shutdown and close are the
+///   plain system calls an epoll engine makes, so what differs from tokio's reactor is
+///   only the registration (none: no epoll_ctl ADD or DEL), the waits (batched in the
+///   ring, no epoll_wait per event) and the accept that ends in EAGAIN (none).
+/// - `ringio`: `Calls::Plain`, `ring_pump`: between `poll` and `ring`, recv and send on
+///   the ring, socket, connect, shutdown and close plain.
+/// - `pollrecv`: `Calls::Ring`, `pollrecv_pump`: `ring` with sluice's readiness-first
+///   reads.
+/// - `provided`: `Calls::Ring`, `provided_pump` and the thread's buffer ring
+///   (`provided`): `ring` with provided buffers.
+fn ring_proxy<P, F>(
+    l: std::net::TcpListener,
+    backend: SocketAddr,
+    calls: Calls,
+    provided: bool,
+    pump: P,
+) where
+    P: Fn(RawFd, RawFd) -> F + Copy + 'static,
+    F: std::future::Future<Output = ()> + 'static,
+{
     let fd = ring::init();
+    if provided {
+        ring::init_provided();
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .on_thread_park(ring::turn)
@@ -167,112 +205,30 @@ fn ring_worker(l: std::net::TcpListener, backend: SocketAddr) {
             }
             let baddr = baddr.clone();
             tokio::task::spawn_local(async move {
-                let b = match ring::connect(baddr).await {
-                    Ok(b) => b,
-                    Err(_) => {
-                        ring::close(c).await;
-                        return;
-                    }
+                let b = match calls {
+                    Calls::Ring => ring::connect(baddr).await.ok(),
+                    Calls::Plain => poll_connect(&baddr).await,
+                };
+                let Some(b) = b else {
+                    close(calls, c).await;
+                    return;
                 };
                 nodelay(b);
-                let up = ring_pump(c, b);
-                let down = ring_pump(b, c);
-                tokio::join!(up, down);
-                ring::close(c).await;
-                ring::close(b).await;
+                tokio::join!(pump(c, b), pump(b, c));
+                close(calls, c).await;
+                close(calls, b).await;
             });
         }
     });
 }
 
-// ---- the ring as a readiness reactor only: POLL_ADD waits, plain system calls ----
-
-/// Like `ring_worker`, but the ring only accepts (multishot) and reports readiness
-/// (one-shot POLL_ADD); socket, connect, recv, send, shutdown and close are the plain
-/// system calls an epoll engine makes, so what differs from tokio's reactor is only
-/// the registration (none: no epoll_ctl ADD or DEL), the waits (batched in the ring,
-/// no epoll_wait per event) and the accept that ends in EAGAIN (none).
-fn poll_worker(l: std::net::TcpListener, backend: SocketAddr) {
-    let fd = ring::init();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_park(ring::turn)
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        tokio::task::spawn_local(ring::reaper(fd));
-        let lfd = l.into_raw_fd();
-        let accepts = ring::Accepts::new(lfd);
-        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
-        loop {
-            let c = accepts.next().await;
-            if c < 0 {
-                continue;
-            }
-            let baddr = baddr.clone();
-            tokio::task::spawn_local(async move {
-                let b = match poll_connect(&baddr).await {
-                    Some(b) => b,
-                    None => {
-                        unsafe { libc::close(c) };
-                        return;
-                    }
-                };
-                nodelay(b);
-                let up = poll_pump(c, b);
-                let down = poll_pump(b, c);
-                tokio::join!(up, down);
-                unsafe {
-                    libc::close(c);
-                    libc::close(b);
-                }
-            });
-        }
-    });
-}
-
-/// Between `poll` and `ring`: recv and send on the ring with a buffer per direction,
-/// as `ring` does; socket, connect (then a POLL_ADD for its outcome), shutdown and
-/// close are plain system calls, as in `poll`.
-fn ringio_worker(l: std::net::TcpListener, backend: SocketAddr) {
-    let fd = ring::init();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_park(ring::turn)
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        tokio::task::spawn_local(ring::reaper(fd));
-        let lfd = l.into_raw_fd();
-        let accepts = ring::Accepts::new(lfd);
-        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
-        loop {
-            let c = accepts.next().await;
-            if c < 0 {
-                continue;
-            }
-            let baddr = baddr.clone();
-            tokio::task::spawn_local(async move {
-                let b = match poll_connect(&baddr).await {
-                    Some(b) => b,
-                    None => {
-                        unsafe { libc::close(c) };
-                        return;
-                    }
-                };
-                nodelay(b);
-                let up = ring_pump(c, b);
-                let down = ring_pump(b, c);
-                tokio::join!(up, down);
-                unsafe {
-                    libc::close(c);
-                    libc::close(b);
-                }
-            });
-        }
-    });
+async fn close(calls: Calls, fd: RawFd) {
+    match calls {
+        Calls::Ring => ring::close(fd).await,
+        Calls::Plain => unsafe {
+            libc::close(fd);
+        },
+    }
 }
 
 async fn poll_connect(addr: &socket2::SockAddr) -> Option<RawFd> {
@@ -335,90 +291,10 @@ async fn poll_pump(from: RawFd, to: RawFd) {
     unsafe { libc::shutdown(to, libc::SHUT_WR) };
 }
 
-/// `ring` with sluice's readiness-first reads: each direction waits for POLLIN on the
-/// ring before it posts its recv, so a connection with nothing to read has no buffer
-/// lent to the kernel (an idle connection then holds none, as sluice's relay does).
-fn pollrecv_worker(l: std::net::TcpListener, backend: SocketAddr) {
-    let fd = ring::init();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_park(ring::turn)
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        tokio::task::spawn_local(ring::reaper(fd));
-        let lfd = l.into_raw_fd();
-        let accepts = ring::Accepts::new(lfd);
-        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
-        loop {
-            let c = accepts.next().await;
-            if c < 0 {
-                continue;
-            }
-            let baddr = baddr.clone();
-            tokio::task::spawn_local(async move {
-                let b = match ring::connect(baddr).await {
-                    Ok(b) => b,
-                    Err(_) => {
-                        ring::close(c).await;
-                        return;
-                    }
-                };
-                nodelay(b);
-                let up = pollrecv_pump(c, b);
-                let down = pollrecv_pump(b, c);
-                tokio::join!(up, down);
-                ring::close(c).await;
-                ring::close(b).await;
-            });
-        }
-    });
-}
-
-/// `ring` with provided buffers: each recv is posted at once with no buffer of its own;
-/// the kernel takes one from the thread's buffer ring when bytes arrive, and it goes back
-/// to the ring once sent. An idle connection then holds no buffer, and a read costs one
-/// ring operation, not `pollrecv`'s two.
-fn provided_worker(l: std::net::TcpListener, backend: SocketAddr) {
-    let fd = ring::init();
-    ring::init_provided();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_park(ring::turn)
-        .build()
-        .unwrap();
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
-        tokio::task::spawn_local(ring::reaper(fd));
-        let lfd = l.into_raw_fd();
-        let accepts = ring::Accepts::new(lfd);
-        let baddr = std::rc::Rc::new(socket2::SockAddr::from(backend));
-        loop {
-            let c = accepts.next().await;
-            if c < 0 {
-                continue;
-            }
-            let baddr = baddr.clone();
-            tokio::task::spawn_local(async move {
-                let b = match ring::connect(baddr).await {
-                    Ok(b) => b,
-                    Err(_) => {
-                        ring::close(c).await;
-                        return;
-                    }
-                };
-                nodelay(b);
-                let up = provided_pump(c, b);
-                let down = provided_pump(b, c);
-                tokio::join!(up, down);
-                ring::close(c).await;
-                ring::close(b).await;
-            });
-        }
-    });
-}
-
+/// Each recv is posted at once with no buffer of its own; the kernel takes one from
+/// the thread's buffer ring when bytes arrive, and it goes back to the ring once sent.
+/// An idle connection then holds no buffer, and a read costs one ring operation, not
+/// `pollrecv_pump`'s two.
 async fn provided_pump(from: RawFd, to: RawFd) {
     'relay: loop {
         let (n, bid) = ring::recv_provided(from).await;
@@ -447,6 +323,9 @@ async fn provided_pump(from: RawFd, to: RawFd) {
     unsafe { libc::shutdown(to, libc::SHUT_WR) };
 }
 
+/// Each direction waits for POLLIN on the ring before it posts its recv, so a
+/// connection with nothing to read has no buffer lent to the kernel (an idle
+/// connection then holds none, as sluice's relay does).
 async fn pollrecv_pump(from: RawFd, to: RawFd) {
     'relay: loop {
         if ring::poll(from, libc::POLLIN as u32).await < 0 {
