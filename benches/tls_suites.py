@@ -8,9 +8,10 @@ usage: benches/tls_suites.py SLUICE_BINARY    ROUNDS (default 7), DUR (default 3
 Prints every round, then per case the median CPU per connection and, per pair of
 suites, the median of the rounds' AES-128/AES-256 ratios. Needs nginx and openssl.
 Listens on 127.0.0.1:19330-19336."""
-import os, re, signal, statistics, subprocess, sys, tempfile, time
+import os, re, statistics, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from sluice_bench import Processes, cpu, tls_listener, upstream, write_backend
+
 R = int(os.environ.get("ROUNDS", "7"))
 D = os.environ.get("DUR", "3")
 BACKEND, PORT = 19330, 19331
@@ -23,73 +24,38 @@ CASES = {
     ("TLS 1.3 full", "AES128"): ["-tls1_3", "-new", "-ciphersuites", "TLS_AES_128_GCM_SHA256"],
 }
 
-def cpu(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    procs = []
-    with tempfile.TemporaryDirectory() as dir:
-        with open(f"{dir}/backend.conf", "w") as f:
-            f.write(f"""daemon off; master_process on; worker_processes 1; pid {dir}/b.pid;
-error_log {dir}/b.err warn; events {{ worker_connections 4096; }}
-http {{ access_log off; server {{ listen 127.0.0.1:{BACKEND}; keepalive_requests 1000000;
-  location / {{ return 200 "hello\\n"; }} }} }}
-""")
+    with tempfile.TemporaryDirectory() as dir, Processes() as procs:
+        backend = write_backend(dir, BACKEND)
         with open(f"{dir}/sluice.toml", "w") as f:
-            f.write(f"""[admin]
-bind = "127.0.0.1:{PORT + 5}"
-
-[[listener]]
-name = "tls"
-bind = ["127.0.0.1:{PORT}"]
-upstream = "web"
-[listener.tls]
-certificates = [
-  {{ cert = "{ROOT}/config/examples/certs/server.pem", key = "{ROOT}/config/examples/certs/server.key" }},
-]
-
-[[upstream]]
-name = "web"
-[[upstream.backend]]
-address = "127.0.0.1:{BACKEND}"
-""")
-        try:
-            for cmd in (["nginx", "-p", dir, "-c", f"{dir}/backend.conf"],
-                        [sys.argv[1], "run", "--config", f"{dir}/sluice.toml"]):
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL, start_new_session=True))
-            time.sleep(1.5)
-            sluice = procs[1]
-            if sluice.poll() is not None:
-                sys.exit(f"sluice exited with {sluice.returncode}")
-            res = {k: [] for k in CASES}
-            for r in range(R):
-                cases = list(CASES.items())
-                for k, args in (cases if r % 2 == 0 else cases[::-1]):
-                    c0 = cpu(sluice.pid)
-                    out = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{PORT}",
-                                          "-www", "/", "-time", D, *args],
-                                         capture_output=True, text=True).stdout
-                    c1 = cpu(sluice.pid)
-                    # With -reuse the last summary counts the resumed connections.
-                    n = int(re.findall(r"(\d+) connections in [\d.]+ real", out)[-1])
-                    us = (c1 - c0) / n * 1e6
-                    res[k].append(us)
-                    print(f"round {r} {k[0]:15s} {k[1]} {n:6d} connections {us:7.1f} us", flush=True)
-            for k in CASES:
-                print(f"{k[0]:15s} {k[1]} median {statistics.median(res[k]):7.1f} us per connection")
-            for case in dict.fromkeys(k[0] for k in CASES):
-                a, b = res[(case, "AES128")], res[(case, "AES256")]
-                ratio = statistics.median(x / y for x, y in zip(a, b))
-                lower = sum(1 for x, y in zip(a, b) if x < y)
-                print(f"{case:15s} AES-128/AES-256: median ratio {ratio:.3f}, AES-128 cheaper in {lower} of {R} rounds")
-        finally:
-            for p in procs:
-                os.killpg(p.pid, signal.SIGTERM)
-            for p in procs:
-                p.wait()
+            f.write(f'[admin]\nbind = "127.0.0.1:{PORT + 5}"\n\n'
+                    + tls_listener("tls", PORT) + "\n" + upstream(BACKEND))
+        procs.start(["nginx", "-p", dir, "-c", backend])
+        sluice = procs.start([sys.argv[1], "run", "--config", f"{dir}/sluice.toml"])
+        time.sleep(1.5)
+        procs.started("sluice", sluice)
+        res = {k: [] for k in CASES}
+        for r in range(R):
+            cases = list(CASES.items())
+            for k, args in (cases if r % 2 == 0 else cases[::-1]):
+                c0 = cpu(sluice.pid)
+                out = subprocess.run(["openssl", "s_time", "-connect", f"127.0.0.1:{PORT}",
+                                      "-www", "/", "-time", D, *args],
+                                     capture_output=True, text=True).stdout
+                c1 = cpu(sluice.pid)
+                # With -reuse the last summary counts the resumed connections.
+                n = int(re.findall(r"(\d+) connections in [\d.]+ real", out)[-1])
+                us = (c1 - c0) / n * 1e6
+                res[k].append(us)
+                print(f"round {r} {k[0]:15s} {k[1]} {n:6d} connections {us:7.1f} us", flush=True)
+        for k in CASES:
+            print(f"{k[0]:15s} {k[1]} median {statistics.median(res[k]):7.1f} us per connection")
+        for case in dict.fromkeys(k[0] for k in CASES):
+            a, b = res[(case, "AES128")], res[(case, "AES256")]
+            ratio = statistics.median(x / y for x, y in zip(a, b))
+            lower = sum(1 for x, y in zip(a, b) if x < y)
+            print(f"{case:15s} AES-128/AES-256: median ratio {ratio:.3f}, AES-128 cheaper in {lower} of {R} rounds")
 
 main()
