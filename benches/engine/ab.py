@@ -36,6 +36,7 @@ plan = {
     "ringio-min": ([eng, "ringio", "127.0.0.1:19109", "127.0.0.1:19100", "2"], 19109),
     "pollrecv-min": ([eng, "pollrecv", "127.0.0.1:19110", "127.0.0.1:19100", "2"], 19110),
     "provided-min": ([eng, "provided", "127.0.0.1:19111", "127.0.0.1:19100", "2"], 19111),
+    "compio-min": ([eng, "compio", "127.0.0.1:19112", "127.0.0.1:19100", "2"], 19112),
     "uring-min": ([eng, "uring", "127.0.0.1:19104", "127.0.0.1:19100", "2"], 19104),
 }
 targets = {k: (start(cmd), port) for k, (cmd, port) in plan.items() if not only or k in only.split(",")}

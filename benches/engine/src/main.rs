@@ -1,10 +1,12 @@
 //! Experiment: the cost of a proxied new connection in a minimal tokio proxy against a
 //! minimal io_uring proxy, both one thread per core on SO_REUSEPORT sockets.
 //! usage: engine MODE LISTEN BACKEND THREADS, MODE one of tokio, uring, hybrid, monoio,
-//! ring, poll, ringio, pollrecv, provided (the last five described at `ring_proxy`)
+//! ring, poll, ringio, pollrecv, provided (those five described at `ring_proxy`), compio
+//! (compio.rs)
 use std::net::SocketAddr;
 use std::os::fd::{IntoRawFd, RawFd};
 
+mod compio;
 mod ring;
 
 fn listener(addr: SocketAddr) -> std::net::TcpListener {
@@ -38,6 +40,7 @@ fn main() {
             "ringio" => ring_proxy(l, backend, Calls::Plain, false, ring_pump),
             "pollrecv" => ring_proxy(l, backend, Calls::Ring, false, pollrecv_pump),
             "provided" => ring_proxy(l, backend, Calls::Ring, true, provided_pump),
+            "compio" => compio::proxy(l, backend),
             _ => panic!("mode"),
         }));
     }

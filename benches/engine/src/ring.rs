@@ -297,6 +297,11 @@ impl Accepts {
 
 /// The task that turns the ring when its eventfd is signalled.
 pub async fn reaper(fd: RawFd) {
+    reaper_with(fd, turn).await
+}
+
+/// The task that calls `turn` whenever eventfd `fd` is signalled.
+pub async fn reaper_with(fd: RawFd, turn: fn()) {
     struct Fd(RawFd);
     impl AsRawFd for Fd {
         fn as_raw_fd(&self) -> RawFd {
