@@ -64,6 +64,7 @@ class Processes:
 
     def __exit__(self, *_):
         for p in self.procs:
-            os.killpg(p.pid, signal.SIGTERM)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
         for p in self.procs:
             p.wait()
