@@ -16,6 +16,7 @@
 
 use std::io;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
@@ -68,7 +69,10 @@ impl PerCore {
                 .spawn(move || {
                     // Spawned tasks run while this waits; a dropped sender ends it too.
                     runtime.block_on(async {
-                        let _ = stopped.await;
+                        tokio::select! {
+                            _ = stopped => {}
+                            () = sentinel() => {}
+                        }
                     });
                     // The runtime drops here, on its own thread, with the tasks it holds.
                 })?;
@@ -85,6 +89,26 @@ impl PerCore {
     /// Stops every worker and waits for its thread to end.
     pub fn stop(self) {
         drop(self);
+    }
+}
+
+/// How far ahead each worker's own timer always is: see [`sentinel`].
+const SENTINEL: Duration = Duration::from_secs(1);
+
+/// A timer that never lets the worker's clock go unset for more than [`SENTINEL`].
+///
+/// tokio writes its runtime's eventfd whenever a timer is set earlier than every timer
+/// there was when the thread last went to sleep (it cannot know that the thread setting
+/// it is the one that sleeps). A connection's connect timeout (3 s by default) set
+/// while the others only have their idle timeouts (an hour) is such a timer, so
+/// without this each such connection paid a `write` to the eventfd and a wake-up of
+/// `epoll_wait` to read it. With this tick always at most a second ahead, a timer
+/// longer than a second is never the earliest. It costs one wake-up a second.
+async fn sentinel() {
+    let mut tick = tokio::time::interval(SENTINEL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
     }
 }
 
