@@ -12,7 +12,7 @@ read, the median over the rounds of each round's after/before rate ratio. Needs 
 and wrk (make deps-bench). Listens on 127.0.0.1:19300-19320."""
 import os, re, statistics, subprocess, sys, tempfile, time
 
-from sluice_bench import Processes, cpu, tls_listener, upstream, write_backend
+from sluice_bench import Processes, cpu, plain_listener, tls_listener, upstream, write_backend
 
 R = int(os.environ.get("ROUNDS", "9"))
 D = os.environ.get("DUR", "3")
@@ -23,12 +23,7 @@ def config(port):
     return f"""[admin]
 bind = "127.0.0.1:{port + 5}"
 
-[[listener]]
-name = "plain"
-bind = ["127.0.0.1:{port}"]
-upstream = "web"
-
-""" + tls_listener("tls", port + 1) + "\n" + upstream(BACKEND)
+""" + plain_listener("plain", port) + "\n" + tls_listener("tls", port + 1) + "\n" + upstream(BACKEND)
 
 def main():
     if len(sys.argv) != 3:

@@ -10,7 +10,7 @@ REVERSE=1 for server to client (iperf3 -R)."""
 import json, os, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sluice_bench import Processes, cpu
+from sluice_bench import Processes, cpu, plain_listener, upstream
 
 ROUNDS = int(os.environ.get("ROUNDS", "7"))
 DUR = int(os.environ.get("DUR", "3"))
@@ -35,19 +35,10 @@ def sluice_config(port, splice):
     return f"""[admin]
 bind = "127.0.0.1:{port + 50}"
 
-[[listener]]
-name = "bulk"
-bind = ["127.0.0.1:{port}"]
-upstream = "sink"
-
-[[upstream]]
-name = "sink"
-[[upstream.backend]]
-address = "127.0.0.1:{IPERF}"
-
 [relay]
 splice = {"true" if splice else "false"}
-"""
+
+""" + plain_listener("bulk", port) + "\n" + upstream(IPERF)
 
 
 def nginx_config(dir):

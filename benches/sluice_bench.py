@@ -21,6 +21,14 @@ http {{ access_log off; server {{ listen 127.0.0.1:{port}; keepalive_requests 10
 """)
     return path
 
+def plain_listener(name, port):
+    """A sluice plain TCP listener on `port`, to upstream "web"."""
+    return f"""[[listener]]
+name = "{name}"
+bind = ["127.0.0.1:{port}"]
+upstream = "web"
+"""
+
 def tls_listener(name, port):
     """A sluice TLS listener on `port` with the demo certificate, to upstream "web"."""
     return f"""[[listener]]
