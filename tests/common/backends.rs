@@ -33,7 +33,7 @@ impl Backend {
         F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind(bind).await.unwrap();
+        let listener = listen(bind.parse().unwrap());
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
@@ -64,6 +64,24 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// How many connections a backend's kernel queue holds before it accepts them: more
+/// than any test opens at once. `TcpListener::bind` asks for 128 (mio's choice), and a
+/// burst of 750 connects from sluice to one backend overflowed that: the kernel fell
+/// back to SYN cookies, some of which it then refused with a reset, and the test saw
+/// `backend_reset` where it expected an echo.
+const BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> TcpListener {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket.listen(BACKLOG).unwrap()
 }
 
 pub async fn echo(mut s: TcpStream) {
