@@ -237,11 +237,9 @@ impl Nginx {
             "nginx with its stream module is needed: `make deps-test` installs it"
         );
         for _attempt in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            // Below the ephemeral range: no other test's port 0 takes it meanwhile, so
+            // the connect below cannot reach another listener while nginx fails to bind.
+            let port = free_port().port();
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path().display();
             let conf = format!(
