@@ -55,6 +55,7 @@ async fn sixteen_mib_each_way(relay: &str) {
     assert!(line.contains(&format!("bytes_in={}", 16 * MIB)), "{line}");
     assert!(line.contains(&format!("bytes_out={}", 16 * MIB)), "{line}");
     assert!(line.contains("reason=\"closed\""), "{line}");
+    ended_once_as(&sluice, "closed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,6 +215,22 @@ async fn backend_reset(relay: &str) {
     );
     let line = sluice.wait_log("connection closed").await;
     assert!(line.contains("reason=\"backend_reset\""), "{line}");
+    ended_once_as(&sluice, "backend_reset").await;
+}
+
+/// Waits until the listener's one connection is counted as ended with `reason`, and
+/// with no other.
+async fn ended_once_as(sluice: &Sluice, reason: &str) {
+    let ended = |m: &Metrics, r: &[(&str, &str)]| {
+        let mut labels = vec![("listener", "front")];
+        labels.extend_from_slice(r);
+        m.value("sluice_connections_closed_total", &labels)
+    };
+    sluice
+        .wait_metrics(&format!("one connection ended as {reason}"), |m| {
+            ended(m, &[("reason", reason)]) == 1.0 && ended(m, &[]) == 1.0
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,6 +270,7 @@ async fn client_reset(relay: &str) {
         .unwrap();
     let line = sluice.wait_log("connection closed").await;
     assert!(line.contains("reason=\"client_reset\""), "{line}");
+    ended_once_as(&sluice, "client_reset").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -698,6 +698,7 @@ impl Record {
         let m = &self.route().metrics;
         let duration = self.started.elapsed();
         m.duration.observe(duration.as_secs_f64());
+        m.closed(outcome.end).inc();
         let listener = &self.route().listener;
         let backend = lease.backend().address;
         let bm = &lease.backend().metrics;

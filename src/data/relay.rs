@@ -33,6 +33,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::metrics::End;
 use crate::shutdown::Stopped;
 use crate::stream::Stream;
 use crate::upstream::{KEEPALIVE_REST_AFTER, keepalive_rest};
@@ -54,43 +55,6 @@ const PIPE_SIZE: usize = 48 * 1024;
 const PIPES_PER_THREAD: usize = 16;
 /// Never block on the pipe; move pages rather than copy them where the kernel can.
 const SPLICE_FLAGS: SpliceFlags = SpliceFlags::NONBLOCK.union(SpliceFlags::MOVE);
-
-/// How the relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both directions finished with a FIN.
-    Closed,
-    ClientReset,
-    BackendReset,
-    IdleTimeout,
-    /// The upstream's `max_lifetime` passed.
-    MaxLifetime,
-    /// A reload removed the backend (`on_backend_removed` drain or close).
-    BackendRemoved,
-    /// An operator closed the backend's connections (`sluice ctl close`, maint with
-    /// close, the end of a drain's `close_after`).
-    BackendClosed,
-    /// Cut at the end of the shutdown drain.
-    Shutdown,
-    /// A reload's `allow`/`deny` deny the client (`close_denied_on_reload`).
-    Denied,
-}
-
-impl End {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            End::Closed => "closed",
-            End::ClientReset => "client_reset",
-            End::BackendReset => "backend_reset",
-            End::IdleTimeout => "idle_timeout",
-            End::MaxLifetime => "max_lifetime",
-            End::BackendRemoved => "backend_removed",
-            End::BackendClosed => "backend_closed",
-            End::Shutdown => "shutdown",
-            End::Denied => "denied",
-        }
-    }
-}
 
 /// What the relay did.
 #[derive(Debug)]

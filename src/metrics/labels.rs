@@ -33,6 +33,7 @@ macro_rules! label {
 
 label!(
     RejectReason,
+    End,
     CheckResult,
     ConnectFailure,
     AcceptFailure,
@@ -83,6 +84,29 @@ pub enum RejectReason {
     ClientLimit,
     /// The client opened connections faster than the listener's `client_rate`.
     ClientRate,
+}
+
+/// How a relayed connection ended (the relay's outcome, and the `reason` of its log
+/// line, access-log entry and `sluice_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumCount, VariantArray, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum End {
+    /// Both directions finished with a FIN.
+    Closed,
+    ClientReset,
+    BackendReset,
+    IdleTimeout,
+    /// The upstream's `max_lifetime` passed.
+    MaxLifetime,
+    /// A reload removed the backend (`on_backend_removed` drain or close).
+    BackendRemoved,
+    /// An operator closed the backend's connections (`sluice ctl close`, maint with
+    /// close, the end of a drain's `close_after`).
+    BackendClosed,
+    /// Cut at the end of the shutdown drain.
+    Shutdown,
+    /// A reload's `allow`/`deny` deny the client (`close_denied_on_reload`).
+    Denied,
 }
 
 /// The outcome of one active health check.
@@ -232,6 +256,17 @@ mod tests {
             "denied",
             "client_limit",
             "client_rate",
+        ]);
+        check::<End>(&[
+            "closed",
+            "client_reset",
+            "backend_reset",
+            "idle_timeout",
+            "max_lifetime",
+            "backend_removed",
+            "backend_closed",
+            "shutdown",
+            "denied",
         ]);
         check::<CheckResult>(&["success", "failure", "timeout"]);
         check::<ConnectFailure>(&["refused", "timeout", "reset", "unreachable", "tls", "other"]);

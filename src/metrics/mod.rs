@@ -15,8 +15,8 @@ pub use discovery::{
     DISCOVERY_RESOLUTIONS, DiscoveryMetrics, NameMetrics,
 };
 pub use labels::{
-    AcceptFailure, CheckResult, ConnectFailure, Direction, HandshakeResult, Label, RejectReason,
-    ResolutionResult,
+    AcceptFailure, CheckResult, ConnectFailure, Direction, End, HandshakeResult, Label,
+    RejectReason, ResolutionResult,
 };
 pub use labels::{AdminState, CtlResult};
 pub use scope::{BackendMetrics, ListenerMetrics, Series, TlsMetrics, UpstreamMetrics};
@@ -30,6 +30,7 @@ pub const BUILD_INFO: &str = "sluice_build_info";
 pub const CONNECTIONS_ACCEPTED: &str = "sluice_connections_accepted_total";
 pub const CONNECTIONS_ACTIVE: &str = "sluice_connections_active";
 pub const CONNECTIONS_REJECTED: &str = "sluice_connections_rejected_total";
+pub const CONNECTIONS_CLOSED: &str = "sluice_connections_closed_total";
 pub const CONNECTION_DURATION: &str = "sluice_connection_duration_seconds";
 pub const BYTES: &str = "sluice_bytes_total";
 pub const LISTENER_MAX_CONNECTIONS: &str = "sluice_listener_max_connections";
@@ -93,6 +94,7 @@ pub struct Metrics {
     connections_accepted: IntCounterVec,
     connections_active: IntGaugeVec,
     connections_rejected: IntCounterVec,
+    connections_closed: IntCounterVec,
     connection_duration: HistogramVec,
     bytes: IntCounterVec,
     listener_max_connections: IntGaugeVec,
@@ -184,6 +186,12 @@ impl Metrics {
                 &registry,
                 CONNECTIONS_REJECTED,
                 "Client connections closed without reaching a backend, by reason",
+                &["listener", "reason"],
+            )?,
+            connections_closed: counter_vec(
+                &registry,
+                CONNECTIONS_CLOSED,
+                "Client connections that reached a backend, by how they ended",
                 &["listener", "reason"],
             )?,
             connection_duration: histogram_vec(

@@ -10,7 +10,7 @@ use prometheus::{
 
 use super::Metrics;
 use super::labels::{
-    AcceptFailure, AdminState, CheckResult, ConnectFailure, Direction, HandshakeResult, Label,
+    AcceptFailure, AdminState, CheckResult, ConnectFailure, Direction, End, HandshakeResult, Label,
     RejectReason, per_value,
 };
 use strum::EnumCount;
@@ -87,6 +87,7 @@ pub struct ListenerMetrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
     rejected: [IntCounter; RejectReason::COUNT],
+    closed: [IntCounter; End::COUNT],
     pub duration: Histogram,
     bytes: [IntCounter; Direction::COUNT],
     accept_errors: [IntCounter; AcceptFailure::COUNT],
@@ -102,6 +103,10 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
         &self.rejected[reason.index()]
+    }
+
+    pub fn closed(&self, end: End) -> &IntCounter {
+        &self.closed[end.index()]
     }
 
     pub fn accept_error(&self, failure: AcceptFailure) -> &IntCounter {
@@ -192,6 +197,7 @@ impl Metrics {
             rejected: per_value(|r: RejectReason| {
                 s.counter(&self.connections_rejected, &[name, r.as_str()])
             }),
+            closed: per_value(|e: End| s.counter(&self.connections_closed, &[name, e.as_str()])),
             duration: s.histogram(&self.connection_duration, l),
             bytes: per_value(|d: Direction| s.counter(&self.bytes, &[name, d.as_str()])),
             accept_errors: per_value(|f: AcceptFailure| {
@@ -291,7 +297,7 @@ mod tests {
                 .count()
         };
         let during = String::from_utf8(m.encode()).unwrap();
-        let per_label = RejectReason::COUNT + AcceptFailure::COUNT + Direction::COUNT;
+        let per_label = RejectReason::COUNT + End::COUNT + AcceptFailure::COUNT + Direction::COUNT;
         assert!(listener.series.len() >= per_label + 4);
         let exported = |name: &str, label: &str, value: &str| {
             during
@@ -304,6 +310,13 @@ mod tests {
                 super::super::CONNECTIONS_REJECTED,
                 "reason",
                 r.as_str()
+            ));
+        }
+        for e in End::VARIANTS {
+            assert!(exported(
+                super::super::CONNECTIONS_CLOSED,
+                "reason",
+                e.as_str()
             ));
         }
         for f in AcceptFailure::VARIANTS {
