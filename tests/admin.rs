@@ -16,6 +16,7 @@ const REQUIRED: &[&str] = &[
     "sluice_connections_accepted_total",
     "sluice_connections_active",
     "sluice_connections_rejected_total",
+    "sluice_connections_closed_total",
     "sluice_connection_duration_seconds",
     "sluice_bytes_total",
     "sluice_backend_connections_active",

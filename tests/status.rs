@@ -454,6 +454,7 @@ async fn the_json_twin_has_the_documented_shape() {
     assert_eq!(l["addresses"][0], sluice.addr("front").to_string());
     assert_eq!(l["mode"], "tcp");
     assert_eq!(l["rejected"]["queue_full"], 0);
+    assert_eq!(l["closed"]["closed"], 0, "{l:#}");
     let b = backend(&r, "app", backend_.addr);
     assert_eq!(b["state"], "up");
     assert!(b["last_check"].is_null(), "no checks configured");
@@ -468,6 +469,18 @@ async fn the_json_twin_has_the_documented_shape() {
         "/status is the page too: {head}"
     );
     assert!(body.contains("<h1>sluice status</h1>"), "{body}");
+
+    // One relayed exchange ends as `closed`, and only that reason counts it.
+    let sent = data(1000, 3);
+    assert_eq!(exchange(sluice.addr("front"), &sent).await, sent);
+    let r = wait_status(&sluice, "one connection closed", |r| {
+        r["listeners"][0]["closed"]["closed"] == 1
+    })
+    .await;
+    let closed = r["listeners"][0]["closed"].as_object().unwrap();
+    let total: u64 = closed.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 1, "{closed:?}");
+
     // Read-only: a POST changes nothing and is refused.
     let mut s = TcpStream::connect(sluice.admin).await.unwrap();
     s.write_all(b"POST / HTTP/1.0\r\nContent-Length: 0\r\n\r\n")

@@ -23,7 +23,7 @@ use serde::Serialize;
 use strum::VariantArray;
 
 use crate::control::outcome::Outcome;
-use crate::metrics::{ConnectFailure, Direction, Metrics, RejectReason};
+use crate::metrics::{ConnectFailure, Direction, End, Metrics, RejectReason};
 use crate::snapshot::{Route, Snapshot};
 use crate::upstream::{Backend, Upstream};
 
@@ -164,6 +164,8 @@ pub struct ListenerRow {
     /// Closed without reaching a backend, by reason (every reason, zeros included).
     pub rejected: BTreeMap<&'static str, u64>,
     pub rejected_total: u64,
+    /// Relayed connections that ended, by how (every reason, zeros included).
+    pub closed: BTreeMap<&'static str, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Clients the kernel holds unaccepted in the listener's accept queues now (sluice at
@@ -328,6 +330,10 @@ fn listener_row(
         accepted: m.accepted.get(),
         rejected_total: rejected.values().sum(),
         rejected,
+        closed: End::VARIANTS
+            .iter()
+            .map(|e| (e.as_str(), m.closed(*e).get()))
+            .collect(),
         bytes_in: m.bytes(Direction::ClientToBackend).get(),
         bytes_out: m.bytes(Direction::BackendToClient).get(),
         accept_queue: route.metrics.accept_queue.get(),
