@@ -1,4 +1,4 @@
-"""What benches/before_after.py and benches/tls_suites.py share: a sluice's CPU time,
+"""What the Python benchmarks in benches/ share: a sluice's CPU time,
 the nginx HTTP backend they proxy to, the TLS listener's config, and the processes
 they start and stop."""
 import os, signal, subprocess, sys
@@ -66,6 +66,12 @@ class Processes:
         """Exits the script if `p` has already ended."""
         if p.poll() is not None:
             sys.exit(f"{name} exited with {p.returncode}")
+
+    def stop(self, p):
+        """Stops `p` (SIGTERM to its group) now and waits for it."""
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+        p.wait()
 
     def __enter__(self):
         return self

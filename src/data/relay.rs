@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::metrics::End;
 use crate::shutdown::Stopped;
 use crate::stream::Stream;
-use crate::upstream::{KEEPALIVE_REST_AFTER, keepalive_rest};
+use crate::upstream::{BACKEND_KEEPALIVE_AFTER, backend_keepalive};
 
 /// Size of one relay buffer, and so the most one write sends. It stays under one
 /// loopback segment (MTU 65536, MSS 65,483 bytes): a 64 KiB write went out as a
@@ -133,7 +133,7 @@ pub fn relay<'a>(
         limits: *limits,
         last: now,
         // First at the keepalive point (see the timer's loop in `step`), if earlier.
-        timer: sleep_until(limits.deadline(now).min(now + KEEPALIVE_REST_AFTER)),
+        timer: sleep_until(limits.deadline(now).min(now + BACKEND_KEEPALIVE_AFTER)),
         stopped: Stopped::new(stops.removed),
         shutdown: stops.shutdown,
         retired: stops.retired,
@@ -235,11 +235,11 @@ impl Relay<'_> {
             if now >= *this.last + this.limits.idle {
                 return Poll::Ready(End::IdleTimeout);
             }
-            // The first firing comes at KEEPALIVE_REST_AFTER at the latest: the backend
-            // socket's keepalive gets its interval and count then, on a connection that
-            // lived that long. Later firings (about once per idle timeout) set them
-            // again, which costs less than remembering that they are set.
-            keepalive_rest(this.backend);
+            // The first firing comes at BACKEND_KEEPALIVE_AFTER at the latest: the
+            // backend socket's keepalive is turned on then, on a connection that lived
+            // that long. Later firings (about once per idle timeout) set it again,
+            // which costs less than remembering that it is set.
+            backend_keepalive(this.backend);
             this.timer.as_mut().reset(this.limits.deadline(*this.last));
         }
         Poll::Pending
@@ -470,9 +470,9 @@ pub async fn relay_streams<C: Stream, B: Stream>(
     let clock = IdleClock::new();
     let up = Direction::default();
     let down = Direction::default();
-    // A TLS connection's handshake costs far more than these two system calls: they
-    // are set here rather than timed as in the plain relay.
-    keepalive_rest(backend.tcp());
+    // A TLS connection's handshake costs far more than these four system calls: they
+    // are made here rather than timed as in the plain relay.
+    backend_keepalive(backend.tcp());
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
     let end = {
@@ -828,18 +828,21 @@ mod tests {
         assert_eq!(e.relayed.await.unwrap().0.end, End::Shutdown);
     }
 
-    /// The backend socket's keepalive interval and count, as the kernel has them.
-    fn probes(s: &TcpStream) -> (Duration, u32) {
+    /// The backend socket's keepalive, as the kernel has it: on, idle time, interval,
+    /// count.
+    fn probes(s: &TcpStream) -> (bool, Duration, Duration, u32) {
         use rustix::net::sockopt;
         (
+            sockopt::socket_keepalive(s).unwrap(),
+            sockopt::tcp_keepidle(s).unwrap(),
             sockopt::tcp_keepintvl(s).unwrap(),
             sockopt::tcp_keepcnt(s).unwrap(),
         )
     }
 
-    /// A relay that lives past KEEPALIVE_REST_AFTER sets the rest of the keepalive on
-    /// its backend socket (the connect set only SO_KEEPALIVE and the idle time), and is
-    /// not ended by it. The clock is tokio's paused one; the sockets are real.
+    /// A relay that lives past BACKEND_KEEPALIVE_AFTER turns keepalive on on its backend
+    /// socket (the connect sets none of it), and is not ended by it. The clock is
+    /// tokio's paused one; the sockets are real.
     #[tokio::test(start_paused = true)]
     async fn a_relay_that_lives_a_minute_sets_its_backend_keepalive_probes() {
         for splice in [false, true] {
@@ -873,10 +876,11 @@ mod tests {
             );
             tokio::pin!(relayed);
             let before = probes(&backend_side);
+            assert!(!before.0, "no keepalive at connect");
             let checks = async {
                 client.write_all(b"ping").await.unwrap();
                 assert_eq!(read_exactly(&mut backend, 4).await, b"ping");
-                tokio::time::sleep(KEEPALIVE_REST_AFTER - Duration::from_secs(1)).await;
+                tokio::time::sleep(BACKEND_KEEPALIVE_AFTER - Duration::from_secs(1)).await;
                 assert_eq!(probes(&backend_side), before, "not before the point");
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 backend.write_all(b"pong").await.unwrap();
@@ -888,7 +892,7 @@ mod tests {
             }
             assert_eq!(
                 probes(&backend_side),
-                (Duration::from_secs(15), 4),
+                (true, Duration::from_secs(120), Duration::from_secs(15), 4),
                 "splice={splice}"
             );
         }

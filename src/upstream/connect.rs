@@ -30,26 +30,33 @@ const KEEPALIVE_PROBES: u32 = 4;
 /// Keepalive on both sides of a proxied connection, so a peer that vanished without a
 /// FIN (a rebooted host, a dropped NAT entry) is noticed within about three minutes.
 /// The client side inherits all of it from the listening socket; the backend side gets
-/// it in two steps, [`connect_to`] and [`keepalive_rest`].
+/// it from its relay, with [`backend_keepalive`].
 pub const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_time(KEEPALIVE_IDLE)
     .with_interval(KEEPALIVE_INTERVAL)
     .with_retries(KEEPALIVE_PROBES);
 
-/// How long a relay runs before it calls [`keepalive_rest`] on its backend socket. It
-/// must stay well below [`KEEPALIVE_IDLE`]: the first probe cannot go out earlier than
-/// that after the connect, and the interval and count are only read from then on.
-pub const KEEPALIVE_REST_AFTER: Duration = Duration::from_secs(60);
+/// How long a plain relay runs before it calls [`backend_keepalive`] on its backend
+/// socket. It must stay below [`KEEPALIVE_IDLE`]: no probe is due before that much
+/// idle time, so until then the socket loses nothing by having no keepalive yet.
+pub const BACKEND_KEEPALIVE_AFTER: Duration = Duration::from_secs(60);
 
-/// The part of [`KEEPALIVE`] that only matters once a connection has been idle for
-/// [`KEEPALIVE_IDLE`]: the probes' interval and count. A backend socket gets them from
-/// its relay after [`KEEPALIVE_REST_AFTER`], not at connect, so the many connections
-/// that end sooner save two system calls each (BENCHMARKS.md, "Plain new connections
-/// (issue 18)"). The kernel reads both when the idle timer fires, so a vanished peer is
-/// noticed exactly as if they had been set at connect. Setting them again is harmless.
-pub fn keepalive_rest(socket: &TcpStream) {
+/// [`KEEPALIVE`] on a backend socket, set by its relay after [`BACKEND_KEEPALIVE_AFTER`]
+/// rather than at connect, so the many connections that end sooner save these four
+/// system calls (BENCHMARKS.md, "Backend keepalive from the relay (session 14)").
+///
+/// The first probe still goes out after exactly [`KEEPALIVE_IDLE`] of silence, as if
+/// all of it had been set at connect: with SO_KEEPALIVE already on, setting
+/// TCP_KEEPIDLE makes the kernel re-arm the timer for the idle time minus the time
+/// since the last byte it received (`tcp_sock_set_keepidle_locked`). The order
+/// matters: TCP_KEEPIDLE first and SO_KEEPALIVE after would start a full idle time
+/// from now, up to a minute late. The interval and count are read only once probing
+/// starts. Setting them all again later is harmless.
+pub fn backend_keepalive(socket: &TcpStream) {
     use rustix::net::sockopt;
     // Only fails on a socket the kernel already closed (nothing left to probe).
+    let _ = sockopt::set_socket_keepalive(socket, true);
+    let _ = sockopt::set_tcp_keepidle(socket, KEEPALIVE_IDLE);
     let _ = sockopt::set_tcp_keepintvl(socket, KEEPALIVE_INTERVAL);
     let _ = sockopt::set_tcp_keepcnt(socket, KEEPALIVE_PROBES);
 }
@@ -406,7 +413,8 @@ impl From<QueueError> for ConnectError {
     }
 }
 
-/// A TCP connection to `address`, with keepalive and TCP_NODELAY set. tokio's own
+/// A TCP connection to `address`, with TCP_NODELAY set (keepalive comes from the
+/// relay: [`backend_keepalive`]). tokio's own
 /// connect learns the outcome with `getsockopt(SO_ERROR)` once the socket is writable;
 /// here the readiness event itself tells it: EPOLLOUT alone is an established
 /// connection, and only a failure (EPOLLERR, EPOLLHUP) costs the `getsockopt` that
@@ -420,10 +428,6 @@ async fn connect_to(address: SocketAddr) -> std::io::Result<TcpStream> {
         Type::STREAM.nonblocking().cloexec(),
         None,
     )?;
-    // Keepalive on, with its idle time, from the start (`ss` shows the timer at once);
-    // the interval and count come later, from the relay: see [`keepalive_rest`].
-    socket.set_keepalive(true)?;
-    rustix::net::sockopt::set_tcp_keepidle(&socket, KEEPALIVE_IDLE)?;
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&address.into()) {
         Ok(()) => {}
@@ -482,6 +486,51 @@ mod tests {
             client: a,
             local: a,
         }
+    }
+
+    /// Seconds until the keepalive timer of the socket on local port `port` fires, from
+    /// /proc/net/tcp (`tr` 2 is the keepalive timer; `tm->when` is in 1/100 s).
+    fn keepalive_timer(port: u16) -> Option<f64> {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let local = format!(":{port:04X}");
+        table.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if !fields[1].ends_with(&local) {
+                return None;
+            }
+            let (timer, when) = fields[5].split_once(':')?;
+            (timer == "02")
+                .then(|| u64::from_str_radix(when, 16).ok())?
+                .map(|ticks| ticks as f64 / 100.0)
+        })
+    }
+
+    /// Keepalive turned on late (as the relay does, a minute in) still probes after
+    /// KEEPALIVE_IDLE of silence counted from the last byte received, not from the
+    /// call: the kernel's timer is re-armed for what is left of it. Set in the other
+    /// order, a full idle time would start at the call. Real time: the socket is idle
+    /// for two seconds before the call.
+    #[tokio::test]
+    async fn late_keepalive_counts_the_idle_time_from_the_last_byte() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, accepted) = tokio::join!(
+            connect_to(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (client, (_server, _)) = (client.unwrap(), accepted.unwrap());
+        let port = client.local_addr().unwrap().port();
+        assert_eq!(keepalive_timer(port), None, "no keepalive at connect");
+        let idle = Duration::from_secs(2);
+        tokio::time::sleep(idle).await;
+
+        backend_keepalive(&client);
+
+        let left = keepalive_timer(port).expect("a keepalive timer");
+        let expected = (KEEPALIVE_IDLE - idle).as_secs_f64();
+        assert!(
+            left <= expected + 0.5,
+            "{left} s left, not at most {expected} s"
+        );
     }
 
     #[tokio::test]

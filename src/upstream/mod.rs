@@ -24,6 +24,6 @@ pub mod queue;
 
 pub use backend::Backend;
 pub use connect::{
-    Carried, ConnectError, Ends, Header, KEEPALIVE, KEEPALIVE_REST_AFTER, Lease, Upstream,
-    keepalive_rest,
+    BACKEND_KEEPALIVE_AFTER, Carried, ConnectError, Ends, Header, KEEPALIVE, Lease, Upstream,
+    backend_keepalive,
 };
