@@ -138,6 +138,7 @@ deps-bench: deps-nginx
 	$(call need,wrk,wrk)
 	$(call need,iperf3,iperf3)
 	$(call need,openssl,openssl)
+	$(call need,strace,strace)
 
 bench: build deps-bench
 	$(CARGO) bench --locked --bench proxy

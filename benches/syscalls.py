@@ -7,7 +7,7 @@ the counts are the figure here, not the rate.
 
 usage: benches/syscalls.py SLUICE_BINARY [SLUICE_BINARY ...]
 
-Needs nginx, wrk (make deps-bench) and strace. Listens on 127.0.0.1:19400-19409."""
+Needs nginx, wrk and strace (make deps-bench). Listens on 127.0.0.1:19400-19409."""
 import os, re, subprocess, sys, tempfile, time
 
 from sluice_bench import Processes, plain_listener, upstream, write_backend
