@@ -131,8 +131,8 @@ deps-nginx:
 	  $(APT) update -qq && $(APT) install -y -qq --no-install-recommends nginx libnginx-mod-stream >/dev/null; }
 
 # The peers sluice is compared with, from Debian: HAProxy, and nginx with its stream module;
-# wrk (built with OpenSSL: it speaks https too), iperf3, and openssl, which makes the
-# certificate of the TLS workloads.
+# wrk (built with OpenSSL: it speaks https too), iperf3, openssl, which makes the
+# certificate of the TLS workloads, and strace for benches/syscalls.py.
 deps-bench: deps-nginx
 	$(call need,haproxy,haproxy)
 	$(call need,wrk,wrk)

@@ -3,7 +3,8 @@
 stream module (2 workers), each in front of one nginx HTTP worker (`return 200`), under
 `wrk -t1 -c16 -H 'Connection: close'` for DUR seconds (default 2) with `strace -f -c`
 attached to the proxy's process (nginx: its workers). strace slows the proxy down, so
-the counts are the figure here, not the rate.
+the counts are the figure here, not the rate. The counts include the second before the
+load and the moment after it, in which an idle proxy makes a few calls.
 
 usage: benches/syscalls.py SLUICE_BINARY [SLUICE_BINARY ...]
 
@@ -67,7 +68,8 @@ daemon off; worker_processes 2; pid {dir}/stream.pid; error_log {dir}/stream.err
 events {{ worker_connections 4096; }}
 stream {{ server {{ listen 127.0.0.1:{PROXY} backlog=1024; proxy_pass 127.0.0.1:{BACKEND}; }} }}
 """)
-        master = procs.start(["nginx", "-p", dir, "-c", f"{dir}/stream.conf"])
+        master = procs.start(["nginx", "-p", dir, "-c", f"{dir}/stream.conf", "-e",
+                              f"{dir}/stream.err"])
         time.sleep(1.5)
         procs.started("nginx stream", master)
         workers = subprocess.run(["pgrep", "-P", str(master.pid)],

@@ -436,7 +436,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     prometheus.ready().await;
     prometheus.wait_for("sluice_build_info").await;
 
-    // Traffic, rejections and connect errors, a queue, a reload, and TLS handshakes
+    // Traffic, rejections and connect errors, a client reset, a queue, a reload, and TLS handshakes
     // (one good, one failed per round), spread over a few scrapes so that rates have
     // samples on both sides.
     for round in 0..3 {
@@ -449,6 +449,8 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
                 m.value("sluice_queue_length", &[]) == 1.0
             })
             .await;
+        // Reset, not closed: the panel of connections ended early needs one.
+        holder.set_zero_linger().unwrap();
         drop(holder);
         assert_eq!(read_n(&mut queued, 1).await, b"e");
         drop(queued);

@@ -478,6 +478,7 @@ async fn the_json_twin_has_the_documented_shape() {
     })
     .await;
     let closed = r["listeners"][0]["closed"].as_object().unwrap();
+    assert_eq!(closed.len(), 9, "every reason, zeros included: {closed:?}");
     let total: u64 = closed.values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(total, 1, "{closed:?}");
 

@@ -133,6 +133,33 @@ async fn sni_chooses_the_certificate_and_data_passes_byte_exact() {
     assert!(m.0.contains("sluice_tls_handshake_duration_seconds_count{listener=\"tls\"}"));
 }
 
+/// A TLS relay turns its backend socket's keepalive on at its start (a plain relay
+/// waits a minute): `ss` shows the 2-minute timer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_has_backend_keepalive_at_once() {
+    let pki = Pki::new();
+    pki.ca("ca");
+    let cert = pki.leaf("ca", "srv", &["srv.test"], 30);
+    let backend = Backend::echo().await;
+    let sluice = Sluice::start(tls_config(&[&cert], "", backend.addr)).await;
+    let config = pki::client_config(&pki.path("ca.pem"), None);
+    let tcp = TcpStream::connect(sluice.addr("tls")).await.unwrap();
+    let mut tls = pki::tls_over(tcp, config, "srv.test").await.unwrap();
+    tls.write_all(b"ka").await.unwrap();
+    let mut echoed = [0u8; 2];
+    tls.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ka", "the connection is up and stays open");
+
+    let backend_side = established(&format!("( dport = :{} )", backend.addr.port()));
+    assert_eq!(backend_side.len(), 1, "backend side: {backend_side:?}");
+    assert!(
+        backend_side[0].contains("timer:(keepalive,1min")
+            || backend_side[0].contains("timer:(keepalive,2min"),
+        "backend: {}",
+        backend_side[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_tls_termination_to_a_plain_http_backend() {
     let pki = Pki::new();

@@ -154,7 +154,8 @@ pin_project_lite::pin_project! {
         limits: Limits,
         // When a byte last moved either way.
         last: Instant,
-        // Fires at the idle or lifetime deadline, whichever is first.
+        // Fires at the idle or lifetime deadline, whichever is first; the first
+        // firing comes at BACKEND_KEEPALIVE_AFTER at the latest.
         #[pin]
         timer: Sleep,
         shutdown: &'a CancellationToken,
@@ -876,7 +877,7 @@ mod tests {
             );
             tokio::pin!(relayed);
             let before = probes(&backend_side);
-            assert!(!before.0, "no keepalive at connect");
+            assert!(!before.0, "off before the relay sets it");
             let checks = async {
                 client.write_all(b"ping").await.unwrap();
                 assert_eq!(read_exactly(&mut backend, 4).await, b"ping");

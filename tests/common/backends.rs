@@ -70,7 +70,8 @@ impl Drop for Backend {
 /// than any test opens at once. `TcpListener::bind` asks for 128 (mio's choice), and a
 /// burst of 750 connects from sluice to one backend overflowed that: the kernel fell
 /// back to SYN cookies, some of which it then refused with a reset, and the test saw
-/// `backend_reset` where it expected an echo.
+/// `backend_reset` where it expected an echo. The kernel caps it at
+/// `net.core.somaxconn` (4096 since Linux 5.4, 128 before).
 const BACKLOG: u32 = 4096;
 
 fn listen(addr: SocketAddr) -> TcpListener {

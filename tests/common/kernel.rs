@@ -112,3 +112,16 @@ pub fn free_port() -> SocketAddr {
     }
     panic!("no free port in 10000..{lowest}");
 }
+
+/// Established TCP sockets that `ss` lists for `filter` (such as `( dport = :8080 )`),
+/// one line each, with their timers (`ss -tnoH`).
+pub fn established(filter: &str) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", filter])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
