@@ -384,20 +384,15 @@ async fn the_client_side_has_keepalive_at_once_and_the_backend_side_later() {
     );
     // The accepted client socket (inherited from the listening socket) shows a
     // keepalive timer of about 2 minutes; the backend socket sluice opened none yet.
-    let client_side = established(&format!("( sport = :{} )", front.port()));
-    assert_eq!(client_side.len(), 1, "client side: {client_side:?}");
+    let client_side = one_established(&format!("( sport = :{} )", front.port()));
     assert!(
-        client_side[0].contains("timer:(keepalive,1min")
-            || client_side[0].contains("timer:(keepalive,2min"),
-        "client: {}",
-        client_side[0]
+        keepalive_of_two_minutes(&client_side),
+        "client: {client_side}"
     );
-    let backend_side = established(&format!("( dport = :{} )", backend.addr.port()));
-    assert_eq!(backend_side.len(), 1, "backend side: {backend_side:?}");
+    let backend_side = one_established(&format!("( dport = :{} )", backend.addr.port()));
     assert!(
-        !backend_side[0].contains("timer:(keepalive,"),
-        "backend: {}",
-        backend_side[0]
+        !backend_side.contains("timer:(keepalive,"),
+        "backend: {backend_side}"
     );
 }
 

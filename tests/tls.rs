@@ -150,13 +150,10 @@ async fn a_tls_connection_has_backend_keepalive_at_once() {
     tls.read_exact(&mut echoed).await.unwrap();
     assert_eq!(&echoed, b"ka", "the connection is up and stays open");
 
-    let backend_side = established(&format!("( dport = :{} )", backend.addr.port()));
-    assert_eq!(backend_side.len(), 1, "backend side: {backend_side:?}");
+    let backend_side = one_established(&format!("( dport = :{} )", backend.addr.port()));
     assert!(
-        backend_side[0].contains("timer:(keepalive,1min")
-            || backend_side[0].contains("timer:(keepalive,2min"),
-        "backend: {}",
-        backend_side[0]
+        keepalive_of_two_minutes(&backend_side),
+        "backend: {backend_side}"
     );
 }
 

@@ -125,3 +125,16 @@ pub fn established(filter: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The one established socket `ss` lists for `filter`; panics if there is not exactly one.
+pub fn one_established(filter: &str) -> String {
+    let found = established(filter);
+    assert_eq!(found.len(), 1, "{filter}: {found:?}");
+    found.into_iter().next().unwrap()
+}
+
+/// Whether an `ss -o` line shows sluice's keepalive timer (120 s idle time): 1 or 2
+/// minutes left.
+pub fn keepalive_of_two_minutes(line: &str) -> bool {
+    line.contains("timer:(keepalive,1min") || line.contains("timer:(keepalive,2min")
+}

@@ -20,10 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use strum::VariantArray;
 
 use crate::control::outcome::Outcome;
-use crate::metrics::{ConnectFailure, Direction, End, Metrics, RejectReason};
+use crate::metrics::{ConnectFailure, Direction, End, Label, Metrics, RejectReason};
 use crate::snapshot::{Route, Snapshot};
 use crate::upstream::{Backend, Upstream};
 
@@ -304,10 +303,7 @@ fn listener_row(
         .iter()
         .find(|l| l.name == route.listener);
     let m = &route.metrics;
-    let rejected: BTreeMap<&'static str, u64> = RejectReason::VARIANTS
-        .iter()
-        .map(|r| (r.as_str(), m.rejected(*r).get()))
-        .collect();
+    let rejected = by_label(|r: RejectReason| m.rejected(r).get());
     let max_connections = config.map_or(0, |c| c.max_connections);
     let active = u64::try_from(m.active.get()).unwrap_or(0);
     ListenerRow {
@@ -330,10 +326,7 @@ fn listener_row(
         accepted: m.accepted.get(),
         rejected_total: rejected.values().sum(),
         rejected,
-        closed: End::VARIANTS
-            .iter()
-            .map(|e| (e.as_str(), m.closed(*e).get()))
-            .collect(),
+        closed: by_label(|e: End| m.closed(e).get()),
         bytes_in: m.bytes(Direction::ClientToBackend).get(),
         bytes_out: m.bytes(Direction::BackendToClient).get(),
         accept_queue: route.metrics.accept_queue.get(),
@@ -376,10 +369,7 @@ fn upstream_row(u: &Upstream, snapshot: &Snapshot, memory: &Memory, now: Instant
 }
 
 fn backend_row(b: &Backend, limit: Option<u64>) -> BackendRow {
-    let connect_errors: BTreeMap<&'static str, u64> = ConnectFailure::VARIANTS
-        .iter()
-        .map(|f| (f.as_str(), b.metrics.connect_error(*f).get()))
-        .collect();
+    let connect_errors = by_label(|f: ConnectFailure| b.metrics.connect_error(f).get());
     let ejected = b.health.ejected_for();
     let up = b.health.is_up();
     BackendRow {
@@ -494,4 +484,10 @@ fn problems(r: &Report) -> Vec<String> {
 /// The soft open-file limit.
 fn open_files_limit() -> Option<u64> {
     rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+/// Every value of label `L` with its count: the JSON maps of counts by reason, zeros
+/// included.
+fn by_label<L: Label>(count: impl Fn(L) -> u64) -> BTreeMap<&'static str, u64> {
+    L::VARIANTS.iter().map(|&v| (v.into(), count(v))).collect()
 }
